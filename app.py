@@ -1,0 +1,186 @@
+"""`python app.py`: type a YouTube comment, watch the base model (prompt only) and the fine-tuned
+adapter reply side by side, streamed from one model in memory.
+
+UI only: the model is loaded once in ``main()``, never at import, and everything else lives in
+``inference/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from inference.compare import compare, to_html
+from inference.flywheel import save_correction, save_preference
+from inference.generate import GenerationSettings, Replier, Reply
+from inference.settings import ROOT, AppSettings, pane_labels, parse_app_settings
+
+logger = logging.getLogger("replytune.app")
+
+# Limits, quoted in the UI and enforced in the handlers: a Textbox's max_length binds only the
+# browser, and the API accepts anything.
+MAX_COMMENT_CHARS = 2_000
+MAX_BATCH_COMMENTS = 20
+QUEUE_MAX_SIZE = 16  # requests waiting; more are turned away instead of piling up memory
+CONCURRENCY_LIMIT = 1  # one generate() at a time: the model is shared, and a CPU has no room for two
+EXAMPLES_FILE = ROOT / "data" / "heldout.jsonl"
+NO_ADAPTER_TEXT = (
+    "No adapter is loaded, so there is no fine-tuned reply. Train one with `python -m training.run`, "
+    "then start the app with `ADAPTER=outputs/adapter python app.py`."
+)
+
+
+def clean_comment(comment: str | None) -> tuple[str, str]:
+    """The comment as it will be sent, and a notice for the user ('' when there is nothing to say)."""
+    comment = (comment or "").replace("\x00", "")
+    if not comment.strip():
+        return "", "Please type a comment first."
+    if len(comment) > MAX_COMMENT_CHARS:
+        return comment[:MAX_COMMENT_CHARS], (
+            f"Your comment was {len(comment):,} characters long; only the first {MAX_COMMENT_CHARS:,} were used."
+        )
+    return comment, ""
+
+
+def stats_line(reply: Reply) -> str:
+    if not reply.token_ids and not reply.done:
+        return "…"
+    end = "stopped at end of turn" if reply.stopped else ("hit the token cap" if reply.done else "writing…")
+    first = f" · first token {reply.first_token_s:.2f} s" if reply.first_token_s is not None else ""
+    return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}"
+
+
+def example_comments(limit: int = 12) -> list[str]:
+    if not EXAMPLES_FILE.is_file():
+        return []
+    rows = [json.loads(line) for line in EXAMPLES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["comment"] for r in rows[:limit]]
+
+
+def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | None) -> gr.Blocks:
+    has_adapter = "adapter" in labels
+    signature = replier.renderer.persona.signature
+
+    def respond(comment: str, max_new_tokens: float, temperature: float, top_p: float) -> Iterator[tuple[str, ...]]:
+        comment, notice = clean_comment(comment)
+        if not comment:
+            yield notice, "", "", "" if has_adapter else NO_ADAPTER_TEXT, "", ""
+            return
+        try:
+            settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        prompt = replier.prompt(comment).text
+        for replies in replier.stream(comment, settings):
+            base = replies[0]
+            tuned = replies[1] if has_adapter else None
+            yield (
+                notice,
+                base.text,
+                stats_line(base),
+                tuned.text if tuned else NO_ADAPTER_TEXT,
+                stats_line(tuned) if tuned else "",
+                prompt,
+            )
+
+    def save(comment: str, better: str | None, edited: str, base_reply: str, tuned_reply: str) -> str:
+        if flywheel_dir is None:
+            raise gr.Error("Saving is turned off on this app (set FLYWHEEL_DIR to turn it on).")
+        comment, _ = clean_comment(comment)
+        if not comment:
+            raise gr.Error("Generate replies for a comment first.")
+        saved = []
+        if edited and edited.strip():
+            saved.append(str(save_correction(flywheel_dir, comment, edited.strip())))
+        if better in ("prompt only", "fine-tuned") and base_reply and tuned_reply:
+            chosen, rejected = (base_reply, tuned_reply) if better == "prompt only" else (tuned_reply, base_reply)
+            saved.append(str(save_preference(flywheel_dir, comment, chosen, rejected)))
+        if not saved:
+            raise gr.Error("Pick the better reply or write your own reply, then save.")
+        return "Saved to " + " and ".join(f"`{s}`" for s in saved) + ". Train on it with `python -m training.run --data " + str(flywheel_dir / "pairs.jsonl") + " --eval-data none`."
+
+    def batch(text: str, max_new_tokens: float) -> Iterator[str]:
+        comments = [c for c in (clean_comment(line)[0] for line in (text or "").splitlines()) if c]
+        if not comments:
+            raise gr.Error("Paste one comment per line.")
+        if len(comments) > MAX_BATCH_COMMENTS:
+            raise gr.Error(f"At most {MAX_BATCH_COMMENTS} comments at a time (got {len(comments)}); use `python -m inference.compare` for more.")
+        rows = []
+        for row in compare(replier, comments, GenerationSettings(int(max_new_tokens)), signature):
+            rows.append(row)
+            yield to_html(rows, labels) + f"<p>{len(rows)} of {len(comments)} done</p>"
+
+    with gr.Blocks(title="replytune: prompt only vs fine-tuned") as demo:
+        gr.Markdown(
+            "# replytune\nType a YouTube comment and compare two replies from the same base model: "
+            "one steered only by the persona prompt, one with the fine-tuned LoRA adapter."
+        )
+        with gr.Tab("Reply"):
+            comment = gr.Textbox(
+                label=f"YouTube comment (up to {MAX_COMMENT_CHARS:,} characters)",
+                placeholder="Great video! How do I pick the number of clusters?",
+                lines=3,
+                max_length=MAX_COMMENT_CHARS,
+                elem_id="comment",
+            )
+            reply_button = gr.Button("Reply", variant="primary", elem_id="reply")
+            notice = gr.Markdown(elem_id="notice")
+            with gr.Row():
+                with gr.Column():
+                    base_box = gr.Textbox(label=labels["base"], lines=6, interactive=False, elem_id="base-reply")
+                    base_stats = gr.Markdown(elem_id="base-stats")
+                with gr.Column():
+                    tuned_box = gr.Textbox(
+                        label=labels.get("adapter", "fine-tuned · no adapter loaded"),
+                        lines=6,
+                        interactive=False,
+                        value="" if has_adapter else NO_ADAPTER_TEXT,
+                        elem_id="tuned-reply",
+                    )
+                    tuned_stats = gr.Markdown(elem_id="tuned-stats")
+            with gr.Accordion("Generation settings", open=False):
+                max_new_tokens = gr.Slider(8, 512, value=GenerationSettings.max_new_tokens, step=8, label="Max new tokens")
+                temperature = gr.Slider(0, 1.5, value=GenerationSettings.temperature, step=0.05, label="Temperature", info="0 = greedy: the same comment always gets the same replies")
+                top_p = gr.Slider(0.05, 1, value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
+            with gr.Accordion("Exact prompt sent to the model", open=False):
+                prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
+            if examples := example_comments():
+                gr.Examples(examples=[[c] for c in examples], inputs=[comment], label="Held-out comments (not trained on)")
+            with gr.Accordion("Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and has_adapter):
+                better = gr.Radio(["prompt only", "fine-tuned"], label="Which reply is better?")
+                edited = gr.Textbox(label="The reply you would really post (saved as training data)", lines=3)
+                save_button = gr.Button("Save")
+                saved = gr.Markdown()
+
+            outputs = [notice, base_box, base_stats, tuned_box, tuned_stats, prompt_view]
+            inputs = [comment, max_new_tokens, temperature, top_p]
+            gr.on([reply_button.click, comment.submit], respond, inputs, outputs, api_name="reply")
+            save_button.click(save, [comment, better, edited, base_box, tuned_box], saved, api_name="save")
+        with gr.Tab("Batch compare"):
+            batch_input = gr.Textbox(label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5]))
+            batch_button = gr.Button("Compare", variant="primary")
+            batch_output = gr.HTML()
+            batch_button.click(batch, [batch_input, max_new_tokens], batch_output, api_name="compare")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    from inference.generate import load_replier
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings: AppSettings = parse_app_settings(argv)
+    if settings.adapter is None:
+        logger.info("no adapter loaded: the app shows the base model's reply only")
+    replier = load_replier(settings.base_model, settings.adapter, settings.quantization)
+    replier.warm_up()
+    demo = build_demo(replier, pane_labels(settings.base_model, settings.adapter), settings.flywheel_dir)
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    demo.launch(server_name=settings.host, server_port=settings.port, show_error=False)
+
+
+if __name__ == "__main__":
+    main()

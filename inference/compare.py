@@ -1,0 +1,137 @@
+"""`python -m inference.compare --comments FILE`: both replies for many comments, side by side.
+
+Writes a Markdown or HTML table (both replies, with length, signature and clean-stop markers) and,
+with ``--json``, one object per comment with each reply, its token count, time and whether it
+ended on the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from inference.generate import GenerationSettings, Replier, Reply
+
+MAX_COMMENTS = 500
+
+
+def read_comments(path: Path) -> list[str]:
+    """One comment per line of a text file, or the ``comment`` field of each row of a .jsonl file."""
+    text = path.read_text(encoding="utf-8-sig")
+    comments = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if path.suffix.lower() == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("comment"), str):
+                raise ValueError(f"{path}:{number}: field 'comment': missing or not text")
+            line = row["comment"]
+        comments.append(line)
+    if not comments:
+        raise ValueError(f"{path}: no comments")
+    if len(comments) > MAX_COMMENTS:
+        raise ValueError(f"{path}: {len(comments)} comments; compare at most {MAX_COMMENTS} at a time")
+    return comments
+
+
+def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
+    return {
+        "reply": reply.text,
+        "tokens": len(reply.token_ids),
+        "seconds": round(reply.seconds, 3),
+        "stopped": reply.stopped,
+        "words": len(reply.text.split()),
+        "signature": bool(signature) and reply.text.rstrip().endswith(signature),
+    }
+
+
+def compare(replier: Replier, comments: list[str], settings: GenerationSettings, signature: str | None) -> Iterator[dict[str, Any]]:
+    """One row per comment, as each is done (both replies come from one batched generation)."""
+    for comment in comments:
+        replies = replier.reply(comment, settings)
+        yield {"comment": comment, **{r.row: reply_record(r, signature) for r in replies}}
+
+
+def _marks(record: dict[str, Any]) -> str:
+    return f"{record['words']} words · {'signed' if record['signature'] else 'no signature'} · {'stopped' if record['stopped'] else 'hit the cap'}"
+
+
+def to_markdown(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    def cell(text: str) -> str:
+        return html.escape(text).replace("|", "\\|").replace("\n", "<br>")
+
+    rows_md = []
+    for row in rows:
+        cells = [cell(row["comment"])] + [f"{cell(row[k]['reply'])}<br>*{_marks(row[k])}*" for k in labels if k in row]
+        rows_md.append("| " + " | ".join(cells) + " |")
+    header = "| comment | " + " | ".join(labels[k] for k in labels if k in rows[0]) + " |"
+    return "\n".join([header, "|---" * (1 + sum(k in rows[0] for k in labels)) + "|", *rows_md]) + "\n"
+
+
+def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    keys = [k for k in labels if rows and k in rows[0]]
+    head = "".join(f"<th>{html.escape(labels[k])}</th>" for k in keys)
+    body = []
+    for row in rows:
+        cells = "".join(
+            f"<td>{html.escape(row[k]['reply'])}<br><small>{html.escape(_marks(row[k]))}</small></td>" for k in keys
+        )
+        body.append(f"<tr><td>{html.escape(row['comment'])}</td>{cells}</tr>")
+    return (
+        '<table class="replytune-compare"><thead><tr><th>comment</th>' + head + "</tr></thead><tbody>"
+        + "".join(body) + "</tbody></table>\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inference.default_model import DEFAULT_BASE_MODEL
+    from inference.generate import load_replier
+    from inference.settings import DEFAULT_ADAPTER, pane_labels
+
+    parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--comments", type=Path, required=True, help="a text file (one comment per line) or a .jsonl file with a 'comment' field")
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (.md or .html); default: Markdown on stdout")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
+    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
+    args = parser.parse_args(argv)
+    try:
+        comments = read_comments(args.comments)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    adapter = None if args.adapter.lower() == "none" else args.adapter
+    replier = load_replier(args.base_model, adapter, args.quantization)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for row in tqdm(compare(replier, comments, settings, replier.renderer.persona.signature), total=len(comments), desc="comparing"):
+        rows.append(row)
+    labels = pane_labels(args.base_model, adapter)
+    table = to_html(rows, labels) if args.out and args.out.suffix.lower() == ".html" else to_markdown(rows, labels)
+    if args.out:
+        args.out.write_text(table, encoding="utf-8")
+        print(f"table written to {args.out}")
+    else:
+        print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"rows written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Model loading and quantization: the one place that calls ``from_pretrained``.
+
+Training and the app both come here, so the base model is loaded the same way for both: NF4 4-bit
+with double quantization (QLoRA's recipe) by default, or full precision. A checkpoint that is already
+quantized (a GPTQ model, say) keeps its own quantization; it needs the optional GPTQ extra.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from inference.default_model import DEFAULT_BASE_MODEL, default_model_dir
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "none"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "none")
+
+
+def resolve_base_model(name: str) -> str:
+    """A local folder or Hub id as given; the embedded default's name becomes its cached folder."""
+    return str(default_model_dir()) if name == DEFAULT_BASE_MODEL else name
+
+
+def compute_dtype() -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (recent x86 CPUs, Ampere+ GPUs), else float32.
+
+    Emulated bfloat16 is several times slower than float32, so it is only used where it is native.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code)
+    # A pad token equal to EOS is harmless to replytune's own collator and generation (both track
+    # real lengths), but other tools mask every EOS out of the labels then; give pad its own id
+    # when the vocabulary has a spare one.
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name: str,
+    quantization: Quantization = "nf4",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM for training or generation.
+
+    With ``nf4`` the linear layers are stored in 4-bit NF4 and computed in ``dtype`` (default:
+    :func:`compute_dtype`), and embeddings and norms are kept in ``dtype``. With ``none`` the model
+    is loaded in full precision (float32) unless ``dtype`` says otherwise.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_base_model(name)
+    dtype = dtype or (torch.float32 if quantization == "none" else compute_dtype())
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if getattr(config, "quantization_config", None):
+        method = config.quantization_config.get("quant_method", "?")
+        logger.info("%s is already quantized (%s); keeping its quantization", name, method)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+    elif quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": 0}
+    elif quantization != "none":
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:
+    """Attach a LoRA adapter (local folder or Hub id) as the adapter named ``default``."""
+    from peft import PeftModel
+
+    local = Path(adapter)
+    if local.exists() and not (local / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{local}: no adapter_model.safetensors; replytune loads adapters from safetensors only"
+        )
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)

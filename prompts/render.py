@@ -1,0 +1,197 @@
+"""The one prompt renderer: training and the app turn a comment into tokens here, and nowhere else.
+
+The persona is a text file with a single ``{comment}`` slot. It is folded into the first user turn
+(Mistral's ``[INST]`` format has no system role, and the original article did the same), and the
+conversation goes through the tokenizer's own chat template, so ChatML, Mistral and any other
+template work unchanged.
+
+The template is rendered once, with sentinels where the comment and the reply go, and split into
+fixed token segments. Each example is then ``head + comment + middle + reply + end``:
+
+* the template's own text (``head``, ``middle``, ``end``) is tokenized with special tokens parsed,
+  so ``<|im_start|>`` or ``[INST]`` become their control tokens;
+* the comment and the reply are tokenized with ``split_special_tokens=True``: a commenter who
+  types ``</s>`` or ``<|im_end|>`` gets those characters as plain text, never a real end of turn;
+* nothing adds a BOS of its own: the template's text carries it (or, for a template that does
+  not, the renderer adds the tokenizer's one), so every example has exactly one.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+PERSONA_PATH = Path(__file__).with_name("persona.txt")
+SLOT = "comment"
+# Sentinels that no tokenizer treats specially and no persona contains.
+_COMMENT_SENTINEL = "\ue000COMMENT\ue000"
+_REPLY_SENTINEL = "\ue000REPLY\ue000"
+IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy skips
+
+
+class PromptError(ValueError):
+    """A persona template or chat template that cannot be used, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class Persona:
+    """The persona instruction, with one ``{comment}`` slot (write literal braces as ``{{ }}``)."""
+
+    template: str
+    source: str = "<string>"
+
+    def __post_init__(self) -> None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as exc:
+            raise PromptError(f"{self.source}: {exc}; write a literal brace as '{{{{' or '}}}}'") from exc
+        unknown = sorted({f for f in fields if f != SLOT})
+        if unknown:
+            raise PromptError(
+                f"{self.source}: unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; "
+                f"the only slot is {{{SLOT}}} (write a literal brace as '{{{{' or '}}}}')"
+            )
+        if fields.count(SLOT) != 1:
+            raise PromptError(
+                f"{self.source}: the persona must contain {{{SLOT}}} exactly once, found {fields.count(SLOT)}"
+            )
+
+    @classmethod
+    def from_file(cls, path: str | Path = PERSONA_PATH) -> Persona:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PromptError(f"{path}: persona file not found") from None
+        return cls(text.strip("\n"), source=str(path))
+
+    @property
+    def signature(self) -> str | None:
+        """The sign-off the persona asks for (the quoted text after the word "signature"), if any."""
+        match = re.search(r'signature[^"\u201c\n]*["\u201c]([^"\u201d\n]+)["\u201d]', self.template, re.IGNORECASE)
+        return match.group(1).strip() if match else None
+
+    def fill(self, comment: str) -> str:
+        # str.format does not re-parse the substituted value, so braces in a comment stay text.
+        return self.template.format(**{SLOT: comment})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What is sent to the model for one comment."""
+
+    input_ids: list[int]
+    text: str  # the same prompt as a string, for people to read
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the prompt is masked out of ``labels``, the reply and end of turn are kept."""
+
+    input_ids: list[int]
+    labels: list[int]
+    comment_tokens_cut: int  # > 0 when the comment was shortened to fit max_length
+
+
+class PromptRenderer:
+    """Renders comments (and replies, for training) for one tokenizer and persona."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, persona: Persona) -> None:
+        self.tokenizer = tokenizer
+        self.persona = persona
+        if not tokenizer.chat_template:
+            raise PromptError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template; use an instruct/chat model "
+                "or set tokenizer.chat_template"
+            )
+        user = {"role": "user", "content": persona.fill(_COMMENT_SENTINEL)}
+        assistant = {"role": "assistant", "content": _REPLY_SENTINEL}
+        prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([user, assistant], tokenize=False)
+        if prompt.count(_COMMENT_SENTINEL) != 1 or not full.startswith(prompt):
+            raise PromptError(
+                f"the chat template of {tokenizer.name_or_path!r} does not render a training conversation "
+                "as the generation prompt followed by the reply; this renderer needs that to train on "
+                "exactly what the app sends"
+            )
+        head, middle = prompt.split(_COMMENT_SENTINEL)
+        before_reply, after_reply = full[len(prompt) :].split(_REPLY_SENTINEL)
+        self._head_text, self._middle_text = head, middle
+        # Whitespace before the comment is tokenized with it: BPE merges "\n\nGreat" differently from
+        # "\n\n" + "Great", and this keeps plain comments tokenized exactly as the whole string would be.
+        self._lead = head[len(head.rstrip()) :]
+        head = head.rstrip()
+
+        self._head = self._template_ids(head)
+        self._middle = self._template_ids(middle)
+        self._before_reply = self._template_ids(before_reply)
+        end = self._template_ids(after_reply)
+        if bos := tokenizer.bos_token_id:
+            if self._head[:1] != [bos] and self._adds_bos():
+                self._head = [bos, *self._head]
+            if self._head[:2] == [bos, bos]:
+                raise PromptError(
+                    f"the chat template of {tokenizer.name_or_path!r} starts with two BOS tokens; "
+                    "remove the literal BOS from the template or the persona"
+                )
+        # The end of turn is the first control token after the reply (<|im_end|>, </s>, <|eot_id|>).
+        special = set(tokenizer.all_special_ids)
+        eot_at = next((i for i, t in enumerate(end) if t in special), None)
+        if eot_at is None:
+            if tokenizer.eos_token_id is None:
+                raise PromptError(f"tokenizer {tokenizer.name_or_path!r} has no end-of-turn or EOS token")
+            end, eot_at = [*end, tokenizer.eos_token_id], len(end)
+        # Anything after the end-of-turn token (ChatML's trailing newline) is never generated.
+        self._end = end[: eot_at + 1]
+        self.end_of_turn_id: int = end[eot_at]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply: the template's end of turn and the tokenizer's EOS."""
+        ids = [self.end_of_turn_id]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def prompt(self, comment: str) -> Prompt:
+        ids = [*self._head, *self._text_ids(self._lead + comment), *self._middle]
+        return Prompt(ids, self._head_text + comment + self._middle_text)
+
+    def example(self, comment: str, reply: str, max_length: int) -> Example:
+        """Prompt + reply + end of turn; only the reply and the end of turn are learned.
+
+        An example longer than ``max_length`` loses the end of its comment, never its reply or its
+        end of turn, so the model still learns to stop. Raises PromptError if even the reply alone
+        does not fit.
+        """
+        comment_ids = self._text_ids(self._lead + comment)
+        answer = [*self._before_reply, *self._text_ids(reply), *self._end]
+        fixed = len(self._head) + len(self._middle) + len(answer)
+        room = max_length - fixed
+        if room < 1:
+            raise PromptError(
+                f"the reply alone takes {fixed} tokens with the prompt, more than max_length={max_length}; "
+                "raise max_length or shorten the reply"
+            )
+        cut = max(0, len(comment_ids) - room)
+        if cut:
+            comment_ids = comment_ids[:room]
+        prompt = [*self._head, *comment_ids, *self._middle]
+        return Example([*prompt, *answer], [IGNORE_INDEX] * len(prompt) + answer, cut)
+
+    def _template_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _text_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _adds_bos(self) -> bool:
+        """Whether the tokenizer puts a BOS in front of plain text (Llama/Mistral do, ChatML models do not)."""
+        ids = self.tokenizer("a")["input_ids"]
+        return bool(ids) and ids[0] == self.tokenizer.bos_token_id

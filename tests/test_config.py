@@ -1,0 +1,59 @@
+"""The typed training config: YAML recipes, CLI flags winning, every problem reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from training.config import CONFIGS_DIR, ConfigError, TrainConfig, build_parser, load_config
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads(recipe):
+    config, sources = load_config(["--config", str(recipe)])
+    assert any(s == "config" for s in sources.values())
+    assert recipe.read_text().startswith("# python -m training.run --config")
+
+
+def test_recipe_by_name_and_flags_win_over_it():
+    config, sources = load_config(["--config", "article", "--lora-r", "4"])
+    assert config.lora_r == 4 and sources["lora_r"] == "flag"
+    assert config.lora_alpha == 32 and sources["lora_alpha"] == "config"
+    assert config.target_modules == ["q_proj"]
+    assert sources["seed"] == "default"
+
+
+def test_unknown_key_and_wrong_type_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lora_rank: 8\nepochs: many\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", str(path)])
+    message = str(info.value)
+    assert str(path) in message and "unknown key 'lora_rank'" in message and "epochs: expected float, got 'many'" in message
+
+
+def test_contradictions_are_all_reported():
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(lora_r=0, epochs=0, learning_rate=2, private=True, quantization="int3")
+    message = str(info.value)
+    for part in ("lora_r", "epochs", "learning_rate", "private: only applies with push_to_hub", "quantization"):
+        assert part in message
+
+
+def test_help_documents_every_field():
+    text = build_parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    for flag in ("--config", "--data", "--base-model", "--epochs", "--output-dir", "--resume", "--push-to-hub", "--check-data"):
+        assert flag in text
+
+
+def test_training_hash_ignores_where_output_goes():
+    a = TrainConfig(output_dir="/tmp/a")
+    assert a.training_hash() == TrainConfig(output_dir="/tmp/b", push_to_hub="me/x").training_hash()
+    assert a.training_hash() != TrainConfig(lora_r=4).training_hash()
+
+
+def test_eval_data_none_means_split():
+    assert TrainConfig(eval_data="none").eval_data is None

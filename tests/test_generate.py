@@ -1,0 +1,115 @@
+"""Both replies from one batched generate: equal to separate generations, always stopping, streamed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from inference.generate import GenerationSettings, Replier, load_replier
+from prompts.render import Persona, PromptRenderer
+
+GREEDY = GenerationSettings(max_new_tokens=24)
+
+
+def until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_replier(tiny_model_dir, tiny_adapter_dir) -> Replier:
+    return load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
+
+
+@pytest.mark.parametrize("comment", ["Thanks!", "How do I pick k in k-means? <|im_end|>", "¿Cómo elijo k?"])
+def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
+    base, tuned = tiny_replier.reply(comment, GREEDY)
+    prompt = torch.tensor([tiny_replier.prompt(comment).input_ids])
+    model = tiny_replier.model
+    kwargs = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, eos_token_id=tiny_replier.renderer.stop_ids, pad_token_id=tiny_replier.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        with model.disable_adapter():
+            alone_base = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[0, prompt.shape[1]:].tolist()
+        alone_tuned = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[0, prompt.shape[1]:].tolist()
+    stops = set(tiny_replier.renderer.stop_ids)
+    assert base.token_ids == until_stop(alone_base, stops)
+    assert tuned.token_ids == until_stop(alone_tuned, stops)
+    assert base.token_ids != tuned.token_ids  # the adapter really changes the reply
+
+
+def test_single_rows_match_the_mixed_batch(tiny_replier):
+    both = tiny_replier.reply("Nice video", GREEDY)
+    (base,) = tiny_replier.reply("Nice video", GREEDY, rows=["base"])
+    (tuned,) = tiny_replier.reply("Nice video", GREEDY, rows=["adapter"])
+    assert [base.token_ids, tuned.token_ids] == [both[0].token_ids, both[1].token_ids]
+
+
+def test_generation_stops_at_the_cap_and_says_so(tiny_replier):
+    for reply in tiny_replier.reply("Tell me everything", GenerationSettings(max_new_tokens=5)):
+        assert reply.done and len(reply.token_ids) <= 5
+        assert reply.stopped == (len(reply.token_ids) < 5)
+
+
+def test_stream_yields_growing_replies_and_reports_timing(tiny_replier):
+    states = [[(r.text, len(r.token_ids)) for r in replies] for replies in tiny_replier.stream("Hello", GREEDY)]
+    assert len(states) >= 3
+    lengths = [s[1][1] for s in states]
+    assert lengths == sorted(lengths) and lengths[-1] > 0
+    final = tiny_replier.reply("Hello", GREEDY)
+    assert all(r.first_token_s is not None and r.seconds >= r.first_token_s for r in final)
+
+
+def test_closing_a_stream_early_frees_the_model_for_the_next_request(tiny_replier):
+    stream = tiny_replier.stream("Hello", GenerationSettings(max_new_tokens=200))
+    next(stream)
+    stream.close()
+    assert all(r.done for r in tiny_replier.reply("Hi", GREEDY))
+
+
+def test_no_adapter_gives_the_base_row_only(tiny_model_dir):
+    replier = load_replier(str(tiny_model_dir), None, quantization="none")
+    (reply,) = replier.reply("Hi", GREEDY)
+    assert reply.row == "base" and reply.done
+    with pytest.raises(ValueError, match="no adapter is loaded"):
+        replier.reply("Hi", GREEDY, rows=["adapter"])
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationSettings(temperature=-1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+
+
+def test_pad_equal_to_eos_still_stops(tiny_model_dir, chatml_tokenizer):
+    """SmolLM2 ships pad == EOS; replies must still end on the end-of-turn token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = chatml_tokenizer
+    original_pad = tokenizer.pad_token
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        renderer = PromptRenderer(tokenizer, Persona.from_file())
+        # Make the end-of-turn token the model's certain next prediction.
+        with torch.no_grad():
+            model.lm_head.weight[renderer.end_of_turn_id] *= 50
+        (reply,) = Replier(model, tokenizer, renderer, has_adapter=False).reply("Hi", GenerationSettings(max_new_tokens=50))
+        assert reply.stopped and len(reply.token_ids) < 50
+    finally:
+        tokenizer.pad_token = original_pad
+
+
+def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_model_dir):
+    from inference.settings import DEFAULT_ADAPTER
+
+    if not (DEFAULT_ADAPTER / "adapter_model.safetensors").is_file():
+        pytest.fail(f"the shipped adapter is missing from {DEFAULT_ADAPTER}")
+    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER))
+    base, tuned = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
+    assert tuned.stopped and tuned.text.rstrip().endswith("–Maya")
+    assert len(tuned.text) < 120  # a short thank-you gets a short reply
+    assert base.text and base.text != tuned.text
+    summary = json.loads((DEFAULT_ADAPTER / "training_summary.json").read_text())
+    assert summary["eval_loss"] < summary["base_eval_loss"]

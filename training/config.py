@@ -1,0 +1,202 @@
+"""The training configuration: one typed dataclass; a YAML recipe sets values, CLI flags win.
+
+Every field's help text lives in its metadata and becomes the ``--help`` of ``python -m training.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from inference.default_model import DEFAULT_BASE_MODEL
+from inference.loading import QUANTIZATIONS, Quantization
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = ROOT / "training" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with every problem listed."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data and prompt
+    data: str = field(default=str(ROOT / "data" / "train.jsonl"), metadata={"help": "training pairs: a .jsonl, .json or .csv file with fields comment/response, or a Hub dataset id"})
+    eval_data: str | None = field(default=str(ROOT / "data" / "heldout.jsonl"), metadata={"help": "held-out pairs; 'none' splits --data instead (see --eval-fraction)"})
+    eval_fraction: float = field(default=0.12, metadata={"help": "share of --data held out for evaluation when there is no --eval-data"})
+    persona: str = field(default=str(ROOT / "prompts" / "persona.txt"), metadata={"help": "persona instruction with one {comment} slot; copied into the adapter"})
+    max_length: int = field(default=512, metadata={"help": "longest example in tokens; longer comments are cut (and counted), replies never"})
+    # --- model
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": f"local model folder or Hub id; '{DEFAULT_BASE_MODEL}' is the bundled SmolLM2-135M-Instruct"})
+    quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA) or none (full precision)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a Hub model (only for models you trust)"})
+    # --- LoRA
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "module names that get LoRA adapters"})
+    # --- optimisation
+    epochs: float = field(default=5.0, metadata={"help": "passes over the training data (early stopping may end sooner)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "examples per forward pass"})
+    grad_accum: int = field(default=2, metadata={"help": "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, about 30% slower"})
+    early_stopping_patience: int = field(default=1, metadata={"help": "epochs without a better eval loss before training stops"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk (the best one is always kept)"})
+    seed: int = field(default=42, metadata={"help": "seed for the split, LoRA init and data order"})
+    # --- run
+    output_dir: str = field(default=str(ROOT / "outputs" / "adapter"), metadata={"help": "where the adapter, summary, plots, logs and checkpoints go"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output-dir"})
+    check_data: bool = field(default=False, metadata={"help": "validate the data, print its summary and exit (no model, no training)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the adapter and model card to (token from HF_TOKEN or the cached login)"})
+    private: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_data, str) and self.eval_data.lower() in ("", "none", "null"):
+            self.eval_data = None
+        problems = []
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_total_limit"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 32:
+            problems.append(f"max_length: {self.max_length} leaves no room for the prompt; use at least 32")
+        if self.epochs <= 0:
+            problems.append(f"epochs: must be positive, got {self.epochs}")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate: must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_data is None and not 0 < self.eval_fraction < 0.5:
+            problems.append(f"eval_fraction: must be in (0, 0.5), got {self.eval_fraction}")
+        if self.early_stopping_patience < 0:
+            problems.append(f"early_stopping_patience: must be 0 (off) or more, got {self.early_stopping_patience}")
+        if not self.target_modules:
+            problems.append("target_modules: name at least one module, e.g. q_proj")
+        if self.private and not self.push_to_hub:
+            problems.append("private: only applies with push_to_hub REPO_ID")
+        if self.check_data and self.resume:
+            problems.append("check_data and resume: --check-data never trains, so there is nothing to resume")
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def training_hash(self) -> str:
+        """Hash of every setting that changes what is trained.
+
+        Paths are left out (the data hash covers what the files hold), and so is where the output
+        goes or whether it is pushed.
+        """
+        skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "push_to_hub", "private"}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+Source = Literal["default", "config", "flag"]
+
+
+def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, Source]]:
+    """Parse ``--config FILE`` and flags into a TrainConfig, and say where each value came from."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {f.name: "default" for f in dataclasses.fields(TrainConfig)}
+    if config_path:
+        values.update(read_yaml(Path(config_path)))
+        sources.update({k: "config" for k in values})
+    values.update(args)  # argparse.SUPPRESS leaves only the flags that were given
+    sources.update({k: "flag" for k in args})
+    return TrainConfig(**values), sources
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A recipe file's values; unknown keys and wrong types fail with the key and the file named."""
+    if not path.is_file():
+        candidate = CONFIGS_DIR / f"{path}.yaml"
+        if not candidate.is_file():
+            recipes = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+            raise ConfigError(f"{path}: config file not found (recipes in {CONFIGS_DIR}: {recipes})")
+        path = candidate
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    problems = []
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"unknown key {key!r}")
+        elif not _matches(value, hints[key]):
+            problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems) + f" (known keys: {', '.join(fields)})")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description="Fine-tune a LoRA adapter so a model answers comments in a creator's voice.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML recipe (a path, or a name from training/configs/); flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        hint = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + f" (default: {default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(hint) is list:
+            parser.add_argument(flag, nargs="+", metavar="NAME", help=help_text)
+        elif typing.get_origin(hint) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), help=help_text)
+        else:
+            parser.add_argument(flag, type=_scalar_type(hint), help=help_text)
+    return parser
+
+
+def _scalar_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if origin is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))

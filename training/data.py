@@ -1,0 +1,266 @@
+"""Loading and validating comment/reply pairs, the train/eval split, and tokenization.
+
+Every row is checked; a problem is reported as ``path:line: field 'name': what is wrong`` and all
+problems of a file are reported together. Nothing is dropped without being counted and named.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prompts.render import Example, PromptError, PromptRenderer
+
+FIELDS = ("comment", "response")
+MIN_ROWS_TO_SPLIT = 10
+MAX_PROBLEMS_SHOWN = 20
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    comment: str
+    response: str
+    where: str  # "path:line" (or "path: item N" for JSON arrays), for messages
+
+
+@dataclass
+class DataSummary:
+    rows: int = 0
+    duplicates_removed: list[str] = field(default_factory=list)
+    train_rows: int = 0
+    eval_rows: int = 0
+    tokens: int = 0
+    reply_tokens: int = 0
+    truncated: int = 0
+    longest: int = 0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"rows: {self.rows} read, {len(self.duplicates_removed)} exact duplicates removed",
+            f"split: {self.train_rows} train, {self.eval_rows} eval",
+        ]
+        if self.duplicates_removed:
+            shown = ", ".join(self.duplicates_removed[:5]) + (" ..." if len(self.duplicates_removed) > 5 else "")
+            out.append(f"duplicates removed at: {shown}")
+        if self.tokens:
+            out.append(
+                f"tokens: {self.tokens} in all, {self.reply_tokens} learned (reply + end of turn, "
+                f"{self.reply_tokens / self.tokens:.0%}), longest example {self.longest}"
+            )
+            out.append(f"truncated: {self.truncated} example(s) had their comment cut to fit max_length")
+        return out
+
+
+def load_pairs(source: str | Path) -> list[Pair]:
+    """Read pairs from a .jsonl/.json/.csv file or a Hub dataset id, validating every row."""
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and HUB_ID.match(source):
+            return _load_hub(source)
+        raise DataError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+    text = _read_text(path)
+    rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[suffix](path, text)
+    return _validate(rows, str(path))
+
+
+def file_hash(*paths: str | Path | None) -> str:
+    """sha256 over the bytes of the given files (a Hub id is hashed by name)."""
+    digest = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        path = Path(p)
+        digest.update(path.read_bytes() if path.is_file() else str(p).encode())
+    return digest.hexdigest()[:16]
+
+
+def remove_duplicates(pairs: list[Pair]) -> tuple[list[Pair], list[str]]:
+    """Drop exact repeats of a (comment, reply) pair; returns the kept pairs and where the repeats were."""
+    seen: dict[tuple[str, str], str] = {}
+    kept, removed = [], []
+    for pair in pairs:
+        key = (_key(pair.comment), pair.response.strip())
+        if key in seen:
+            removed.append(f"{pair.where} (repeats {seen[key]})")
+        else:
+            seen[key] = pair.where
+            kept.append(pair)
+    return kept, removed
+
+
+def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Seeded split by comment: every reply to the same comment lands on the same side."""
+    groups: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        groups.setdefault(_key(pair.comment), []).append(pair)
+    if len(groups) < MIN_ROWS_TO_SPLIT:
+        raise DataError(
+            f"{pairs[0].where.rsplit(':', 1)[0] if pairs else 'data'}: only {len(groups)} distinct comments; "
+            f"at least {MIN_ROWS_TO_SPLIT} are needed to hold some out for evaluation (or pass --eval-data)"
+        )
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * eval_fraction))
+    held = set(keys[:n_eval])
+    train = [p for k in keys if k not in held for p in groups[k]]
+    evals = [p for k in keys if k in held for p in groups[k]]
+    return train, evals
+
+
+def check_no_overlap(train: list[Pair], evals: list[Pair]) -> None:
+    """A held-out comment that is also trained on makes the eval loss meaningless."""
+    train_at = {_key(p.comment): p.where for p in train}
+    clashes = [f"{p.where} (also at {train_at[_key(p.comment)]})" for p in evals if _key(p.comment) in train_at]
+    if clashes:
+        raise DataError(
+            f"{len(clashes)} held-out comment(s) also appear in the training data: "
+            + _listing(clashes)
+            + "; remove them from one of the files"
+        )
+
+
+def tokenize_pairs(pairs: Iterable[Pair], renderer: PromptRenderer, max_length: int) -> tuple[list[Example], int]:
+    """Render every pair once; returns the examples and how many had their comment cut."""
+    examples, truncated = [], 0
+    for pair in pairs:
+        try:
+            example = renderer.example(pair.comment, pair.response, max_length)
+        except PromptError as exc:
+            raise DataError(f"{pair.where}: field 'response': {exc}") from exc
+        truncated += example.comment_tokens_cut > 0
+        examples.append(example)
+    return examples, truncated
+
+
+def summarize_tokens(summary: DataSummary, examples: list[Example], truncated: int) -> None:
+    summary.tokens += sum(len(e.input_ids) for e in examples)
+    summary.reply_tokens += sum(sum(label != -100 for label in e.labels) for e in examples)
+    summary.truncated += truncated
+    summary.longest = max([summary.longest, *(len(e.input_ids) for e in examples)])
+
+
+# --- readers: each yields (where, row) with row a dict or a problem string
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    # Split on "\n" only: str.splitlines() would also split on U+2028 and other characters that are
+    # legal inside a JSON string.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"{path}:{number}", f"invalid JSON ({exc.msg} at column {exc.colno})"
+
+
+def _json_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}")
+    for number, row in enumerate(data, start=1):
+        yield f"{path}: item {number}", row
+
+
+def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
+        missing = [f for f in FIELDS if f not in header]
+        if missing:
+            raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)})")
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield where, (
+                    f"{len(row)} fields, but the header has {len(header)}; quote any field that "
+                    'contains a comma, e.g. "Thanks, great video"'
+                )
+            else:
+                # Every value stays a string: a comment that reads NA, null or None is text.
+                yield where, dict(zip(header, row))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+
+
+def _load_hub(dataset_id: str) -> list[Pair]:
+    import datasets
+
+    rows = datasets.load_dataset(dataset_id, split="train")
+    return _validate(((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id)
+
+
+def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
+    pairs, problems = [], []
+    for where, row in rows:
+        if isinstance(row, str):
+            problems.append(f"{where}: {row}")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
+            continue
+        bad = []
+        for name in FIELDS:
+            value = row.get(name)
+            if name not in row or value is None:
+                bad.append(f"field {name!r}: missing")
+            elif not isinstance(value, str):
+                bad.append(f"field {name!r}: expected text, got {type(value).__name__} {value!r}"[:200])
+            elif not value.strip():
+                bad.append(f"field {name!r}: blank (got {value!r})"[:200])
+        if bad:
+            problems.extend(f"{where}: {b}" for b in bad)
+        else:
+            pairs.append(Pair(row["comment"], row["response"], where))
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in {source}:\n  " + _listing(problems, sep="\n  "))
+    if not pairs:
+        raise DataError(f"{source}: no rows; expected {', '.join(FIELDS)} pairs")
+    return pairs
+
+
+def _key(comment: str) -> str:
+    return " ".join(comment.split()).casefold()
+
+
+def _listing(items: list[str], sep: str = ", ") -> str:
+    more = len(items) - MAX_PROBLEMS_SHOWN
+    return sep.join(items[:MAX_PROBLEMS_SHOWN]) + (f"{sep}... and {more} more" if more > 0 else "")

@@ -1,0 +1,130 @@
+"""The model card, and pushing an adapter folder to the Hugging Face Hub.
+
+The token comes from ``HF_TOKEN`` or the cached ``hf auth login``; it is handed to the Hub client
+and nowhere else: not to TrainingArguments (which would pickle it into training_args.bin), not to
+logs, the summary or the card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub.utils import filter_repo_objects
+
+from training.report import PLOT_FILE, SUMMARY_FILE
+
+CARD_FILE = "README.md"
+# What a pushed adapter holds: everything a user needs to load and judge it, nothing heavy or private.
+UPLOAD_PATTERNS = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "persona.txt",
+    SUMMARY_FILE,
+    PLOT_FILE,
+    CARD_FILE,
+    "runs/**",
+]
+
+
+def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
+    config = summary["config"]
+    epochs = "\n".join(
+        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |" for e in summary["epochs"] if e.get("train_loss") is not None
+    )
+    hyper = {k: config[k] for k in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")}
+    content = f"""---
+base_model: {summary["base_model_hub_id"]}
+library_name: peft
+pipeline_tag: text-generation
+license: apache-2.0
+tags:
+- lora
+- qlora
+- replytune
+- youtube-comments
+---
+
+# {summary.get("name", "replytune adapter")}
+
+A LoRA adapter that answers YouTube comments in a creator's voice, trained with
+replytune on `{summary["base_model"]}` ({config["quantization"]} base).
+
+## Results
+
+| | held-out loss (reply tokens) |
+|---|---|
+| base model + persona prompt | {summary["base_eval_loss"]:.4f} |
+| fine-tuned adapter | {summary["eval_loss"]:.4f} |
+
+| epoch | train loss | held-out loss |
+|---|---|---|
+{epochs}
+
+![loss curve]({PLOT_FILE})
+
+## Data
+
+- training pairs: {summary["data"]["train_rows"]}, held-out pairs: {summary["data"]["eval_rows"]}
+- data hash: `{summary["data"]["hash"]}`, config hash: `{summary["config_hash"]}`
+
+## Prompt
+
+Each comment is put into this persona prompt (the `{{comment}}` slot) and rendered with the base
+model's chat template; the same file is in this repo as `persona.txt`.
+
+```text
+{persona}
+```
+
+## Hyperparameters
+
+```json
+{json.dumps(hyper, indent=2)}
+```
+
+Peak memory {summary["peak_memory_gib"]:.2f} GiB, {summary["tokens_per_second"]:.0f} tokens/s,
+{summary["wall_seconds"] / 60:.1f} minutes on {summary["environment"]["gpu"] or summary["environment"]["cpu"]}.
+
+## How to use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{summary["base_model_hub_id"]}")
+model = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
+```
+
+or, with replytune's app: `ADAPTER=THIS_REPO_OR_FOLDER python app.py`.
+"""
+    return ModelCard(content)
+
+
+def upload_files(folder: Path) -> list[Path]:
+    """The files a push uploads from ``folder``, matched the way upload_folder matches them."""
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(folder / name for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS))
+
+
+def push_adapter(folder: Path, repo_id: str, private: bool, api: HfApi | None = None) -> str:
+    """Create (or reuse) the model repo and upload the adapter folder; returns the repo URL."""
+    token = get_token()
+    if token is None:
+        raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
+    api = api or HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        allow_patterns=UPLOAD_PATTERNS,
+        commit_message="Upload adapter trained with replytune",
+    )
+    return str(url)

@@ -1,0 +1,103 @@
+"""What a finished run leaves beside its adapter: training_summary.json and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from training.config import ROOT
+
+SUMMARY_FILE = "training_summary.json"
+PLOT_FILE = "loss_curve.png"
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+
+
+def epoch_losses(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Mean train loss and eval loss of each epoch, from the Trainer's log history."""
+    epochs: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        if entry.get("epoch") is None:
+            continue
+        epoch = max(1, round(entry["epoch"] + 0.4999))  # a step logged at 1.05 belongs to epoch 2
+        row = epochs.setdefault(epoch, {"epoch": epoch, "train": []})
+        if "loss" in entry:
+            row["train"].append(entry["loss"])
+        if "eval_loss" in entry and entry["epoch"] > 0:
+            row["eval_loss"] = entry["eval_loss"]
+    out = []
+    for epoch in sorted(epochs):
+        row = epochs[epoch]
+        if "eval_loss" not in row:
+            continue  # the final evaluation after loading the best adapter repeats an earlier epoch
+        train = row.pop("train")
+        row["train_loss"] = sum(train) / len(train) if train else None
+        out.append(row)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "libraries": {name: metadata.version(name) for name in LIBRARIES},
+    }
+
+
+def display_path(path: str | None) -> str | None:
+    """Paths inside the project are written relative to it, so a summary does not carry a home folder."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> Path:
+    path = folder / SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_losses(folder: Path, log_history: list[dict[str, Any]], base_eval_loss: float | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(h["epoch"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["epoch"], h["eval_loss"]) for h in log_history if "eval_loss" in h and h.get("epoch")]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if steps:
+        ax.plot(*zip(*steps), label="train loss (per step)", color="#8fb3d9", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss (per epoch)", color="#d9534f")
+    if base_eval_loss is not None:
+        ax.axhline(base_eval_loss, linestyle="--", color="gray", label=f"base model held-out loss ({base_eval_loss:.2f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss on reply tokens")
+    ax.set_title("LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = folder / PLOT_FILE
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,211 @@
+"""`python -m training.run`: comments + the creator's replies -> a LoRA adapter in their voice.
+
+parse config -> load and check data -> load model -> train (or resume) -> save -> push.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID, DefaultModelUnavailable
+from prompts.render import Persona, PromptError
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import (
+    DataError,
+    DataSummary,
+    check_no_overlap,
+    file_hash,
+    load_pairs,
+    remove_duplicates,
+    split_pairs,
+    summarize_tokens,
+    tokenize_pairs,
+)
+
+RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
+
+
+class ResumeError(RuntimeError):
+    """--resume cannot continue: no checkpoint, or the data or settings changed since."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config, sources = load_config(argv)
+        print_settings(config, sources)
+        return train(config)
+    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, PermissionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def print_settings(config: TrainConfig, sources: dict[str, str]) -> None:
+    print("settings:")
+    for name, value in dataclasses.asdict(config).items():
+        print(f"  {name:24} {value!s:48} ({sources[name]})")
+
+
+def load_data(config: TrainConfig, summary: DataSummary):
+    """Read, validate, de-duplicate and split the data; returns (train pairs, eval pairs)."""
+    pairs = load_pairs(config.data)
+    pairs, summary.duplicates_removed = remove_duplicates(pairs)
+    summary.rows = len(pairs) + len(summary.duplicates_removed)
+    if config.eval_data:
+        evals = load_pairs(config.eval_data)
+        evals, removed = remove_duplicates(evals)
+        summary.rows += len(evals) + len(removed)
+        summary.duplicates_removed += removed
+        train = pairs
+    else:
+        train, evals = split_pairs(pairs, config.eval_fraction, config.seed)
+    check_no_overlap(train, evals)
+    summary.train_rows, summary.eval_rows = len(train), len(evals)
+    return train, evals
+
+
+def train(config: TrainConfig) -> int:
+    from inference.loading import compute_dtype, load_base_model, load_tokenizer
+    from prompts.render import PromptRenderer
+
+    started = time.perf_counter()
+    persona = Persona.from_file(config.persona)
+    summary = DataSummary()
+    train_pairs, eval_pairs = load_data(config, summary)
+    tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
+    renderer = PromptRenderer(tokenizer, persona)
+    train_examples, cut = tokenize_pairs(train_pairs, renderer, config.max_length)
+    summarize_tokens(summary, train_examples, cut)
+    eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length)
+    summarize_tokens(summary, eval_examples, cut)
+    print("data:\n  " + "\n  ".join(summary.lines()))
+    if config.check_data:
+        return 0
+
+    output = Path(config.output_dir)
+    run_info = {
+        "data_hash": file_hash(config.data, config.eval_data, config.persona),
+        "config_hash": config.training_hash(),
+    }
+    checkpoint = prepare_output(output, config, run_info)
+
+    import torch
+
+    from training import report
+    from training.trainer import build_trainer, count_parameters, lora_model, peak_memory_gib
+
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the LoRA weights are initialised, so --seed fixes them too
+    dtype = compute_dtype()
+    model = load_base_model(config.base_model, config.quantization, dtype, config.trust_remote_code)
+    model = lora_model(model, config)
+    trainable, total = count_parameters(model)
+    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA), compute in {str(dtype).removeprefix('torch.')}")
+    adapter_mb = trainable * 4 / 2**20
+    print(
+        f"checkpoints: about {adapter_mb * 3:.1f} MB each (adapter + optimizer state), "
+        f"at most {config.save_total_limit + 1} kept in {output / 'checkpoints'}"
+    )
+
+    trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype)
+    if checkpoint is None:
+        base_eval = trainer.evaluate()["eval_loss"]
+        run_info["base_eval_loss"] = base_eval
+        (output / "checkpoints" / RUN_FILE).write_text(json.dumps(run_info))
+        print(f"base model held-out loss (before training): {base_eval:.4f}")
+    else:
+        base_eval = json.loads((output / "checkpoints" / RUN_FILE).read_text())["base_eval_loss"]
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final_eval = trainer.evaluate()["eval_loss"]
+    if not torch.isfinite(torch.tensor(final_eval)):
+        raise RuntimeError(f"held-out loss is {final_eval}; the adapter is not saved")
+
+    model = trainer.model
+    model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    (output / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    history = trainer.state.log_history
+    result = {
+        "name": output.name,
+        "base_model": config.base_model,
+        "base_model_hub_id": hub_id(config.base_model),
+        "data": {
+            "train": report.display_path(config.data),
+            "eval": report.display_path(config.eval_data),
+            "hash": run_info["data_hash"],
+            "train_rows": summary.train_rows,
+            "eval_rows": summary.eval_rows,
+            "duplicates_removed": len(summary.duplicates_removed),
+            "truncated": summary.truncated,
+            "tokens": summary.tokens,
+        },
+        "config": {k: report.display_path(v) if k in ("data", "eval_data", "persona", "output_dir") else v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "check_data", "push_to_hub", "private")},
+        "config_hash": run_info["config_hash"],
+        "base_eval_loss": base_eval,
+        "eval_loss": final_eval,
+        "epochs": report.epoch_losses(history),
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "peak_memory_gib": round(peak_memory_gib(), 3),
+        "tokens_per_second": round(stats.tokens_per_second, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "environment": report.environment(),
+    }
+    report.write_summary(output, result)
+    report.plot_losses(output, history, base_eval)
+
+    from training.hub import CARD_FILE, model_card, push_adapter
+
+    model_card(result, persona.template).save(output / CARD_FILE)
+    # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
+    shutil.rmtree(output / "checkpoints")
+    print(
+        f"done in {result['wall_seconds'] / 60:.1f} min: held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
+        f"(adapter); {result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
+        f"adapter saved to {output}"
+    )
+    if config.push_to_hub:
+        print(f"pushed to {push_adapter(output, config.push_to_hub, config.private)}")
+    return 0
+
+
+def hub_id(base_model: str) -> str:
+    return DEFAULT_BASE_MODEL_HUB_ID if base_model == DEFAULT_BASE_MODEL else base_model
+
+
+def prepare_output(output: Path, config: TrainConfig, run_info: dict) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking it matches this run."""
+    from training.trainer import last_complete_checkpoint
+
+    checkpoints = output / "checkpoints"
+    if not config.resume:
+        if checkpoints.exists() and any(checkpoints.glob("checkpoint-*")):
+            raise ResumeError(
+                f"{checkpoints} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                "or delete that folder to start over"
+            )
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        return None
+    checkpoint = last_complete_checkpoint(output)
+    if checkpoint is None:
+        raise ResumeError(f"--resume: no complete checkpoint in {checkpoints}; run without --resume to start")
+    saved = json.loads((checkpoints / RUN_FILE).read_text())
+    changed = [k for k in ("data_hash", "config_hash") if saved.get(k) != run_info[k]]
+    if changed:
+        what = " and ".join({"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed)
+        raise ResumeError(f"--resume: {what} changed since {checkpoint} was written; restore them, or start over without --resume")
+    return checkpoint
+
+
+if __name__ == "__main__":
+    sys.exit(main())
