@@ -123,7 +123,9 @@ def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | No
             comment = gr.Textbox(
                 label=f"YouTube comment (up to {MAX_COMMENT_CHARS:,} characters)",
                 placeholder="Great video! How do I pick the number of clusters?",
-                lines=3,
+                info="Enter sends, Shift+Enter starts a new line",
+                lines=1,  # with one line, Gradio submits on Enter; the box grows up to max_lines
+                max_lines=8,
                 max_length=MAX_COMMENT_CHARS,
                 elem_id="comment",
             )

@@ -61,6 +61,7 @@ def pane_labels(base_model: str, adapter: str | None) -> dict[str, str]:
     base = f"{DEFAULT_BASE_MODEL_HUB_ID} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
     labels = {"base": f"{base} · prompt only"}
     if adapter:
-        name = Path(adapter).name if Path(adapter).exists() else adapter
+        path = Path(adapter).resolve()
+        name = (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)) if path.exists() else adapter
         labels["adapter"] = f"{name} · fine-tuned"
     return labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 
@@ -138,6 +139,13 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
         page.locator("#reply").click()
         expect(page.locator("#base-reply textarea")).not_to_have_value("", timeout=60_000)
         expect(page.locator("#tuned-reply textarea")).not_to_have_value("", timeout=60_000)
-        expect(page.locator("#tuned-stats")).to_contain_text("tokens/s", timeout=60_000)
+        # Done streaming (a new submission is ignored while one is running).
+        expect(page.locator("#tuned-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
+        expect(page.locator("#base-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
+        # Enter in the comment box submits too; the prompt view shows what was sent.
+        page.get_by_text("Exact prompt sent to the model").click()
+        page.locator("#comment textarea").fill("Thanks!")
+        page.locator("#comment textarea").press("Enter")
+        expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"Thanks!<\|im_end\|>"), timeout=60_000)
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
