@@ -57,7 +57,8 @@ def mistral_tokenizer():
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"]))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    # Mistral has no pad token; replytune's load_tokenizer gives it <unk>, as here.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
     fast.chat_template = MISTRAL_TEMPLATE
     return fast
 

@@ -58,6 +58,7 @@ class TrainConfig:
     # --- run
     output_dir: str = field(default=str(ROOT / "outputs" / "adapter"), metadata={"help": "where the adapter, summary, plots, logs and checkpoints go"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output-dir"})
+    doctor: bool = field(default=True, metadata={"help": "check the rendered examples for silent mistakes before training (--no-doctor skips it)"})
     check_data: bool = field(default=False, metadata={"help": "validate the data, print its summary and exit (no model, no training)"})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the adapter and model card to (token from HF_TOKEN or the cached login)"})
     private: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
@@ -100,7 +101,7 @@ class TrainConfig:
         Paths are left out (the data hash covers what the files hold), and so is where the output
         goes or whether it is pushed.
         """
-        skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "push_to_hub", "private"}
+        skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "doctor", "push_to_hub", "private"}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 

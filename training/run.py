@@ -11,14 +11,17 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID, DefaultModelUnavailable
-from prompts.render import Persona, PromptError
+from prompts.render import Example, Persona, PromptError, PromptRenderer
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import (
     DataError,
     DataSummary,
+    Pair,
     check_no_overlap,
     file_hash,
     load_pairs,
@@ -27,6 +30,8 @@ from training.data import (
     summarize_tokens,
     tokenize_pairs,
 )
+
+from training.doctor import DoctorError, Finding, diagnose, format_report
 
 RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
 
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         config, sources = load_config(argv)
         print_settings(config, sources)
         return train(config)
-    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, PermissionError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, PermissionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -70,11 +75,32 @@ def load_data(config: TrainConfig, summary: DataSummary):
     return train, evals
 
 
-def train(config: TrainConfig) -> int:
-    from inference.loading import compute_dtype, load_base_model, load_tokenizer
-    from prompts.render import PromptRenderer
+@dataclass
+class Prepared:
+    """The data of a run, validated and rendered once: what the doctor checks and the trainer uses."""
 
-    started = time.perf_counter()
+    config: TrainConfig
+    persona: Persona
+    tokenizer: Any
+    renderer: PromptRenderer
+    train_pairs: list[Pair]
+    eval_pairs: list[Pair]
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    summary: DataSummary
+
+    def diagnose(self) -> tuple[list[Finding], str]:
+        from inference.loading import load_tokenizer
+        from training.trainer import ReplyCollator
+
+        # The app loads the tokenizer afresh and reads the persona copied into the adapter.
+        app = PromptRenderer(load_tokenizer(self.config.base_model, self.config.trust_remote_code), Persona.from_file(self.config.persona))
+        return diagnose(self.train_pairs, self.train_examples, self.eval_pairs, self.renderer, app, ReplyCollator(self.tokenizer.pad_token_id))
+
+
+def prepare_examples(config: TrainConfig) -> Prepared:
+    from inference.loading import load_tokenizer
+
     persona = Persona.from_file(config.persona)
     summary = DataSummary()
     train_pairs, eval_pairs = load_data(config, summary)
@@ -84,9 +110,23 @@ def train(config: TrainConfig) -> int:
     summarize_tokens(summary, train_examples, cut)
     eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length)
     summarize_tokens(summary, eval_examples, cut)
+    return Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary)
+
+
+def train(config: TrainConfig) -> int:
+    started = time.perf_counter()
+    prepared = prepare_examples(config)
+    persona, tokenizer, summary = prepared.persona, prepared.tokenizer, prepared.summary
+    train_examples, eval_examples = prepared.train_examples, prepared.eval_examples
     print("data:\n  " + "\n  ".join(summary.lines()))
     if config.check_data:
         return 0
+    if config.doctor:
+        findings, example = prepared.diagnose()
+        text = format_report(findings, example)
+        print(text)
+        if not all(f.ok for f in findings):
+            raise DoctorError(f"{text}\nfix the data or prompt above, or pass --no-doctor to train anyway")
 
     output = Path(config.output_dir)
     run_info = {
@@ -101,6 +141,8 @@ def train(config: TrainConfig) -> int:
     from training.trainer import build_trainer, count_parameters, lora_model, peak_memory_gib
 
     from transformers import set_seed
+
+    from inference.loading import compute_dtype, load_base_model
 
     set_seed(config.seed)  # before the LoRA weights are initialised, so --seed fixes them too
     dtype = compute_dtype()
