@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,11 +55,36 @@ def stats_line(reply: Reply) -> str:
     return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}"
 
 
-def example_comments(limit: int = 12) -> list[str]:
+def held_out_pairs() -> list[tuple[str, str]]:
+    """(comment, the creator's real reply) pairs that the adapter was not trained on."""
     if not EXAMPLES_FILE.is_file():
         return []
     rows = [json.loads(line) for line in EXAMPLES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["comment"] for r in rows[:limit]]
+    return [(r["comment"], r["response"]) for r in rows]
+
+
+BLIND_SOURCES = {"base": "base + prompt", "adapter": "fine-tuned", "real": "your real reply"}
+
+
+def blind_round(replier: Replier, comment: str, real: str, rng: random.Random) -> list[tuple[str, str]]:
+    """The three replies to one comment as (source, text), in a random order."""
+    base, tuned = replier.reply(comment, GenerationSettings())
+    options = [("base", base.text), ("adapter", tuned.text), ("real", real)]
+    rng.shuffle(options)
+    return options
+
+
+def tally_text(tally: dict[str, int]) -> str:
+    rounds = sum(tally.values())
+    if not rounds:
+        return "No picks yet."
+    versus_base = tally["adapter"] + tally["base"]
+    beats = f"{tally['adapter'] / versus_base:.0%} of the picks between the two models" if versus_base else "no picks between the two models yet"
+    return (
+        f"{rounds} round(s): the fine-tuned reply was picked {tally['adapter']} time(s), the base reply {tally['base']}, "
+        f"your real reply {tally['real']}. Fine-tuned beats base in {beats}; it passed for your own reply in "
+        f"{tally['adapter'] / rounds:.0%} of all rounds."
+    )
 
 
 def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | None) -> gr.Blocks:
@@ -114,6 +140,37 @@ def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | No
             rows.append(row)
             yield to_html(rows, labels) + f"<p>{len(rows)} of {len(comments)} done</p>"
 
+    pairs = held_out_pairs()
+    rng = random.Random()
+
+    def next_round(state: dict | None) -> tuple:
+        if not pairs:
+            raise gr.Error(f"No held-out comments found in {EXAMPLES_FILE}.")
+        comment, real = rng.choice(pairs)
+        options = blind_round(replier, comment, real, rng)
+        state = {**(state or {}), "comment": comment, "options": options, "picked": False}
+        return (state, comment, *[text for _, text in options], "Which reply sounds most like you?")
+
+    def pick(choice: str, state: dict | None) -> tuple:
+        if not state or "options" not in state:
+            raise gr.Error("Start a round first.")
+        if state["picked"]:
+            raise gr.Error("This round is decided; start the next one.")
+        index = "ABC".index(choice)
+        sources = [source for source, _ in state["options"]]
+        tally = dict(state.get("tally") or dict.fromkeys(BLIND_SOURCES, 0))
+        tally[sources[index]] += 1
+        state = {**state, "picked": True, "tally": tally}
+        reveal = " · ".join(f"**{letter}**: {BLIND_SOURCES[source]}" for letter, source in zip("ABC", sources))
+        stored = ""
+        if flywheel_dir is not None:
+            chosen = state["options"][index][1]
+            for i, (_, text) in enumerate(state["options"]):
+                if i != index:
+                    save_preference(flywheel_dir, state["comment"], chosen, text)
+            stored = f" Saved as preference pairs in `{flywheel_dir / 'preferences.jsonl'}`."
+        return state, f"You picked **{choice}**: {BLIND_SOURCES[sources[index]]}. {reveal}.{stored}", tally_text(tally)
+
     with gr.Blocks(title="replytune: prompt only vs fine-tuned") as demo:
         gr.Markdown(
             "# replytune\nType a YouTube comment and compare two replies from the same base model: "
@@ -150,7 +207,7 @@ def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | No
                 top_p = gr.Slider(0.05, 1, value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
             with gr.Accordion("Exact prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
-            if examples := example_comments():
+            if examples := [comment for comment, _ in pairs[:12]]:
                 gr.Examples(examples=[[c] for c in examples], inputs=[comment], label="Held-out comments (not trained on)")
             with gr.Accordion("Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and has_adapter):
                 better = gr.Radio(["prompt only", "fine-tuned"], label="Which reply is better?")
@@ -162,6 +219,21 @@ def build_demo(replier: Replier, labels: dict[str, str], flywheel_dir: Path | No
             inputs = [comment, max_new_tokens, temperature, top_p]
             gr.on([reply_button.click, comment.submit], respond, inputs, outputs, api_name="reply")
             save_button.click(save, [comment, better, edited, base_box, tuned_box], saved, api_name="save")
+        if has_adapter:
+            with gr.Tab("Blind test"):
+                gr.Markdown("A held-out comment, three replies in a random order: the base model's, the fine-tuned model's and the one you really wrote. Pick the one that sounds most like you.")
+                blind_state = gr.State(None)
+                start = gr.Button("Next comment", variant="primary")
+                blind_comment = gr.Textbox(label="Comment", interactive=False)
+                with gr.Row():
+                    blind_replies = [gr.Textbox(label=f"Reply {letter}", lines=5, interactive=False) for letter in "ABC"]
+                with gr.Row():
+                    pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in "ABC"]
+                verdict = gr.Markdown()
+                tally = gr.Markdown("No picks yet.")
+                start.click(next_round, blind_state, [blind_state, blind_comment, *blind_replies, verdict], api_name="blind_round")
+                for letter, button in zip("ABC", pick_buttons):
+                    button.click(pick, [gr.State(letter), blind_state], [blind_state, verdict, tally], api_name=f"blind_pick_{letter}")
         with gr.Tab("Batch compare"):
             batch_input = gr.Textbox(label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5]))
             batch_button = gr.Button("Compare", variant="primary")

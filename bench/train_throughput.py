@@ -83,27 +83,14 @@ def run_reference(out: Path, epochs: float) -> dict:
 
 
 def held_out_loss(adapter: Path) -> float:
-    """Reply-token loss on data/heldout.jsonl, the same measure for both adapters."""
-    import torch
-
+    """Reply-token loss on data/heldout.jsonl, measured the same way for every adapter."""
     from inference.default_model import DEFAULT_BASE_MODEL
-    from inference.loading import load_adapter, load_base_model, load_tokenizer
-    from prompts.render import Persona, PromptRenderer
-    from training.data import load_pairs, tokenize_pairs
-    from training.trainer import ReplyCollator
+    from inference.generate import load_replier
+    from training.data import load_pairs
+    from training.evaluate import held_out_losses
 
-    tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
-    model = load_adapter(load_base_model(DEFAULT_BASE_MODEL, "nf4", torch.bfloat16), str(adapter)).eval()
-    examples, _ = tokenize_pairs(load_pairs(ROOT / "data" / "heldout.jsonl"), PromptRenderer(tokenizer, Persona.from_file()), 512)
-    collate = ReplyCollator(tokenizer.pad_token_id)
-    total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for e in examples:
-            batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
-            n = sum(label != -100 for label in e.labels)
-            total += model(**batch).loss.item() * n
-            count += n
-    return total / count
+    replier = load_replier(DEFAULT_BASE_MODEL, str(adapter))
+    return held_out_losses(replier, load_pairs(ROOT / "data" / "heldout.jsonl"), 512)["adapter"]
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -149,3 +150,21 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
         expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"Thanks!<\|im_end\|>"), timeout=60_000)
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
+
+
+def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client, server):
+    _, flywheel = server
+    held = dict(app_module.held_out_pairs())
+    before = (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
+    comment, a, b, c, verdict = client.predict(api_name="/blind_round")
+    assert comment in held and verdict == "Which reply sounds most like you?"
+    replies = [a, b, c]
+    assert held[comment] in replies  # the creator's real reply is one of the three, unlabeled
+    letter = "ABC"[replies.index(held[comment])]
+    verdict, tally = client.predict(api_name=f"/blind_pick_{letter}")
+    assert f"You picked **{letter}**: your real reply" in verdict and "fine-tuned" in verdict and "base + prompt" in verdict
+    assert "1 round(s)" in tally and "your real reply 1" in tally
+    lines = (flywheel / "preferences.jsonl").read_text().splitlines()[before:]
+    assert len(lines) == 2 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
+    with pytest.raises(Exception, match="This round is decided"):
+        client.predict(api_name="/blind_pick_A")

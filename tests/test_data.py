@@ -169,3 +169,43 @@ def test_check_data_cli_prints_summary_and_fails_on_bad_data(write, capsys, defa
     err = capsys.readouterr().err
     assert f"{bad}:1: field 'response': blank" in err
     assert "Traceback" not in err
+
+
+def test_commenter_handles_are_replaced_in_jsonl_and_csv(write):
+    jsonl = json.dumps({"comment": "@JohnDoe99 agreed with @jane.doe, thanks!", "response": "@JohnDoe99 glad it helped! –Maya"}) + "\n"
+    csv_text = 'comment,response\n"Hey @Bob_the_Builder, mail me at bob@example.com","Thanks @Bob_the_Builder! –Maya"\n'
+    (a,) = load_pairs(write("t.jsonl", jsonl))
+    (b,) = load_pairs(write("t.csv", csv_text))
+    assert (a.comment, a.response) == ("@user agreed with @user, thanks!", "@user glad it helped! –Maya")
+    assert (b.comment, b.response) == ("Hey @user, mail me at bob@example.com", "Thanks @user! –Maya")
+
+
+def youtube_thread(text: str, replies: list[tuple[str, str]], channel: str = "UCmaya") -> dict:
+    return {
+        "kind": "youtube#commentThread",
+        "snippet": {
+            "channelId": channel,
+            "topLevelComment": {"snippet": {"textOriginal": text, "authorDisplayName": "John Doe", "authorChannelId": {"value": "UCjohn"}}},
+        },
+        "replies": {"comments": [{"snippet": {"textOriginal": t, "authorDisplayName": name, "authorChannelId": {"value": ch}}} for t, name, ch in [(t, "x", c) for t, c in replies]]},
+    }
+
+
+def test_youtube_commentthreads_export_keeps_owner_replies_without_names(write):
+    page = {
+        "kind": "youtube#commentThreadListResponse",
+        "items": [
+            youtube_thread("@MayaCodes great video, John here", [("@JohnDoe thanks John! –Maya", "UCmaya")]),
+            youtube_thread("No owner reply here", [("I agree", "UCother")]),
+            youtube_thread("Question?", [("Me too", "UCother"), ("Answer. –Maya", "UCmaya"), ("Later one –Maya", "UCmaya")]),
+        ],
+    }
+    pairs = load_pairs(write("export.json", json.dumps([page, {**page, "items": []}])))
+    assert [(p.comment, p.response) for p in pairs] == [
+        ("@user great video, John here", "@user thanks John! –Maya"),
+        ("Question?", "Answer. –Maya"),
+    ]
+    assert all("John Doe" not in p.comment + p.response and "UCjohn" not in p.comment for p in pairs)
+    broken = {"kind": "youtube#commentThreadListResponse", "items": [{"snippet": {"channelId": "UCmaya"}}]}
+    with pytest.raises(DataError, match=r"page 1 thread 1: not a commentThread .*topLevelComment"):
+        load_pairs(write("broken.json", json.dumps(broken)))

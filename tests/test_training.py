@@ -59,6 +59,8 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
     assert summary["peak_memory_gib"] > 0 and summary["tokens_per_second"] > 0
     assert summary["data"]["hash"] and summary["config_hash"] == config.training_hash()
+    assert summary["voice"]["table"]["adapter"]["held_out_loss"] < summary["voice"]["table"]["base"]["held_out_loss"]
+    assert "## Voice fidelity" in (folder / "README.md").read_text()
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "loss_curve.png", "README.md"):
         assert (folder / name).is_file(), name
     assert any((folder / "runs").rglob("events.out.tfevents.*"))

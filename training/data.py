@@ -20,6 +20,10 @@ from typing import Any
 from prompts.render import Example, PromptError, PromptRenderer
 
 FIELDS = ("comment", "response")
+# @handles of commenters (YouTube's reply mentions) become this placeholder before they reach the
+# training data, a model card or the Hub; an e-mail address is left alone.
+HANDLE = re.compile(r"(?<![\w@.])@[\w][\w.\-]*\w|(?<![\w@.])@\w")
+HANDLE_PLACEHOLDER = "@user"
 MIN_ROWS_TO_SPLIT = 10
 MAX_PROBLEMS_SHOWN = 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -188,10 +192,40 @@ def _json_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    pages = data if isinstance(data, list) and data and all(_is_thread_page(d) for d in data) else [data]
+    if all(_is_thread_page(p) for p in pages):
+        yield from _youtube_rows(path, pages)
+        return
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}")
+        raise DataError(f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}, or a YouTube Data API commentThreads export")
     for number, row in enumerate(data, start=1):
         yield f"{path}: item {number}", row
+
+
+def _is_thread_page(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("kind") == "youtube#commentThreadListResponse"
+
+
+def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
+    """Threads where the channel owner replied to a top-level comment: (that comment, the owner's reply).
+
+    Only the comment texts are read: author names and channel ids never leave this function.
+    """
+    for page_number, page in enumerate(pages, start=1):
+        for number, thread in enumerate(page.get("items") or [], start=1):
+            where = f"{path}: page {page_number} thread {number}"
+            try:
+                snippet = thread["snippet"]
+                owner = snippet["channelId"]
+                comment = snippet["topLevelComment"]["snippet"]["textOriginal"]
+                replies = (thread.get("replies") or {}).get("comments") or []
+                owner_replies = [r["snippet"]["textOriginal"] for r in replies if (r["snippet"].get("authorChannelId") or {}).get("value") == owner]
+            except (KeyError, TypeError) as exc:
+                yield where, f"not a commentThread in the YouTube Data API format (missing {exc})"
+                continue
+            if owner_replies:
+                # The API lists replies oldest first: the owner's first answer is the reply to learn.
+                yield where, {"comment": comment, "response": owner_replies[0]}
 
 
 def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
@@ -249,12 +283,17 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
         if bad:
             problems.extend(f"{where}: {b}" for b in bad)
         else:
-            pairs.append(Pair(row["comment"], row["response"], where))
+            pairs.append(Pair(anonymize(row["comment"]), anonymize(row["response"]), where))
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {source}:\n  " + _listing(problems, sep="\n  "))
     if not pairs:
         raise DataError(f"{source}: no rows; expected {', '.join(FIELDS)} pairs")
     return pairs
+
+
+def anonymize(text: str) -> str:
+    """Replace commenters' @handles with a neutral placeholder."""
+    return HANDLE.sub(HANDLE_PLACEHOLDER, text)
 
 
 def _key(comment: str) -> str:

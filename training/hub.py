@@ -69,6 +69,7 @@ replytune on `{summary["base_model"]}` ({config["quantization"]} base).
 
 ![loss curve]({PLOT_FILE})
 
+{voice_section(summary)}
 ## Data
 
 - training pairs: {summary["data"]["train_rows"]}, held-out pairs: {summary["data"]["eval_rows"]}
@@ -106,6 +107,14 @@ tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
 or, with replytune's app: `ADAPTER=THIS_REPO_OR_FOLDER python app.py`.
 """
     return ModelCard(content)
+
+
+def voice_section(summary: dict[str, Any]) -> str:
+    if "voice" not in summary:
+        return ""
+    from training.evaluate import markdown_table
+
+    return "## Voice fidelity\n\nGenerated replies to the held-out comments, compared with the creator's real replies:\n\n" + markdown_table(summary["voice"])
 
 
 def upload_files(folder: Path) -> list[Path]:

@@ -200,9 +200,17 @@ def train(config: TrainConfig) -> int:
         "total_parameters": total,
         "peak_memory_gib": round(peak_memory_gib(), 3),
         "tokens_per_second": round(stats.tokens_per_second, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),  # data to saved adapter; evaluation_seconds is extra
         "environment": report.environment(),
     }
+    from inference.generate import Replier
+    from training.evaluate import evaluate, markdown_table
+
+    evaluation_started = time.perf_counter()
+    voice = evaluate(Replier(model, tokenizer, prepared.renderer, has_adapter=True), prepared.eval_pairs, prepared.train_pairs, config.max_length)
+    result["voice"] = voice
+    result["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 1)
+    print("voice fidelity on the held-out comments:\n" + markdown_table(voice))
     report.write_summary(output, result)
     report.plot_losses(output, history, base_eval)
 
@@ -212,7 +220,7 @@ def train(config: TrainConfig) -> int:
     # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
     shutil.rmtree(output / "checkpoints")
     print(
-        f"done in {result['wall_seconds'] / 60:.1f} min: held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
+        f"done: trained in {result['wall_seconds'] / 60:.1f} min, evaluated in {result['evaluation_seconds'] / 60:.1f} min; held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
         f"(adapter); {result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
         f"adapter saved to {output}"
     )

@@ -1,0 +1,44 @@
+"""Voice-fidelity metrics: computed from real replies, deterministic, and stored with the adapter."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.generate import load_replier
+from training.data import Pair
+from training.evaluate import evaluate, language, markdown_table, reply_stats
+
+HELD = [
+    Pair("Danke, sehr gut erklärt, vielen Dank für das Video!", "Danke dir, freut mich sehr! –Maya", "h:1"),
+    Pair("How do I choose the number of clusters in k-means?", "Try the elbow method first. –Maya", "h:2"),
+    Pair("Thanks!", "You're welcome! –Maya", "h:3"),
+]
+
+
+def test_reply_stats_measure_what_they_say():
+    replies = ["Danke, das freut mich wirklich sehr! –Maya", "You're welcome! –Maya", "Great question 🎉 I think the answer is long and rambling here"]
+    stats = reply_stats(replies, HELD, "–Maya", trained_replies={"You're welcome! –Maya"})
+    assert stats["signature_rate"] == pytest.approx(2 / 3)
+    assert stats["emoji_rate"] == pytest.approx(1 / 3)
+    assert stats["memorized_rate"] == pytest.approx(1 / 3)
+    assert stats["length_ratio"] == pytest.approx(7 / 6)  # median of 7/6, 3/6 and 11/3 words
+    # Only the two long comments have a confident language; the German one is answered in German.
+    assert stats["same_language_rate"] == pytest.approx(1 / 2)
+
+
+def test_language_is_none_for_short_text():
+    assert language("Thanks!") is None
+    assert language("Danke, sehr gut erklärt, vielen Dank für das Video!") == "de"
+
+
+def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, tiny_adapter_dir):
+    replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
+    first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")])
+    second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")])
+    assert first == second
+    assert set(first["table"]) == {"base", "adapter", "real"}
+    assert first["table"]["real"]["signature_rate"] == 1.0 and first["table"]["real"]["length_ratio"] == 1.0
+    assert first["table"]["base"]["held_out_loss"] != first["table"]["adapter"]["held_out_loss"]
+    assert len(first["replies"]) == 3 and first["replies"][0]["real"] == HELD[0].response
+    table = markdown_table(first)
+    assert "| ends with the signature |" in table and "creator's real replies" in table
