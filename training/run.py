@@ -124,9 +124,9 @@ def train(config: TrainConfig) -> int:
     if config.doctor:
         findings, example = prepared.diagnose()
         text = format_report(findings, example)
-        print(text)
         if not all(f.ok for f in findings):
             raise DoctorError(f"{text}\nfix the data or prompt above, or pass --no-doctor to train anyway")
+        print(text)
 
     output = Path(config.output_dir)
     run_info = {
