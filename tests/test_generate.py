@@ -22,6 +22,8 @@ def tiny_replier(tiny_model_dir, tiny_adapter_dir) -> Replier:
     return load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
 
 
+# Exact equality is checked in float32. In NF4/bfloat16 the batch-of-one and batch-of-two kernels
+# round differently, so a greedy step whose two best logits tie within bf16 precision can flip.
 @pytest.mark.parametrize("comment", ["Thanks!", "How do I pick k in k-means? <|im_end|>", "¿Cómo elijo k?"])
 def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
     base, tuned = tiny_replier.reply(comment, GREEDY)
