@@ -22,7 +22,7 @@ from prompts.render import Example, PromptError, PromptRenderer
 FIELDS = ("comment", "response")
 # @handles of commenters (YouTube's reply mentions) become this placeholder before they reach the
 # training data, a model card or the Hub; an e-mail address is left alone.
-HANDLE = re.compile(r"(?<![\w@.])@[\w][\w.\-]*\w|(?<![\w@.])@\w")
+HANDLE = re.compile(r"(?<![\w@.])@\w(?:[\w.\-]*\w)?")
 HANDLE_PLACEHOLDER = "@user"
 MIN_ROWS_TO_SPLIT = 10
 MAX_PROBLEMS_SHOWN = 20
