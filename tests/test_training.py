@@ -143,7 +143,7 @@ def test_resume_skips_a_half_written_checkpoint(tiny_config, tmp_path, monkeypat
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
-    with pytest.raises(ResumeError, match="no complete checkpoint"):
+    with pytest.raises(ResumeError, match="no unfinished run"):
         train(tiny_config(resume=True))
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, about 30% slower"})
     early_stopping_patience: int = field(default=1, metadata={"help": "epochs without a better eval loss before training stops"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk (the best one is always kept)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk, the best and the latest among them; never more"})
     seed: int = field(default=42, metadata={"help": "seed for the split, LoRA init and data order"})
     # --- run
     output_dir: str = field(default=str(ROOT / "outputs" / "adapter"), metadata={"help": "where the adapter, summary, plots, logs and checkpoints go"})
@@ -66,12 +66,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.eval_data, str) and self.eval_data.lower() in ("", "none", "null"):
             self.eval_data = None
+        # 2 and 2.0 are the same setting; without this, a YAML "epochs: 2" and "--epochs 2" would
+        # hash differently and --resume would refuse.
+        for f in dataclasses.fields(self):
+            if f.type in ("float", float) and isinstance(getattr(self, f.name), int) and not isinstance(getattr(self, f.name), bool):
+                setattr(self, f.name, float(getattr(self, f.name)))
         problems = []
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_total_limit"):
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.save_total_limit < 2:
+            problems.append(f"save_total_limit: must be at least 2 (the best and the latest checkpoint are both kept), got {self.save_total_limit}")
         if self.max_length < 32:
             problems.append(f"max_length: {self.max_length} leaves no room for the prompt; use at least 32")
         if self.epochs <= 0:

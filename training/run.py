@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +34,48 @@ from training.data import (
     tokenize_pairs,
 )
 
+from training.checkpoints import (
+    CHECKPOINTS,
+    CheckpointWriteError,
+    DiskSpaceError,
+    checkpoint_folders,
+    last_complete_checkpoint,
+    remove_incomplete_after,
+    write_json_atomic,
+)
 from training.doctor import DoctorError, Finding, diagnose, format_report
 
 RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
 
 
 class ResumeError(RuntimeError):
-    """--resume cannot continue: no checkpoint, or the data or settings changed since."""
+    """--resume cannot continue: no unfinished run, or the data or settings changed since."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a diverging loss or out of memory; the message names the step and the way on."""
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threading.excepthook = _quiet_when_disk_full
     try:
         config, sources = load_config(argv)
         print_settings(config, sources)
         return train(config)
-    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, PermissionError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, PermissionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_when_disk_full(args: threading.ExceptHookArgs) -> None:
+    """A full disk stops TensorBoard's writer thread; the main thread reports it once, clearly."""
+    from training.checkpoints import NO_ROOM_ERRNOS
+
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in NO_ROOM_ERRNOS:
+        print(f"{args.thread.name if args.thread else 'a thread'} stopped: {args.exc_value}", file=sys.stderr)
+        return
+    threading.__excepthook__(args)
 
 
 def print_settings(config: TrainConfig, sources: dict[str, str]) -> None:
@@ -138,7 +165,8 @@ def train(config: TrainConfig) -> int:
     import torch
 
     from training import report
-    from training.trainer import build_trainer, count_parameters, lora_model, peak_memory_gib
+    from training.checkpoints import NO_ROOM_ERRNOS, check_disk_space, write_failure
+    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, lora_model, peak_memory_gib
 
     from transformers import set_seed
 
@@ -150,31 +178,46 @@ def train(config: TrainConfig) -> int:
     model = lora_model(model, config)
     trainable, total = count_parameters(model)
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA), compute in {str(dtype).removeprefix('torch.')}")
-    adapter_mb = trainable * 4 / 2**20
-    print(
-        f"checkpoints: about {adapter_mb * 3:.1f} MB each (adapter + optimizer state), "
-        f"at most {config.save_total_limit + 1} kept in {output / 'checkpoints'}"
-    )
+    print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
 
     trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype)
+    run_file = output / CHECKPOINTS / RUN_FILE
     if checkpoint is None:
         base_eval = trainer.evaluate()["eval_loss"]
         run_info["base_eval_loss"] = base_eval
-        (output / "checkpoints" / RUN_FILE).write_text(json.dumps(run_info))
+        write_json_atomic(run_file, run_info)
         print(f"base model held-out loss (before training): {base_eval:.4f}")
     else:
-        base_eval = json.loads((output / "checkpoints" / RUN_FILE).read_text())["base_eval_loss"]
+        base_eval = json.loads(run_file.read_text(encoding="utf-8"))["base_eval_loss"]
         print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLoss as exc:
+        good = last_complete_checkpoint(output)
+        raise TrainingStopped(
+            f"{exc} (epoch {trainer.state.epoch or 0:.2f}); stopped before that update, and no adapter was saved. "
+            f"Last good checkpoint: {good or 'none yet'}. Lower --learning-rate (now {config.learning_rate:g}) and start over, "
+            "or look for broken rows in the data"
+        ) from exc
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1)) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory error
+            raise
+        raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1)) from exc
+    except OSError as exc:
+        if exc.errno not in NO_ROOM_ERRNOS:
+            raise
+        # A full disk can hit the TensorBoard log before any checkpoint; its writer thread raises
+        # without a file name.
+        raise write_failure(output, exc.filename or f"the training logs in {output / RUNS}", exc) from exc
     final_eval = trainer.evaluate()["eval_loss"]
-    if not torch.isfinite(torch.tensor(final_eval)):
-        raise RuntimeError(f"held-out loss is {final_eval}; the adapter is not saved")
+    if not math.isfinite(final_eval):
+        raise TrainingStopped(f"held-out loss is {final_eval} after training; the adapter is not saved")
 
     model = trainer.model
     model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    (output / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    save_adapter(model, tokenizer, persona, output)
     history = trainer.state.log_history
     result = {
         "name": output.name,
@@ -229,31 +272,72 @@ def train(config: TrainConfig) -> int:
     return 0
 
 
+def save_adapter(model, tokenizer, persona: Persona, output: Path) -> None:
+    """Write the adapter, tokenizer and persona so that a kill leaves the old files or the new ones.
+
+    Everything is written into a staging folder first and then moved in file by file (a rename
+    within one filesystem is atomic): an app loading the folder never reads a torn safetensors file.
+    """
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingStopped(f"the adapter has NaN or infinite weights ({bad[0]} and {len(bad) - 1} more); it is not saved")
+    staging = output / ".saving"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a save that was killed
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    for path in staging.iterdir():
+        os.replace(path, output / path.name)
+    staging.rmdir()
+
+
+def out_of_memory_message(config: TrainConfig, step: int) -> str:
+    from training.estimate import estimate_for_config
+
+    estimate = estimate_for_config(config)
+    return (
+        f"out of memory at step {step}. Estimated need for this run: {estimate.summary()}. "
+        f"Lower --batch-size (now {config.batch_size}; raise --grad-accum to keep the effective batch) "
+        f"or --max-length (now {config.max_length})"
+        + ("" if config.gradient_checkpointing else ", or turn on --gradient-checkpointing")
+    )
+
+
 def hub_id(base_model: str) -> str:
     return DEFAULT_BASE_MODEL_HUB_ID if base_model == DEFAULT_BASE_MODEL else base_model
 
 
 def prepare_output(output: Path, config: TrainConfig, run_info: dict) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run), after checking it matches this run."""
-    from training.trainer import last_complete_checkpoint
+    """The checkpoint to resume from (None: start at step 0), after checking it matches this run.
 
-    checkpoints = output / "checkpoints"
+    ``run.json`` records what the checkpoints are trained from; it is written before the first step,
+    so a run killed before its first complete checkpoint still resumes (from the beginning).
+    """
+    checkpoints = output / CHECKPOINTS
+    run_file = checkpoints / RUN_FILE
     if not config.resume:
-        if checkpoints.exists() and any(checkpoints.glob("checkpoint-*")):
+        if checkpoint_folders(output):
             raise ResumeError(
                 f"{checkpoints} holds checkpoints of an unfinished run; pass --resume to continue it, "
                 "or delete that folder to start over"
             )
         checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, run_info)
         return None
-    checkpoint = last_complete_checkpoint(output)
-    if checkpoint is None:
-        raise ResumeError(f"--resume: no complete checkpoint in {checkpoints}; run without --resume to start")
-    saved = json.loads((checkpoints / RUN_FILE).read_text())
+    if not run_file.is_file():
+        raise ResumeError(f"--resume: no unfinished run in {checkpoints}; run without --resume to start one")
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
     changed = [k for k in ("data_hash", "config_hash") if saved.get(k) != run_info[k]]
     if changed:
         what = " and ".join({"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed)
-        raise ResumeError(f"--resume: {what} changed since {checkpoint} was written; restore them, or start over without --resume")
+        raise ResumeError(f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume")
+    checkpoint = last_complete_checkpoint(output)
+    remove_incomplete_after(output, checkpoint)
+    if checkpoint is None:
+        print(f"--resume: no complete checkpoint in {checkpoints} yet; starting from the first step")
     return checkpoint
 
 

@@ -21,10 +21,19 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from prompts.render import IGNORE_INDEX, Example
+from training.checkpoints import CHECKPOINTS, write_failure
 from training.config import TrainConfig
 
-CHECKPOINTS = "checkpoints"
 RUNS = "runs"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the update that would spread it."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"training loss became {value} at step {step}")
+        self.step = step
+        self.value = value
 
 
 def lora_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
@@ -115,6 +124,24 @@ class ReplyTrainer(Trainer):
         loss = torch.nn.functional.cross_entropy(logits, labels[learned], reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked every forward pass, before the optimizer step: one NaN gradient would make every
+        # weight NaN, and the Trainer would go on logging and saving the ruined adapter.
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(self.state.global_step + 1, loss.item())
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            # Disk full surfaces as torch's "unexpected pos", a safetensors IoError or a tokenizers
+            # error, depending on which file hit it; the user gets one message and a resumable state
+            # (the torn folder lacks trainer_state.json, so resume skips it).
+            folder = Path(self.args.output_dir)
+            raise write_failure(folder.parent, f"checkpoint-{self.state.global_step} in {folder}", exc) from exc
 
 
 def to_dataset(examples: list[Example]):
@@ -242,22 +269,3 @@ def build_trainer(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_QuietProgress)
     return trainer, stats
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose files were all written; a half-written one is skipped.
-
-    The Trainer writes trainer_state.json last, after the weights, optimizer and scheduler, so its
-    presence (with the adapter weights beside it) marks a complete save.
-    """
-    folder = Path(output_dir) / CHECKPOINTS
-    candidates = sorted(
-        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for path in candidates:
-        if (path / "trainer_state.json").is_file() and (path / "adapter_model.safetensors").is_file():
-            return path
-        print(f"skipping incomplete checkpoint {path}")
-    return None

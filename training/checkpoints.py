@@ -1,0 +1,116 @@
+"""Crash-safe checkpoints: what counts as a complete one, room on disk, and writes that cannot tear.
+
+The Trainer writes straight into ``checkpoint-N`` and, left to itself, resumes from the highest
+number, so a run killed in the middle of a save could not resume (transformers #35782). replytune
+picks the checkpoint itself: the newest one whose files were all written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = "checkpoints"
+# What the Trainer writes into a checkpoint, in this order; trainer_state.json comes last, so a
+# checkpoint whose trainer_state.json parses has all the others complete.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# Room a checkpoint needs beyond its tensors: tokenizer files, configs, trainer state.
+CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the message says how to go on."""
+
+
+class DiskSpaceError(RuntimeError):
+    """The output disk cannot hold the checkpoints this run will keep."""
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-N`` folders, oldest step first."""
+    folder = Path(output_dir) / CHECKPOINTS
+    return sorted((p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()), key=checkpoint_step)
+
+
+def is_complete(path: Path) -> bool:
+    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False  # killed while trainer_state.json was being written
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files were all written; newer, half-written ones are named and skipped."""
+    for path in reversed(checkpoint_folders(output_dir)):
+        if is_complete(path):
+            return path
+        print(f"skipping incomplete checkpoint {path} (its save was interrupted)")
+    return None
+
+
+def remove_incomplete_after(output_dir: str | Path, checkpoint: Path | None) -> None:
+    """Delete the half-written checkpoints newer than the one resumed from.
+
+    The resumed run writes the same step numbers again; leftover files of a torn save in that folder
+    would be mixed with the new ones.
+    """
+    after = checkpoint_step(checkpoint) if checkpoint else -1
+    for path in checkpoint_folders(output_dir):
+        if checkpoint_step(path) > after:
+            shutil.rmtree(path)
+
+
+def checkpoint_bytes(trainable_parameters: int) -> int:
+    """One checkpoint: float32 LoRA weights plus AdamW's two float32 moments, plus small files."""
+    return trainable_parameters * 4 * 3 + CHECKPOINT_OVERHEAD_BYTES
+
+
+def check_disk_space(output_dir: Path, trainable_parameters: int, kept: int) -> str:
+    """Refuse a run whose checkpoints cannot fit; returns the line that says what they need.
+
+    A new checkpoint is written before the oldest is deleted, so ``kept + 1`` must fit at once.
+    """
+    need = checkpoint_bytes(trainable_parameters) * (kept + 1)
+    free = shutil.disk_usage(output_dir).free
+    line = f"checkpoints: about {checkpoint_bytes(trainable_parameters) / 2**20:.1f} MB each, at most {kept} kept in {output_dir}"
+    if free < need:
+        raise DiskSpaceError(
+            f"{output_dir}: {free / 2**20:.0f} MB free, but this run needs about {need / 2**20:.0f} MB for its "
+            f"checkpoints ({kept} kept + 1 being written); free some space, choose another --output-dir, "
+            "or lower --save-total-limit"
+        )
+    return line
+
+
+# Write errors that mean "no room": disk full, quota exceeded, file larger than allowed.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_failure(output_dir: Path, what: str, exc: BaseException) -> CheckpointWriteError:
+    """One clear error for a write that failed half-way, whatever layer raised it."""
+    resume_from = last_complete_checkpoint(output_dir)
+    free = shutil.disk_usage(output_dir).free
+    then = f"it continues from {resume_from.name}" if resume_from else "it starts again from the first step"
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no detail"
+    return CheckpointWriteError(
+        f"could not write {what} ({type(exc).__name__}: {detail}); {free / 2**20:.0f} MB free in {output_dir}. "
+        f"Free some space, then run the same command with --resume: {then}"
+    )
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

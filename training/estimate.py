@@ -1,0 +1,262 @@
+"""`python -m training.estimate`: the memory a training run needs, from the model's config alone.
+
+The architecture is built on PyTorch's ``meta`` device (shapes, no storage), so the estimate works
+for Mistral-7B without downloading its 14 GB of weights. Each part is counted from those shapes:
+
+* weights, by how the frozen base is stored (NF4 with double quantization, GPTQ 4-bit, int8, or
+  16/32-bit floats); embeddings, norms and the output head stay in the compute dtype;
+* trainable parameters (LoRA matrices, or every weight in a full fine-tune), their gradients and
+  the optimizer's state (AdamW: two float32 moments; 8-bit AdamW: two bytes);
+* activations kept for the backward pass, per token and layer, with and without gradient
+  checkpointing, plus the output-head logits of the learned positions;
+* on a CPU, the resident memory of Python, PyTorch and the libraries themselves (measured: see
+  ``bench/RESULTS.md``), since a CPU run's peak is its whole process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
+
+Storage = Literal["nf4", "gptq", "int8", "bf16", "fp32"]
+Optimizer = Literal["adamw", "adamw_8bit"]
+# Bytes per stored weight. NF4: 4 bits + one 8-bit absmax per 64 weights + one float32 per 256 of
+# those (double quantization); GPTQ: 4 bits + a float16 scale and a 4-bit zero per group of 128.
+WEIGHT_BYTES: dict[str, float] = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "gptq": 0.5 + 2.5 / 128, "int8": 1.0 + 4 / 4096, "bf16": 2.0, "fp32": 4.0}
+OPTIMIZER_BYTES: dict[str, int] = {"adamw": 8, "adamw_8bit": 2}
+# Tensors a decoder layer keeps for backward, per token, in units of the hidden size h and the MLP
+# width i: norm inputs and outputs (partly in float32), q/k/v, attention output and its
+# log-sum-exp, residuals; gate, up, activation and product in the MLP. Fitted to peak memory
+# measured on real runs (bench/RESULTS.md) within the tolerance stated there.
+ACTIVATION_H, ACTIVATION_I = 16, 4
+CPU_RUNTIME_BYTES = 0.75 * 2**30  # Python + torch + transformers + peft + bitsandbytes, resident
+GiB = 2**30
+
+
+class EstimateError(ValueError):
+    """A model config that cannot be read, or settings the estimate cannot use."""
+
+
+@dataclass
+class Estimate:
+    parameters: int
+    trainable: int
+    weights: float
+    trainable_weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_checkpointed: float
+    logits: float
+    runtime: float
+    gradient_checkpointing: bool
+
+    @property
+    def total(self) -> float:
+        acts = self.activations_checkpointed if self.gradient_checkpointing else self.activations
+        return self.weights + self.trainable_weights + self.gradients + self.optimizer + acts + self.logits + self.runtime
+
+    def summary(self) -> str:
+        return (
+            f"{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f}, trainable + gradients + optimizer "
+            f"{(self.trainable_weights + self.gradients + self.optimizer) / GiB:.2f}, activations "
+            f"{(self.activations_checkpointed if self.gradient_checkpointing else self.activations) / GiB:.2f}, "
+            f"logits {self.logits / GiB:.2f}, runtime {self.runtime / GiB:.2f})"
+        )
+
+    def table(self) -> str:
+        rows = [
+            ("weights (frozen base)", self.weights),
+            ("trainable parameters", self.trainable_weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer),
+            ("activations, no checkpointing" + (" " if self.gradient_checkpointing else " *"), self.activations),
+            ("activations, gradient checkpointing" + (" *" if self.gradient_checkpointing else " "), self.activations_checkpointed),
+            ("output-head logits", self.logits),
+            ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime),
+        ]
+        lines = [f"{'part':40} {'GiB':>8}"] + [f"{name:40} {value / GiB:8.3f}" for name, value in rows]
+        lines.append(f"{'total (* = the activations counted)':40} {self.total / GiB:8.3f}")
+        return "\n".join(lines)
+
+
+def read_model_config(name: str):
+    """A transformers config from a shipped file, a local folder or file, or the Hub (online only)."""
+    from transformers import AutoConfig
+
+    from inference.loading import resolve_base_model
+
+    shipped = MODEL_CONFIGS / f"{name.replace('/', '--')}.json"
+    path = shipped if shipped.is_file() else Path(resolve_base_model(name))
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if "model_type" not in data:
+            raise EstimateError(f"{path}: no model_type; expected a transformers config.json")
+        return AutoConfig.for_model(**data)
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except OSError as exc:
+        shipped_names = ", ".join(sorted(p.stem.replace("--", "/") for p in MODEL_CONFIGS.glob("*.json")))
+        raise EstimateError(f"{name}: no config found ({exc}); shipped offline: {shipped_names}") from None
+
+
+def meta_model(config):
+    """The architecture with shapes only: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def estimate(
+    config,
+    *,
+    storage: Storage,
+    compute_bytes: int,
+    lora_r: int | None,
+    target_modules: list[str] | None,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    optimizer: Optimizer = "adamw",
+    on_cpu: bool = True,
+) -> Estimate:
+    """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in float32)."""
+    import torch
+
+    model = meta_model(config)
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    total = frozen = trainable = 0.0
+    quantized_bytes = WEIGHT_BYTES[storage]
+    targets = set(target_modules or [])
+    matched = set()
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            n = param.numel()
+            total += n
+            if lora_r is None:
+                continue
+            is_block_linear = isinstance(module, torch.nn.Linear) and param is not head_weight and pname == "weight"
+            frozen += n * (quantized_bytes if is_block_linear else compute_bytes)
+        leaf = name.rsplit(".", 1)[-1]
+        if lora_r is not None and isinstance(module, torch.nn.Linear) and leaf in targets:
+            trainable += lora_r * (module.in_features + module.out_features)
+            matched.add(leaf)
+    if lora_r is not None and targets - matched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
+    if lora_r is None:
+        trainable = total
+    tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
+    total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
+
+    hidden, inner, layers = _widths(config)
+    tokens = batch_size * seq_len
+    per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
+    activations = tokens * layers * per_layer_token
+    # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
+    checkpointed = tokens * layers * hidden * compute_bytes + tokens * per_layer_token
+    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+    logits = tokens * vocab * 4 * 2  # float32 logits and their gradient
+    return Estimate(
+        parameters=int(total),
+        trainable=int(trainable),
+        weights=frozen,
+        trainable_weights=trainable * 4,
+        gradients=trainable * 4,
+        optimizer=trainable * OPTIMIZER_BYTES[optimizer],
+        activations=activations,
+        activations_checkpointed=checkpointed,
+        logits=logits,
+        runtime=CPU_RUNTIME_BYTES if on_cpu else 0.0,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _widths(config) -> tuple[int, int, int]:
+    """(hidden size, MLP width, layers that keep activations) of a decoder or encoder-decoder config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None)
+    inner = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", 0) + getattr(text, "num_decoder_layers", 0)
+    if not hidden or not layers:
+        raise EstimateError(f"{text.model_type}: cannot read the hidden size and layer count from its config")
+    return hidden, inner, layers
+
+
+def estimate_for_config(train_config, seq_len: int | None = None) -> Estimate:
+    """The estimate of a replytune training run (its model, quantization, LoRA and batch)."""
+    import torch
+
+    from inference.loading import compute_dtype
+
+    dtype = compute_dtype()
+    storage: Storage = {"nf4": "nf4", "none": "fp32"}[train_config.quantization]
+    config = read_model_config(train_config.base_model)
+    if getattr(config, "quantization_config", None):
+        storage = "gptq"
+    return estimate(
+        config,
+        storage=storage,
+        compute_bytes=torch.finfo(dtype).bits // 8 if train_config.quantization == "nf4" else 4,
+        lora_r=train_config.lora_r,
+        target_modules=train_config.target_modules,
+        batch_size=train_config.batch_size,
+        seq_len=seq_len or train_config.max_length,
+        gradient_checkpointing=train_config.gradient_checkpointing,
+        on_cpu=not torch.cuda.is_available(),
+    )
+
+
+def parse_size(text: str) -> float:
+    match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 24GiB or 8000MiB")
+    unit = (match.group(2) or "GiB").lower()
+    return float(match.group(1)) * {"gib": GiB, "g": GiB, "gb": 1e9, "mib": 2**20, "m": 2**20, "mb": 1e6}[unit]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.estimate", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("--model", default=None, help="model id or config path (default: the recipe's base model)")
+    parser.add_argument("--config", default="default", help="training recipe (a path, or a name from training/configs/)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the recipe's max_length)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: the recipe's)")
+    parser.add_argument("--gpu-memory", type=parse_size, default=None, help="say whether the run fits a GPU of this size, e.g. 24GiB")
+    args = parser.parse_args(argv)
+    from training.config import ConfigError, load_config
+
+    flags = ["--config", args.config]
+    flags += ["--base-model", args.model] if args.model else []
+    flags += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    try:
+        train_config, _ = load_config(flags)
+        result = estimate_for_config(train_config, args.seq_len)
+    except (ConfigError, EstimateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{train_config.base_model}: {result.parameters / 1e6:,.1f}M parameters, {result.trainable / 1e6:,.2f}M trainable; "
+        f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"
+    )
+    print(result.table())
+    if args.gpu_memory:
+        gpu = result.total - result.runtime
+        verdict = "fits" if gpu <= args.gpu_memory else "does not fit"
+        print(f"GPU: {gpu / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about 0.5 GiB of CUDA context)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
