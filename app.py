@@ -26,7 +26,7 @@ logger = logging.getLogger("replytune.app")
 # browser, and the API accepts anything.
 MAX_COMMENT_CHARS = 2_000
 MAX_BATCH_COMMENTS = 20
-QUEUE_MAX_SIZE = 16  # requests waiting; more are turned away instead of piling up memory
+QUEUE_MAX_SIZE = 32  # requests waiting (a busy Space's worth); more are turned away with a message, not piled up
 CONCURRENCY_LIMIT = 1  # one generate() at a time: the model is shared, and a CPU has no room for two
 EXAMPLES_FILE = ROOT / "data" / "heldout.jsonl"
 NO_ADAPTER_TEXT = (
@@ -252,8 +252,17 @@ def main(argv: list[str] | None = None) -> None:
     replier = load_replier(settings.base_model, settings.adapter, settings.quantization)
     replier.warm_up()
     demo = build_demo(replier, pane_labels(settings.base_model, settings.adapter), settings.flywheel_dir)
+    launch(demo, settings.host, settings.port)
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, block: bool = True) -> gr.Blocks:
+    """Serve the app with its limits: a bounded queue, one generation at a time, no stack traces.
+
+    No ``allowed_paths``: the server hands out no file beyond Gradio's own assets.
+    """
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=False)
+    demo.launch(server_name=host, server_port=port, show_error=False, prevent_thread_lock=not block, quiet=not block)
+    return demo
 
 
 if __name__ == "__main__":

@@ -169,7 +169,11 @@ class PromptRenderer:
         does not fit.
         """
         comment_ids = self._text_ids(self._lead + comment)
-        answer = [*self._before_reply, *self._text_ids(reply), *self._end]
+        reply_ids = self._text_ids(reply)
+        if not reply_ids:
+            # Some tokenizers drop control characters (SmolLM2's drops most of U+0001-U+001F).
+            raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")
+        answer = [*self._before_reply, *reply_ids, *self._end]
         fixed = len(self._head) + len(self._middle) + len(answer)
         room = max_length - fixed
         if room < 1:

@@ -29,8 +29,7 @@ def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
     flywheel = tmp_path_factory.mktemp("flywheel")
     demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir)), flywheel)
-    demo.queue(max_size=app_module.QUEUE_MAX_SIZE, default_concurrency_limit=app_module.CONCURRENCY_LIMIT)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo, flywheel
     demo.close()
 
@@ -148,6 +147,18 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
         page.locator("#comment textarea").fill("Thanks!")
         page.locator("#comment textarea").press("Enter")
         expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"Thanks!<\|im_end\|>"), timeout=60_000)
+        # HTML and JavaScript typed as a comment are shown as text, never rendered or run.
+        payload = MALICIOUS["HTML and JavaScript"]
+        page.locator("#comment textarea").fill(payload)
+        for _ in range(60):  # Enter is ignored while the previous reply still streams: retry until taken
+            page.locator("#comment textarea").press("Enter")
+            page.wait_for_timeout(1000)
+            if payload in page.locator("#prompt textarea").input_value():
+                break
+        expect(page.locator("#prompt textarea")).to_have_value(re.compile(re.escape(payload)), timeout=1_000)
+        expect(page.locator("#tuned-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("img[src='x']").count() == 0
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
 
@@ -168,3 +179,117 @@ def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client,
     assert len(lines) == 2 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
     with pytest.raises(Exception, match="This round is decided"):
         client.predict(api_name="/blind_pick_A")
+
+
+@pytest.fixture(scope="module")
+def app_process(tiny_model_dir, tiny_adapter_dir):
+    """`python app.py` itself, in its own process, so that its memory is measured alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "app.py", "--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--quantization", "none", "--host", "127.0.0.1", "--port", str(port), "--flywheel-dir", ""]
+    process = subprocess.Popen(command, cwd=app_module.ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"app.py did not start: {process.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield process, url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_twenty_concurrent_clients_all_get_complete_replies_and_memory_stays_flat(app_process):
+    """20 users x 5 comments at once through the real queue: no errors, every reply finished."""
+    from bench.app_load import rss_mib, run_load
+
+    process, url = app_process
+    comments = [comment for comment, _ in app_module.held_out_pairs()]
+    run_load(url, comments, clients=20, per_client=2, settings=SETTINGS)  # warm every code path
+    before = rss_mib(process.pid)
+    result = run_load(url, comments, clients=20, per_client=5, settings=SETTINGS)
+    after = rss_mib(process.pid)
+    assert result.errors == []
+    assert len(result.replies) == 100 and all(base and tuned for base, tuned in result.replies)
+    assert 0 < result.largest_queue <= app_module.QUEUE_MAX_SIZE
+    assert after - before < 40, f"server memory grew from {before:.0f} to {after:.0f} MiB"
+
+
+def test_requests_beyond_the_queue_bound_are_turned_away_with_a_message(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client.exceptions import AppError
+
+    demo, _ = server
+    client = Client(demo.local_url, verbose=False)
+    many = app_module.QUEUE_MAX_SIZE * 2
+    with ThreadPoolExecutor(many) as pool:
+        jobs = list(pool.map(lambda i: client.submit(f"comment {i}", 64, 0.0, 1.0, api_name="/reply"), range(many)))
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(job.result(timeout=300)[1])
+        except Exception as exc:  # the refusals are what this test counts
+            outcomes.append(exc)
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert refused, "more requests than the queue holds were all accepted"
+    assert all("Queue is full" in str(o) for o in refused), refused[:3]
+    assert all(o for o in outcomes if not isinstance(o, Exception))
+    assert len(outcomes) - len(refused) >= app_module.QUEUE_MAX_SIZE
+
+
+MALICIOUS = {
+    "100k characters": "spam " * 20_000,
+    "binary junk": "".join(chr(c) for c in range(1, 32)) + "\x7f\ufffe\uffff\u202e\u200b" + bytes(range(128, 256)).decode("latin-1"),
+    "HTML and JavaScript": '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script>',
+    "only NUL bytes": "\x00" * 50,
+}
+
+
+@pytest.mark.parametrize("comment", list(MALICIOUS.values()), ids=list(MALICIOUS))
+def test_malicious_comments_get_replies_or_a_clear_notice(client, comment):
+    notice, base, _, tuned, _, prompt = client.predict(comment, *SETTINGS, api_name="/reply")
+    if not comment.replace("\x00", "").strip():
+        assert notice == "Please type a comment first." and base == ""
+        return
+    assert base and tuned
+    if len(comment) > app_module.MAX_COMMENT_CHARS:
+        assert f"only the first {app_module.MAX_COMMENT_CHARS:,} were used" in notice
+        assert len(prompt) < app_module.MAX_COMMENT_CHARS + 2_000
+    else:
+        assert notice == "" and comment in prompt
+
+
+def test_errors_reach_the_user_without_a_stack_trace(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as caught:
+        client.predict("Hello", 100_000, 0.0, 1.0, api_name="/reply")
+    message = str(caught.value)
+    assert "greater than maximum value 512" in message and "Traceback" not in message and ".py" not in message
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", str(app_module.ROOT / "app.py"), str(app_module.ROOT / "adapters" / "default" / "adapter_config.json")])
+def test_the_server_hands_out_no_local_files(server, path):
+    import urllib.error
+    import urllib.request
+
+    demo, _ = server
+    for route in (f"gradio_api/file={path}", f"file={path}"):
+        try:
+            with urllib.request.urlopen(demo.local_url + route, timeout=10) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (403, 404), (route, exc.code)
+            continue
+        assert b"root:" not in body and b"import gradio" not in body and b"lora" not in body, route

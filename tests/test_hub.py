@@ -39,13 +39,18 @@ def trained_folder(tiny_model_dir, tmp_path_factory) -> Path:
         base_model=str(tiny_model_dir), data=str(tmp / "train.jsonl"), eval_data="none", eval_fraction=0.2,
         output_dir=str(tmp / "adapter"), epochs=1, batch_size=4, quantization="none",
     )
+    import contextlib
+    import io
     import os
 
+    printed = io.StringIO()
     os.environ["HF_TOKEN"] = PLANTED_TOKEN  # present during the run: it must end up nowhere
     try:
-        assert train(config) == 0
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            assert train(config) == 0
     finally:
         del os.environ["HF_TOKEN"]
+    (tmp / "printed.txt").write_text(printed.getvalue())
     return tmp / "adapter"
 
 
@@ -64,10 +69,30 @@ def test_upload_payload_is_the_adapter_and_its_card(trained_folder):
     assert "–Maya" in card.text  # the persona prompt is in the card
 
 
-def test_token_is_in_no_written_file(trained_folder):
-    for path in trained_folder.rglob("*"):
-        if path.is_file():
-            assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
+def test_token_is_in_no_written_file_and_never_printed(trained_folder):
+    files = [p for p in trained_folder.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("events.out.tfevents") for p in files)  # TensorBoard's log is among them
+    for path in files:
+        assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
+    printed = (trained_folder.parent / "printed.txt").read_text()
+    assert "adapter saved to" in printed and PLANTED_TOKEN not in printed
+
+
+def test_an_adapter_with_nan_weights_is_never_pushed(trained_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "diverged"
+    shutil.copytree(trained_folder, folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    next(iter(weights.values())).fill_(float("nan"))
+    save_file(weights, folder / "adapter_model.safetensors")
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="NaN or infinite values .* not pushed"):
+        push_adapter(folder, "maya/replytune-voice", private=False, api=api)
+    assert api.calls == []
 
 
 def test_push_creates_the_repo_and_uploads_the_folder(trained_folder, monkeypatch):

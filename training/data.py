@@ -229,6 +229,9 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    # The csv module refuses fields over 128 KiB by default; a long comment is data, not an error
+    # (the renderer cuts it to max_length later, and counts it). The limit is process-wide.
+    csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)

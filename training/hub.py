@@ -123,8 +123,18 @@ def upload_files(folder: Path) -> list[Path]:
     return sorted(folder / name for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS))
 
 
+def check_finite(weights: Path) -> None:
+    """A diverged adapter (NaN or infinite weights) is never uploaded."""
+    from safetensors.torch import load_file
+
+    bad = [name for name, tensor in load_file(weights).items() if not tensor.isfinite().all()]
+    if bad:
+        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]}); this adapter is not pushed")
+
+
 def push_adapter(folder: Path, repo_id: str, private: bool, api: HfApi | None = None) -> str:
     """Create (or reuse) the model repo and upload the adapter folder; returns the repo URL."""
+    check_finite(folder / "adapter_model.safetensors")
     token = get_token()
     if token is None:
         raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
