@@ -209,3 +209,38 @@ def test_youtube_commentthreads_export_keeps_owner_replies_without_names(write):
     broken = {"kind": "youtube#commentThreadListResponse", "items": [{"snippet": {"channelId": "UCmaya"}}]}
     with pytest.raises(DataError, match=r"page 1 thread 1: not a commentThread .*topLevelComment"):
         load_pairs(write("broken.json", json.dumps(broken)))
+
+
+def test_dolly_rows_become_pairs_with_their_context(write):
+    path = write(
+        "dolly.jsonl",
+        json.dumps({"instruction": "Summarize this", "context": "PCA finds directions of variance.", "response": "It finds where data varies most.", "category": "summarization"}) + "\n"
+        + json.dumps({"instruction": "What is k-means?", "context": "", "response": "A clustering method."}) + "\n",
+    )
+    pairs = load_pairs(path)
+    assert [(p.comment, p.response) for p in pairs] == [
+        ("Summarize this\n\nPCA finds directions of variance.", "It finds where data varies most."),
+        ("What is k-means?", "A clustering method."),
+    ]
+
+
+def test_dolly_row_without_response_names_the_field(write):
+    path = write("dolly.jsonl", json.dumps({"instruction": "Explain PCA", "context": ""}) + "\n")
+    with pytest.raises(DataError, match=r"dolly.jsonl:1: field 'response': missing"):
+        load_pairs(path)
+
+
+def test_guanaco_text_splits_into_turns_and_keeps_earlier_turns(write):
+    single = "### Human: What is overfitting?### Assistant: Learning the noise instead of the signal."
+    multi = "### Human: Hi### Assistant: Hello!### Human: Explain dropout.### Assistant: It zeroes random units while training."
+    path = write("guanaco.jsonl", json.dumps({"text": single}) + "\n" + json.dumps({"text": multi}) + "\n")
+    pairs = load_pairs(path)
+    assert (pairs[0].comment, pairs[0].response) == ("What is overfitting?", "Learning the noise instead of the signal.")
+    assert pairs[1].comment == "### Human: Hi### Assistant: Hello!### Human: Explain dropout."
+    assert pairs[1].response == "It zeroes random units while training."
+
+
+def test_guanaco_text_without_an_assistant_turn_is_an_error(write):
+    path = write("guanaco.csv", 'text\n"### Human: hello there"\n')
+    with pytest.raises(DataError, match=r"guanaco.csv:2: field 'text': expected '### Human: ... ### Assistant: ...' turns"):
+        load_pairs(path)

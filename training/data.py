@@ -237,7 +237,7 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
-        missing = [f for f in FIELDS if f not in header]
+        missing = [f for f in row_fields(header) if f not in header]
         if missing:
             raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)})")
         start = reader.line_num + 1
@@ -265,6 +265,15 @@ def _load_hub(dataset_id: str) -> list[Pair]:
     return _validate(((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id)
 
 
+def row_fields(keys) -> tuple[str, ...]:
+    """The required fields of a row (or CSV header) by its shape: comment/response, Dolly-style
+    instruction/response (+ optional context), or Guanaco-style conversation text."""
+    keys = set(keys)
+    if "comment" in keys or "instruction" not in keys and "text" not in keys:
+        return FIELDS
+    return ("instruction", "response") if "instruction" in keys else ("text",)
+
+
 def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
     pairs, problems = [], []
     for where, row in rows:
@@ -274,8 +283,9 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
             continue
+        fields = row_fields(row)
         bad = []
-        for name in FIELDS:
+        for name in fields:
             value = row.get(name)
             if name not in row or value is None:
                 bad.append(f"field {name!r}: missing")
@@ -283,15 +293,46 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
                 bad.append(f"field {name!r}: expected text, got {type(value).__name__} {value!r}"[:200])
             elif not value.strip():
                 bad.append(f"field {name!r}: blank (got {value!r})"[:200])
+        if "instruction" in fields and not isinstance(row.get("context") or "", str):
+            bad.append(f"field 'context': expected text, got {type(row['context']).__name__}")
+        pair = None if bad else _to_pair(row, fields)
+        if isinstance(pair, str):
+            bad.append(pair)
         if bad:
             problems.extend(f"{where}: {b}" for b in bad)
         else:
-            pairs.append(Pair(anonymize(row["comment"]), anonymize(row["response"]), where))
+            pairs.append(Pair(anonymize(pair[0]), anonymize(pair[1]), where))
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {source}:\n  " + _listing(problems, sep="\n  "))
     if not pairs:
         raise DataError(f"{source}: no rows; expected {', '.join(FIELDS)} pairs")
     return pairs
+
+
+GUANACO_TURN = re.compile(r"###\s*(Human|Assistant):")
+
+
+def _to_pair(row: dict[str, Any], fields: tuple[str, ...]) -> tuple[str, str] | str:
+    """(comment, response) of a validated row, or a problem with its text field."""
+    if fields == FIELDS:
+        return row["comment"], row["response"]
+    if fields[0] == "instruction":
+        # Dolly's context (a passage the instruction refers to) follows the instruction, as in its own prompts.
+        context = (row.get("context") or "").strip()
+        return (f"{row['instruction']}\n\n{context}" if context else row["instruction"]), row["response"]
+    # Guanaco: "### Human: ... ### Assistant: ..." turns. The last assistant turn is the response;
+    # everything before it (earlier turns included, markers kept) is what it answers, so a
+    # multi-turn conversation loses nothing.
+    text = row["text"]
+    turns = list(GUANACO_TURN.finditer(text))
+    if not turns or turns[0].group(1) != "Human" or turns[-1].group(1) != "Assistant":
+        return "field 'text': expected '### Human: ... ### Assistant: ...' turns, the last one the assistant's"
+    last = turns[-1]
+    comment = text[turns[0].end() : last.start()].strip() if len(turns) == 2 else text[: last.start()].strip()
+    response = text[last.end() :].strip()
+    if not comment or not response:
+        return "field 'text': a blank human or assistant turn"
+    return comment, response
 
 
 def anonymize(text: str) -> str:

@@ -166,6 +166,7 @@ def train(config: TrainConfig) -> int:
 
     from training import report
     from training.checkpoints import NO_ROOM_ERRNOS, check_disk_space, write_failure
+    from training.estimate import estimate_for_config
     from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, lora_model, peak_memory_gib
 
     from transformers import set_seed
@@ -179,6 +180,7 @@ def train(config: TrainConfig) -> int:
     trainable, total = count_parameters(model)
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
+    print(f"memory estimate (batches up to {summary.longest} tokens): {estimate_for_config(config, summary.longest).summary()}")
 
     trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype)
     run_file = output / CHECKPOINTS / RUN_FILE
