@@ -20,8 +20,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Quantization = Literal["nf4", "none"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "none")
+Quantization = Literal["nf4", "int8", "none"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "int8", "none")
+
+
+def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether the model is an encoder-decoder (T5, BART): it reads the comment and writes the reply
+    with separate stacks, and is trained on input -> target pairs rather than a chat template."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code), "is_encoder_decoder", False))
 
 
 def resolve_base_model(name: str) -> str:
@@ -61,15 +69,17 @@ def load_base_model(
     quantization: Quantization = "nf4",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    for_training: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM for training or generation.
 
     With ``nf4`` the linear layers are stored in 4-bit NF4 and computed in ``dtype`` (default:
-    :func:`compute_dtype`), and embeddings and norms are kept in ``dtype``. With ``none`` the model
-    is loaded in full precision (float32) unless ``dtype`` says otherwise.
+    :func:`compute_dtype`), and embeddings and norms are kept in ``dtype``; ``int8`` stores them in
+    LLM.int8 8-bit. With ``none`` the model is loaded in full precision (float32) unless ``dtype``
+    says otherwise. Encoder-decoder models (T5) load as seq2seq LMs.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
     path = resolve_base_model(name)
     dtype = dtype or (torch.float32 if quantization == "none" else compute_dtype())
@@ -78,6 +88,11 @@ def load_base_model(
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?")
         logger.info("%s is already quantized (%s); keeping its quantization", name, method)
+        if for_training and method == "gptq":
+            from transformers import GPTQConfig
+
+            # gptqmodel's default CPU kernel is inference-only (it refuses .train()); ask for one that trains.
+            kwargs["quantization_config"] = GPTQConfig.from_dict({**config.quantization_config, "backend": "auto_trainable"})
         if torch.cuda.is_available():
             kwargs["device_map"] = "auto"
     elif quantization == "nf4":
@@ -89,9 +104,14 @@ def load_base_model(
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": 0}
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": 0}
     elif quantization != "none":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return auto.from_pretrained(path, **kwargs)
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:

@@ -199,3 +199,42 @@ class PromptRenderer:
         """Whether the tokenizer puts a BOS in front of plain text (Llama/Mistral do, ChatML models do not)."""
         ids = self.tokenizer("a")["input_ids"]
         return bool(ids) and ids[0] == self.tokenizer.bos_token_id
+
+
+class Seq2SeqRenderer:
+    """The renderer for encoder-decoder models (FLAN-T5): the persona-filled comment is the encoder's
+    input and the reply the decoder's target; there is no chat template, and the tokenizer's own EOS
+    ends both. Same interface as :class:`PromptRenderer`, so data loading and training share it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, persona: Persona) -> None:
+        if tokenizer.eos_token_id is None:
+            raise PromptError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end the target")
+        self.tokenizer = tokenizer
+        self.persona = persona
+        self.end_of_turn_id: int = tokenizer.eos_token_id
+        self.stop_ids = [tokenizer.eos_token_id]
+        head, tail = persona.fill(_COMMENT_SENTINEL).split(_COMMENT_SENTINEL)
+        self._head, self._tail = self._ids(head), [*self._ids(tail), tokenizer.eos_token_id]
+
+    def prompt(self, comment: str) -> Prompt:
+        return Prompt([*self._head, *self._ids(comment), *self._tail], self.persona.fill(comment))
+
+    def example(self, comment: str, reply: str, max_length: int) -> Example:
+        """Encoder input (the comment cut to fit ``max_length``) and decoder labels (reply + EOS, all learned)."""
+        reply_ids = self._ids(reply)
+        if not reply_ids:
+            raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")
+        labels = [*reply_ids, self.end_of_turn_id]
+        if len(labels) > max_length:
+            raise PromptError(f"the reply takes {len(labels)} tokens, more than max_length={max_length}; raise max_length or shorten the reply")
+        comment_ids = self._ids(comment)
+        room = max(0, max_length - len(self._head) - len(self._tail))
+        cut = max(0, len(comment_ids) - room)
+        return Example([*self._head, *comment_ids[:room], *self._tail], labels, cut)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+def renderer_for(tokenizer: PreTrainedTokenizerBase, persona: Persona, seq2seq: bool) -> PromptRenderer | Seq2SeqRenderer:
+    return Seq2SeqRenderer(tokenizer, persona) if seq2seq else PromptRenderer(tokenizer, persona)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINTS = "checkpoints"
-# What the Trainer writes into a checkpoint, in this order; trainer_state.json comes last, so a
-# checkpoint whose trainer_state.json parses has all the others complete.
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# What the Trainer writes into a checkpoint, after the weights and in this order; trainer_state.json
+# comes last, so a checkpoint whose trainer_state.json parses has all the others complete.
+CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # LoRA, full fine-tune
 # Room a checkpoint needs beyond its tensors: tokenizer files, configs, trainer state.
 CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
 
@@ -41,7 +42,7 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 
 def is_complete(path: Path) -> bool:
-    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
+    if not all((path / name).is_file() for name in CHECKPOINT_FILES) or not any((path / name).is_file() for name in WEIGHT_FILES):
         return False
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

@@ -35,10 +35,12 @@ class TrainConfig:
     eval_data: str | None = field(default=str(ROOT / "data" / "heldout.jsonl"), metadata={"help": "held-out pairs; 'none' splits --data instead (see --eval-fraction)"})
     eval_fraction: float = field(default=0.12, metadata={"help": "share of --data held out for evaluation when there is no --eval-data"})
     persona: str = field(default=str(ROOT / "prompts" / "persona.txt"), metadata={"help": "persona instruction with one {comment} slot; copied into the adapter"})
+    max_rows: int | None = field(default=None, metadata={"help": "train on a seeded random subset of this many rows of --data (all when unset)"})
     max_length: int = field(default=512, metadata={"help": "longest example in tokens; longer comments are cut (and counted), replies never"})
     # --- model
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": f"local model folder or Hub id; '{DEFAULT_BASE_MODEL}' is the bundled SmolLM2-135M-Instruct"})
-    quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA) or none (full precision)"})
+    quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA), int8 (LLM.int8) or none (full precision)"})
+    method: Literal["lora", "full"] = field(default="lora", metadata={"help": "lora trains a small adapter; full trains every weight of an unquantized base"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a Hub model (only for models you trust)"})
     # --- LoRA
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -51,6 +53,7 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "examples per forward pass"})
     grad_accum: int = field(default=2, metadata={"help": "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
+    optim: Literal["adamw_torch", "paged_adamw_8bit"] = field(default="adamw_torch", metadata={"help": "optimizer; paged_adamw_8bit (bitsandbytes, GPU) keeps its states in 8 bits"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, about 30% slower"})
     early_stopping_patience: int = field(default=1, metadata={"help": "epochs without a better eval loss before training stops"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk, the best and the latest among them; never more"})
@@ -77,6 +80,10 @@ class TrainConfig:
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.method == "full" and self.quantization != "none":
+            problems.append(f"method full and quantization {self.quantization}: a quantized base cannot be trained directly; use --quantization none, or --method lora")
+        if self.max_rows is not None and self.max_rows < 1:
+            problems.append(f"max_rows: must be at least 1, got {self.max_rows}")
         if self.save_total_limit < 2:
             problems.append(f"save_total_limit: must be at least 2 (the best and the latest checkpoint are both kept), got {self.save_total_limit}")
         if self.max_length < 32:

@@ -50,12 +50,15 @@ class DataSummary:
     reply_tokens: int = 0
     truncated: int = 0
     longest: int = 0
+    subset: str = ""
 
     def lines(self) -> list[str]:
         out = [
             f"rows: {self.rows} read, {len(self.duplicates_removed)} exact duplicates removed",
             f"split: {self.train_rows} train, {self.eval_rows} eval",
         ]
+        if self.subset:
+            out.append(f"subset: {self.subset}")
         if self.duplicates_removed:
             shown = ", ".join(self.duplicates_removed[:5]) + (" ..." if len(self.duplicates_removed) > 5 else "")
             out.append(f"duplicates removed at: {shown}")

@@ -202,18 +202,19 @@ def estimate_for_config(train_config, seq_len: int | None = None) -> Estimate:
     from inference.loading import compute_dtype
 
     dtype = compute_dtype()
-    storage: Storage = {"nf4": "nf4", "none": "fp32"}[train_config.quantization]
+    storage: Storage = {"nf4": "nf4", "int8": "int8", "none": "fp32"}[train_config.quantization]
     config = read_model_config(train_config.base_model)
     if getattr(config, "quantization_config", None):
         storage = "gptq"
     return estimate(
         config,
         storage=storage,
-        compute_bytes=torch.finfo(dtype).bits // 8 if train_config.quantization == "nf4" else 4,
-        lora_r=train_config.lora_r,
+        compute_bytes=torch.finfo(dtype).bits // 8 if train_config.quantization != "none" else 4,
+        lora_r=train_config.lora_r if train_config.method == "lora" else None,
         target_modules=train_config.target_modules,
         batch_size=train_config.batch_size,
         seq_len=seq_len or train_config.max_length,
+        optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
         gradient_checkpointing=train_config.gradient_checkpointing,
         on_cpu=not torch.cuda.is_available(),
     )

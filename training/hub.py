@@ -21,6 +21,9 @@ CARD_FILE = "README.md"
 UPLOAD_PATTERNS = [
     "adapter_config.json",
     "adapter_model.safetensors",
+    "model.safetensors",  # a full fine-tune (--method full)
+    "config.json",
+    "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
@@ -38,11 +41,20 @@ def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
     epochs = "\n".join(
         f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |" for e in summary["epochs"] if e.get("train_loss") is not None
     )
-    hyper = {k: config[k] for k in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")}
+    lora = config.get("method", "lora") == "lora"
+    keys = ("method", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules") if lora else ("method", "quantization")
+    hyper = {k: config[k] for k in (*keys, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed") if k in config}
+    auto = "AutoModelForSeq2SeqLM" if summary.get("seq2seq") else "AutoModelForCausalLM"
+    what = "A LoRA adapter" if lora else "A fully fine-tuned model"
+    load = (
+        f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\nmodel = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
+        if lora
+        else f'model = {auto}.from_pretrained("THIS_REPO_OR_FOLDER")'
+    )
     content = f"""---
 base_model: {summary["base_model_hub_id"]}
-library_name: peft
-pipeline_tag: text-generation
+library_name: {"peft" if lora else "transformers"}
+pipeline_tag: {"text2text-generation" if summary.get("seq2seq") else "text-generation"}
 license: apache-2.0
 tags:
 - lora
@@ -53,7 +65,7 @@ tags:
 
 # {summary.get("name", "replytune adapter")}
 
-A LoRA adapter that answers YouTube comments in a creator's voice, trained with
+{what} that answers YouTube comments in a creator's voice, trained with
 replytune on `{summary["base_model"]}` ({config["quantization"]} base).
 
 ## Results
@@ -61,7 +73,7 @@ replytune on `{summary["base_model"]}` ({config["quantization"]} base).
 | | held-out loss (reply tokens) |
 |---|---|
 | base model + persona prompt | {summary["base_eval_loss"]:.4f} |
-| fine-tuned adapter | {summary["eval_loss"]:.4f} |
+| fine-tuned | {summary["eval_loss"]:.4f} |
 
 | epoch | train loss | held-out loss |
 |---|---|---|
@@ -97,10 +109,9 @@ Peak memory {summary["peak_memory_gib"]:.2f} GiB, {summary["tokens_per_second"]:
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{summary["base_model_hub_id"]}")
-model = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")
+{load}
 tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
 ```
 

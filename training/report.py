@@ -26,7 +26,9 @@ def epoch_losses(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
         if "loss" in entry:
             row["train"].append(entry["loss"])
         if "eval_loss" in entry and entry["epoch"] > 0:
-            row["eval_loss"] = entry["eval_loss"]
+            # The first evaluation of an epoch is its own; a later one at the same epoch is the final
+            # evaluation of the best checkpoint (after early stopping), which must not overwrite it.
+            row.setdefault("eval_loss", entry["eval_loss"])
     out = []
     for epoch in sorted(epochs):
         row = epochs[epoch]
@@ -36,6 +38,13 @@ def epoch_losses(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
         row["train_loss"] = sum(train) / len(train) if train else None
         out.append(row)
     return out
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None  # recorded as not installed (bitsandbytes is not needed for a GPTQ or full run)
 
 
 def environment() -> dict[str, Any]:
@@ -56,7 +65,7 @@ def environment() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
-        "libraries": {name: metadata.version(name) for name in LIBRARIES},
+        "libraries": {name: _version(name) for name in LIBRARIES},
     }
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID, DefaultModelUnavailable
-from prompts.render import Example, Persona, PromptError, PromptRenderer
+from prompts.render import Example, Persona, PromptError, PromptRenderer, renderer_for
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import (
     DataError,
@@ -89,6 +90,11 @@ def load_data(config: TrainConfig, summary: DataSummary):
     pairs = load_pairs(config.data)
     pairs, summary.duplicates_removed = remove_duplicates(pairs)
     summary.rows = len(pairs) + len(summary.duplicates_removed)
+    if config.max_rows is not None and config.max_rows < len(pairs):
+        # A seeded sample, in file order: the same subset every run with the same --seed.
+        keep = sorted(random.Random(config.seed).sample(range(len(pairs)), config.max_rows))
+        summary.subset = f"{config.max_rows} of {len(pairs)} rows (--max-rows, seed {config.seed})"
+        pairs = [pairs[i] for i in keep]
     if config.eval_data:
         evals = load_pairs(config.eval_data)
         evals, removed = remove_duplicates(evals)
@@ -116,6 +122,8 @@ class Prepared:
     eval_examples: list[Example]
     summary: DataSummary
 
+    seq2seq: bool
+
     def diagnose(self) -> tuple[list[Finding], str]:
         from inference.loading import load_tokenizer
         from training.trainer import ReplyCollator
@@ -126,18 +134,19 @@ class Prepared:
 
 
 def prepare_examples(config: TrainConfig) -> Prepared:
-    from inference.loading import load_tokenizer
+    from inference.loading import is_seq2seq, load_tokenizer
 
     persona = Persona.from_file(config.persona)
     summary = DataSummary()
     train_pairs, eval_pairs = load_data(config, summary)
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
-    renderer = PromptRenderer(tokenizer, persona)
+    seq2seq = is_seq2seq(config.base_model, config.trust_remote_code)
+    renderer = renderer_for(tokenizer, persona, seq2seq)
     train_examples, cut = tokenize_pairs(train_pairs, renderer, config.max_length)
     summarize_tokens(summary, train_examples, cut)
     eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length)
     summarize_tokens(summary, eval_examples, cut)
-    return Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary)
+    return Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary, seq2seq)
 
 
 def train(config: TrainConfig) -> int:
@@ -148,7 +157,9 @@ def train(config: TrainConfig) -> int:
     print("data:\n  " + "\n  ".join(summary.lines()))
     if config.check_data:
         return 0
-    if config.doctor:
+    if config.doctor and prepared.seq2seq:
+        print("doctor: skipped, its checks are about chat templates and this is a seq2seq model")
+    elif config.doctor:
         findings, example = prepared.diagnose()
         text = format_report(findings, example)
         if not all(f.ok for f in findings):
@@ -167,7 +178,7 @@ def train(config: TrainConfig) -> int:
     from training import report
     from training.checkpoints import NO_ROOM_ERRNOS, check_disk_space, write_failure
     from training.estimate import estimate_for_config
-    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, lora_model, peak_memory_gib
+    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, trainable_model
 
     from transformers import set_seed
 
@@ -175,10 +186,11 @@ def train(config: TrainConfig) -> int:
 
     set_seed(config.seed)  # before the LoRA weights are initialised, so --seed fixes them too
     dtype = compute_dtype()
-    model = load_base_model(config.base_model, config.quantization, dtype, config.trust_remote_code)
-    model = lora_model(model, config)
+    model = load_base_model(config.base_model, config.quantization, dtype, config.trust_remote_code, for_training=True)
+    model = trainable_model(model, config)
     trainable, total = count_parameters(model)
-    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA), compute in {str(dtype).removeprefix('torch.')}")
+    what = "LoRA" if config.method == "lora" else "full fine-tune"
+    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate_for_config(config, summary.longest).summary()}")
 
@@ -218,13 +230,15 @@ def train(config: TrainConfig) -> int:
         raise TrainingStopped(f"held-out loss is {final_eval} after training; the adapter is not saved")
 
     model = trainer.model
-    model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
+    if config.method == "lora":
+        model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
     save_adapter(model, tokenizer, persona, output)
     history = trainer.state.log_history
     result = {
         "name": output.name,
         "base_model": config.base_model,
         "base_model_hub_id": hub_id(config.base_model),
+        "seq2seq": prepared.seq2seq,
         "data": {
             "train": report.display_path(config.data),
             "eval": report.display_path(config.eval_data),
@@ -252,10 +266,15 @@ def train(config: TrainConfig) -> int:
     from training.evaluate import evaluate, markdown_table
 
     evaluation_started = time.perf_counter()
-    voice = evaluate(Replier(model, tokenizer, prepared.renderer, has_adapter=True), prepared.eval_pairs, prepared.train_pairs, config.max_length)
-    result["voice"] = voice
+    if config.method == "lora" and not prepared.seq2seq:
+        voice = evaluate(Replier(model, tokenizer, prepared.renderer, has_adapter=True), prepared.eval_pairs, prepared.train_pairs, config.max_length)
+        result["voice"] = voice
+        print("voice fidelity on the held-out comments:\n" + markdown_table(voice))
+    else:
+        # The comparison generates base and fine-tuned replies from one model with and without the
+        # adapter, which needs LoRA on a causal LM; the held-out losses above still compare the two.
+        print("voice fidelity: skipped (it needs a LoRA adapter on a causal LM)")
     result["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 1)
-    print("voice fidelity on the held-out comments:\n" + markdown_table(voice))
     report.write_summary(output, result)
     report.plot_losses(output, history, base_eval)
 

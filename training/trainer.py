@@ -45,21 +45,34 @@ def lora_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
     """
     from peft import LoraConfig, get_peft_model
 
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # the frozen embeddings give checkpointed blocks no grad input
+    enable_checkpointing(model, config)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
     )
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
         raise ValueError(f"target_modules {config.target_modules}: {exc}; linear layers of this model: {', '.join(names)}") from exc
+
+
+def enable_checkpointing(model: PreTrainedModel, config: TrainConfig) -> None:
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
+
+
+def trainable_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
+    """The model the optimizer updates: LoRA adapters on a frozen base, or (method full) every weight."""
+    if config.method == "lora":
+        return lora_model(model, config)
+    enable_checkpointing(model, config)
+    model.requires_grad_(True)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -87,14 +100,17 @@ class ReplyCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        # Labels are padded to their own width: for a causal LM they are as long as the inputs, for
+        # a seq2seq model they are the decoder's targets.
         width = max(len(r["input_ids"]) for r in rows)
+        label_width = max(len(r["labels"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(rows), label_width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
+            labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -115,6 +131,11 @@ class ReplyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = causal.config
+        if config.is_encoder_decoder:  # every decoder position is a reply token: the plain head is right
+            logits = model(**inputs).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else (inputs["labels"] != IGNORE_INDEX).sum().clamp(min=1))
+            return (loss, {"loss": loss}) if return_outputs else loss
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise NotImplementedError(f"{config.model_type}: logits are post-processed; the reply-only head does not apply")
         labels = inputs["labels"][:, 1:]  # position t predicts token t + 1
@@ -242,6 +263,7 @@ def build_trainer(
         greater_is_better=False,
         seed=config.seed,
         data_seed=config.seed,
+        optim=config.optim,
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),

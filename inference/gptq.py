@@ -1,0 +1,58 @@
+"""`python -m inference.gptq`: quantize a model to GPTQ 4-bit, for the GPTQ recipe (the original article's).
+
+    python -m inference.gptq --base-model embedded:SmolLM2-135M-Instruct --out outputs/smollm2-gptq
+
+Needs the optional GPTQ extra in its own environment (requirements-gptq.txt: gptqmodel pulls a CUDA
+build of torch). Runs on a CPU too: the 135M default takes about two minutes on 2 cores. The
+calibration text is the training data's comments and replies, so no dataset is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from inference.loading import resolve_base_model
+from inference.settings import ROOT
+
+
+def calibration_texts(data: Path, limit: int) -> list[str]:
+    from training.data import load_pairs
+
+    return [f"{p.comment}\n{p.response}" for p in load_pairs(data)[:limit]]
+
+
+def quantize(base_model: str, out: Path, bits: int, group_size: int, texts: list[str]) -> Path:
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    # gptqmodel 7.7 asks for 2 model-loader workers but gives its CPU pool (cores + 1) // 2 workers,
+    # which on a 2-core machine is 1 and fails with "only has 1"; 2 is what it needs.
+    gptqmodel._default_cpu_workers = lambda: 2
+    model = GPTQModel.load(resolve_base_model(base_model), QuantizeConfig(bits=bits, group_size=group_size))
+    model.quantize(texts, batch_size=4)
+    model.save(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.gptq", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("--base-model", required=True, help="local folder or Hub id ('embedded:SmolLM2-135M-Instruct' for the default)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the quantized model")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64, help="weights per scale; must divide every layer's input width (SmolLM2: 576, so 64, not 128)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "train.jsonl", help="calibration pairs (a training data file)")
+    parser.add_argument("--samples", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:
+        print("error: gptqmodel is not installed; install requirements-gptq.txt in its own environment (see README)", file=sys.stderr)
+        return 2
+    print(f"quantized model saved to {quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
