@@ -12,6 +12,9 @@ Streaming is the primitive: :meth:`Replier.stream` yields the replies as they gr
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import queue
 import threading
 import time
@@ -70,15 +73,21 @@ class Reply:
 class _RowStreamer(BaseStreamer):
     """Receives generate()'s tokens: first the prompt (skipped), then one token per row per step."""
 
-    def __init__(self, out: queue.Queue) -> None:
+    def __init__(self, out: queue.Queue, row: int = 0, rows: int = 1) -> None:
         self.out = out
         self.prompt_seen = False
+        # When rows are generated one after the other, each step fills its own row's place and
+        # leaves None in the others.
+        self.row, self.rows = row, rows
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.out.put(value.reshape(-1).tolist())
+        tokens = value.reshape(-1).tolist()
+        if self.rows > len(tokens):
+            tokens = [None] * self.row + tokens + [None] * (self.rows - self.row - len(tokens))
+        self.out.put(tokens)
 
     def end(self) -> None:
         pass  # the generating thread reports the end itself, after generate() returns or raises
@@ -105,6 +114,21 @@ class Replier:
         # peft applies adapter_names through hooks on the shared modules, so two generate() calls
         # must never overlap; the app's queue also runs one at a time.
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def mixed_batches(self) -> bool:
+        """Whether base and adapter rows can share one batch (peft's ``adapter_names``).
+
+        peft implements it for its plain and bitsandbytes LoRA layers; a layer whose forward takes
+        no keyword arguments (GPTQ's) cannot, and the two replies are then generated in turn.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        def takes_adapter_names(module) -> bool:
+            params = inspect.signature(module.forward).parameters.values()
+            return any(p.name == "adapter_names" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+        return all(takes_adapter_names(m) for m in self.model.modules() if isinstance(m, LoraLayer))
 
     @property
     def rows(self) -> tuple[Row, ...]:
@@ -151,8 +175,8 @@ class Replier:
                 raise item
             now = time.perf_counter() - started
             for reply, token in zip(replies, item):
-                if reply.done:
-                    continue  # a finished row is padded until the other row ends
+                if reply.done or token is None:
+                    continue  # a finished row is padded until the other row ends; None: not its turn
                 if reply.first_token_s is None:
                     reply.first_token_s = now
                 reply.seconds = now
@@ -199,10 +223,18 @@ class Replier:
                 kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if self.has_adapter:
+            if not self.has_adapter:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            elif self.mixed_batches:
                 kwargs["adapter_names"] = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows]
-            with torch.inference_mode():
-                self.model.generate(**kwargs)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            else:
+                for index, row in enumerate(rows):
+                    one = {**kwargs, "input_ids": input_ids[:1], "attention_mask": torch.ones_like(input_ids[:1]), "streamer": _RowStreamer(out, index, len(rows))}
+                    with torch.inference_mode(), self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
+                        self.model.generate(**one)
         except BaseException as exc:  # handed to the consuming thread, which re-raises it
             out.put(exc)
         finally:

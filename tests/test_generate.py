@@ -47,6 +47,17 @@ def test_single_rows_match_the_mixed_batch(tiny_replier):
     assert [base.token_ids, tuned.token_ids] == [both[0].token_ids, both[1].token_ids]
 
 
+def test_layers_without_mixed_batches_generate_the_rows_in_turn(tiny_replier):
+    assert tiny_replier.mixed_batches  # plain (and bitsandbytes) LoRA layers take adapter_names
+    in_turn = Replier(tiny_replier.model, tiny_replier.tokenizer, tiny_replier.renderer, has_adapter=True)
+    in_turn.mixed_batches = False  # what a GPTQ base reports: its LoRA layer's forward takes no keywords
+    lengths = [(len(base.token_ids), len(tuned.token_ids)) for base, tuned in in_turn.stream("Nice video", GREEDY)]
+    final = in_turn.reply("Nice video", GREEDY)
+    assert [r.token_ids for r in final] == [r.token_ids for r in tiny_replier.reply("Nice video", GREEDY)]
+    started = next(i for i, (_, tuned) in enumerate(lengths) if tuned)
+    assert lengths[started][0] == lengths[-1][0] > 0  # the base reply was complete before the adapter's began
+
+
 def test_generation_stops_at_the_cap_and_says_so(tiny_replier):
     for reply in tiny_replier.reply("Tell me everything", GenerationSettings(max_new_tokens=5)):
         assert reply.done and len(reply.token_ids) <= 5

@@ -31,7 +31,6 @@ Optimizer = Literal["adamw", "adamw_8bit"]
 # Bytes per stored weight. NF4: 4 bits + one 8-bit absmax per 64 weights + one float32 per 256 of
 # those (double quantization); GPTQ: 4 bits + a float16 scale and a 4-bit zero per group of 128.
 WEIGHT_BYTES: dict[str, float] = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "gptq": 0.5 + 2.5 / 128, "int8": 1.0 + 4 / 4096, "bf16": 2.0, "fp32": 4.0}
-OPTIMIZER_BYTES: dict[str, int] = {"adamw": 8, "adamw_8bit": 2}
 # Tensors a decoder layer keeps for backward, per token, in units of the hidden size h and the MLP
 # width i: norm inputs and outputs (partly in float32), q/k/v, attention output and its
 # log-sum-exp, residuals; gate, up, activation and product in the MLP. Fitted to peak memory
@@ -57,19 +56,20 @@ class Estimate:
     activations_checkpointed: float
     logits: float
     runtime: float
+    loading: float
     gradient_checkpointing: bool
 
     @property
     def total(self) -> float:
         acts = self.activations_checkpointed if self.gradient_checkpointing else self.activations
-        return self.weights + self.trainable_weights + self.gradients + self.optimizer + acts + self.logits + self.runtime
+        return self.weights + self.trainable_weights + self.gradients + self.optimizer + acts + self.logits + self.runtime + self.loading
 
     def summary(self) -> str:
         return (
             f"{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f}, trainable + gradients + optimizer "
             f"{(self.trainable_weights + self.gradients + self.optimizer) / GiB:.2f}, activations "
             f"{(self.activations_checkpointed if self.gradient_checkpointing else self.activations) / GiB:.2f}, "
-            f"logits {self.logits / GiB:.2f}, runtime {self.runtime / GiB:.2f})"
+            f"logits {self.logits / GiB:.2f}, runtime {(self.runtime + self.loading) / GiB:.2f})"
         )
 
     def table(self) -> str:
@@ -82,6 +82,7 @@ class Estimate:
             ("activations, gradient checkpointing" + (" *" if self.gradient_checkpointing else " "), self.activations_checkpointed),
             ("output-head logits", self.logits),
             ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime),
+            ("checkpoint file mapped while loading (CPU)", self.loading),
         ]
         lines = [f"{'part':40} {'GiB':>8}"] + [f"{name:40} {value / GiB:8.3f}" for name, value in rows]
         lines.append(f"{'total (* = the activations counted)':40} {self.total / GiB:8.3f}")
@@ -131,7 +132,8 @@ def estimate(
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
 ) -> Estimate:
-    """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in float32)."""
+    """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
+    the compute dtype; LoRA matrices are kept in float32)."""
     import torch
 
     model = meta_model(config)
@@ -156,11 +158,16 @@ def estimate(
     if lora_r is not None and targets - matched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
-    if lora_r is None:
-        trainable = total
     tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
     total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
+    if lora_r is None:
+        trainable = total
 
+    trained_bytes = 4 if lora_r is not None else compute_bytes
+    # On a CPU the process maps the checkpoint file while it loads (quantizing it, for NF4), and
+    # those pages count in its peak; a quantized checkpoint's file is about its quantized size.
+    stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
+    loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
     hidden, inner, layers = _widths(config)
     tokens = batch_size * seq_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
@@ -173,13 +180,15 @@ def estimate(
         parameters=int(total),
         trainable=int(trainable),
         weights=frozen,
-        trainable_weights=trainable * 4,
-        gradients=trainable * 4,
-        optimizer=trainable * OPTIMIZER_BYTES[optimizer],
+        trainable_weights=trainable * trained_bytes,
+        gradients=trainable * trained_bytes,
+        # AdamW keeps two moments in the parameter's dtype; 8-bit AdamW one byte each.
+        optimizer=trainable * (2 * trained_bytes if optimizer == "adamw" else 2),
         activations=activations,
         activations_checkpointed=checkpointed,
         logits=logits,
         runtime=CPU_RUNTIME_BYTES if on_cpu else 0.0,
+        loading=loading,
         gradient_checkpointing=gradient_checkpointing,
     )
 
@@ -209,7 +218,7 @@ def estimate_for_config(train_config, seq_len: int | None = None) -> Estimate:
     return estimate(
         config,
         storage=storage,
-        compute_bytes=torch.finfo(dtype).bits // 8 if train_config.quantization != "none" else 4,
+        compute_bytes=torch.finfo(dtype).bits // 8,  # training.run loads every base in this dtype
         lora_r=train_config.lora_r if train_config.method == "lora" else None,
         target_modules=train_config.target_modules,
         batch_size=train_config.batch_size,
