@@ -49,10 +49,10 @@ def test_gptq_recipe_trains_lora_on_a_gptq_quantized_default_model(tmp_path):
     quantized, adapter = tmp_path / "smollm2-gptq", tmp_path / "adapter"
     run("-m", "inference.gptq", "--base-model", "embedded:SmolLM2-135M-Instruct", "--out", str(quantized), "--samples", "32")
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 4
-    # The recipe as written, but 2 epochs on 16 rows (one update each), and plain AdamW: paged
-    # 8-bit AdamW needs CUDA.
+    # The recipe as written, but 2 epochs on 16 rows (one update each) without warm-up (its first
+    # update would have a learning rate of 0), and plain AdamW: paged 8-bit AdamW needs CUDA.
     run("-m", "training.run", "--config", "gptq-mistral", "--base-model", str(quantized), "--epochs", "2", "--max-rows", "16",
-        "--output-dir", str(adapter), "--optim", "adamw_torch", "--no-doctor")
+        "--warmup-ratio", "0", "--output-dir", str(adapter), "--optim", "adamw_torch", "--no-doctor")
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["config"]["target_modules"] == ["q_proj"] and summary["config"]["lora_alpha"] == 32
     assert summary["eval_loss"] <= summary["base_eval_loss"] + 0.01

@@ -116,9 +116,13 @@ class TrainConfig:
         goes or whether it is pushed.
         """
         skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "doctor", "push_to_hub", "private"}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# Settings added after adapters were trained and shipped: hashed only when they differ from these
+# defaults, so the hash recorded by an older run still matches the same settings today.
+ADDED_LATER: dict[str, Any] = {"method": "lora", "max_rows": None, "optim": "adamw_torch"}
 
 Source = Literal["default", "config", "flag"]
 

@@ -204,8 +204,9 @@ def _widths(config) -> tuple[int, int, int]:
     return hidden, inner, layers
 
 
-def estimate_for_config(train_config, seq_len: int | None = None) -> Estimate:
-    """The estimate of a replytune training run (its model, quantization, LoRA and batch)."""
+def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool | None = None) -> Estimate:
+    """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
+    machine's device unless ``on_cpu`` says which."""
     import torch
 
     from inference.loading import compute_dtype
@@ -225,7 +226,7 @@ def estimate_for_config(train_config, seq_len: int | None = None) -> Estimate:
         seq_len=seq_len or train_config.max_length,
         optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
         gradient_checkpointing=train_config.gradient_checkpointing,
-        on_cpu=not torch.cuda.is_available(),
+        on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
     )
 
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="default", help="training recipe (a path, or a name from training/configs/)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the recipe's max_length)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: the recipe's)")
-    parser.add_argument("--gpu-memory", type=parse_size, default=None, help="say whether the run fits a GPU of this size, e.g. 24GiB")
+    parser.add_argument("--gpu-memory", type=parse_size, default=None, help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB")
     args = parser.parse_args(argv)
     from training.config import ConfigError, load_config
 
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     flags += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     try:
         train_config, _ = load_config(flags)
-        result = estimate_for_config(train_config, args.seq_len)
+        # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
+        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None)
     except (ConfigError, EstimateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(result.table())
     if args.gpu_memory:
-        gpu = result.total - result.runtime
+        gpu = result.total
         verdict = "fits" if gpu <= args.gpu_memory else "does not fit"
         print(f"GPU: {gpu / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about 0.5 GiB of CUDA context)")
     return 0
