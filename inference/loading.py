@@ -111,7 +111,15 @@ def load_base_model(
     elif quantization != "none":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(path, **kwargs)
+    model = auto.from_pretrained(path, **kwargs)
+    if for_training:
+        # gptqmodel's CPU kernel picks its path on the first forward: in eval mode it switches for
+        # good to a fused no-grad path, so a model evaluated before training (as every run is)
+        # never trains its LoRA. Pin the training path.
+        for module in model.modules():
+            if hasattr(module, "linear_mode") and module.linear_mode is None:
+                module.linear_mode = "train"
+    return model
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:
