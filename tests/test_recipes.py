@@ -102,7 +102,7 @@ def guanaco(n: int, start: int, answer: str) -> list[dict]:
     return [{"text": f"### Human: Question {i} about the course?### Assistant: {answer} {i}."} for i in range(start, start + n)]
 
 
-def test_full_fine_tune_recipe_stops_early_when_it_overfits(chatml_tokenizer, tmp_path):
+def test_full_fine_tune_recipe_stops_early_when_it_overfits(chatml_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from training.checkpoints import checkpoint_folders
@@ -116,12 +116,8 @@ def test_full_fine_tune_recipe_stops_early_when_it_overfits(chatml_tokenizer, tm
     config = recipe("full-qwen-guanaco", model, train_rows, eval_rows, tmp_path / "out", "--epochs", "8", "--learning-rate", "1e-2", "--grad-accum", "1", "--warmup-ratio", "0")
     assert (config.method, config.quantization, config.early_stopping_patience, config.save_total_limit) == ("full", "none", 1, 2)
     kept = []
-    original = RunStats.on_save
-    RunStats.on_save = lambda self, args, state, control, **kw: kept.append(len(checkpoint_folders(tmp_path / "out")))
-    try:
-        assert train(config) == 0
-    finally:
-        RunStats.on_save = original
+    monkeypatch.setattr(RunStats, "on_save", lambda self, args, state, control, **kw: kept.append(len(checkpoint_folders(tmp_path / "out"))))
+    assert train(config) == 0
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     losses = [e["eval_loss"] for e in summary["epochs"]]
     assert len(losses) < 8, f"early stopping never triggered: {losses}"

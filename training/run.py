@@ -37,11 +37,14 @@ from training.data import (
 
 from training.checkpoints import (
     CHECKPOINTS,
+    NO_ROOM_ERRNOS,
     CheckpointWriteError,
     DiskSpaceError,
+    check_disk_space,
     checkpoint_folders,
     last_complete_checkpoint,
     remove_incomplete_after,
+    write_failure,
     write_json_atomic,
 )
 from training.doctor import DoctorError, Finding, diagnose, format_report
@@ -71,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_when_disk_full(args: threading.ExceptHookArgs) -> None:
     """A full disk stops TensorBoard's writer thread; the main thread reports it once, clearly."""
-    from training.checkpoints import NO_ROOM_ERRNOS
-
     if isinstance(args.exc_value, OSError) and args.exc_value.errno in NO_ROOM_ERRNOS:
         print(f"{args.thread.name if args.thread else 'a thread'} stopped: {args.exc_value}", file=sys.stderr)
         return
@@ -176,7 +177,6 @@ def train(config: TrainConfig) -> int:
     import torch
 
     from training import report
-    from training.checkpoints import NO_ROOM_ERRNOS, check_disk_space, write_failure
     from training.estimate import estimate_for_config
     from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, trainable_model
 
@@ -213,10 +213,9 @@ def train(config: TrainConfig) -> int:
             f"Last good checkpoint: {good or 'none yet'}. Lower --learning-rate (now {config.learning_rate:g}) and start over, "
             "or look for broken rows in the data"
         ) from exc
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1)) from exc
-    except RuntimeError as exc:
-        if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory error
+    except (RuntimeError, MemoryError) as exc:
+        # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError or Python's MemoryError.
+        if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(exc):
             raise
         raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1)) from exc
     except OSError as exc:
@@ -282,7 +281,7 @@ def train(config: TrainConfig) -> int:
 
     model_card(result, persona.template).save(output / CARD_FILE)
     # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
-    shutil.rmtree(output / "checkpoints")
+    shutil.rmtree(output / CHECKPOINTS)
     print(
         f"done: trained in {result['wall_seconds'] / 60:.1f} min, evaluated in {result['evaluation_seconds'] / 60:.1f} min; held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
         f"(adapter); {result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
