@@ -79,7 +79,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         if args.gptq_python:
             quantized = work / "smollm2-gptq"
-            subprocess.run([args.gptq_python, "-m", "inference.gptq", "--base-model", SMOL, "--out", str(quantized), "--samples", "32"],
+            subprocess.run([args.gptq_python, "-m", "training.gptq", "--base-model", SMOL, "--out", str(quantized), "--samples", "32"],
                            cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
             rows.append(run_case(args.gptq_python, "gptq-mistral", str(quantized), ["--optim", "adamw_torch"], work))
             print(rows[-1], flush=True)

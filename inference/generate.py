@@ -223,11 +223,9 @@ class Replier:
                 kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if not self.has_adapter:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            elif self.mixed_batches:
-                kwargs["adapter_names"] = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows]
+            if not self.has_adapter or self.mixed_batches:
+                if self.has_adapter:
+                    kwargs["adapter_names"] = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows]
                 with torch.inference_mode():
                     self.model.generate(**kwargs)
             else:

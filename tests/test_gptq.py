@@ -47,7 +47,7 @@ def run(*args: str, timeout: int = 900) -> str:
 
 def test_gptq_recipe_trains_lora_on_a_gptq_quantized_default_model(tmp_path):
     quantized, adapter = tmp_path / "smollm2-gptq", tmp_path / "adapter"
-    run("-m", "inference.gptq", "--base-model", "embedded:SmolLM2-135M-Instruct", "--out", str(quantized), "--samples", "32")
+    run("-m", "training.gptq", "--base-model", "embedded:SmolLM2-135M-Instruct", "--out", str(quantized), "--samples", "32")
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 4
     # The recipe as written, but 2 epochs on 16 rows (one update each) without warm-up (its first
     # update would have a learning rate of 0), and plain AdamW: paged 8-bit AdamW needs CUDA.

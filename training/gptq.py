@@ -1,6 +1,6 @@
-"""`python -m inference.gptq`: quantize a model to GPTQ 4-bit, for the GPTQ recipe (the original article's).
+"""`python -m training.gptq`: quantize a model to GPTQ 4-bit, for the GPTQ recipe (the original article's).
 
-    python -m inference.gptq --base-model embedded:SmolLM2-135M-Instruct --out outputs/smollm2-gptq
+    python -m training.gptq --base-model embedded:SmolLM2-135M-Instruct --out outputs/smollm2-gptq
 
 Needs the optional GPTQ extra in its own environment (requirements-gptq.txt: gptqmodel pulls a CUDA
 build of torch). Runs on a CPU too: the 135M default takes about two minutes on 2 cores. The
@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from inference.loading import resolve_base_model
-from inference.settings import ROOT
+from training.config import ROOT
+from training.data import load_pairs
 
 
 def calibration_texts(data: Path, limit: int) -> list[str]:
-    from training.data import load_pairs
-
     return [f"{p.comment}\n{p.response}" for p in load_pairs(data)[:limit]]
 
 
@@ -37,7 +36,7 @@ def quantize(base_model: str, out: Path, bits: int, group_size: int, texts: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.gptq", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m training.gptq", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--base-model", required=True, help="local folder or Hub id ('embedded:SmolLM2-135M-Instruct' for the default)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the quantized model")
     parser.add_argument("--bits", type=int, default=4)
