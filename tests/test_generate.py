@@ -40,6 +40,22 @@ def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
     assert base.token_ids != tuned.token_ids  # the adapter really changes the reply
 
 
+def test_the_persona_prefix_is_computed_once_and_reused_unchanged(tiny_replier):
+    prefix = tiny_replier.prefix_ids
+    assert len(prefix) > 10
+    for comment in ("Thanks!", "a", "@user 42 — ¿sí?"):
+        assert tiny_replier.prompt(comment).input_ids[: len(prefix)] == prefix
+    # A comment whose first characters merge with the template's last token gets a full prefill.
+    spaced = torch.tensor([tiny_replier.prompt(" leading space").input_ids])
+    assert spaced[0, : len(prefix)].tolist() != prefix and tiny_replier._prefix_cache(("base",), spaced, None) == {}
+    first = tiny_replier.reply("Nice video", GREEDY)
+    cache = tiny_replier._prefix_caches[("base", "adapter")]
+    assert cache.get_seq_length() == len(prefix)
+    again = tiny_replier.reply("Nice video", GREEDY)
+    assert cache.get_seq_length() == len(prefix)  # each request extends a copy, never the cache itself
+    assert [r.token_ids for r in again] == [r.token_ids for r in first]
+
+
 def test_single_rows_match_the_mixed_batch(tiny_replier):
     both = tiny_replier.reply("Nice video", GREEDY)
     (base,) = tiny_replier.reply("Nice video", GREEDY, rows=["base"])

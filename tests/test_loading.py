@@ -48,3 +48,34 @@ def test_code_shipped_in_a_model_folder_does_not_run_by_default(tiny_model_dir, 
     else:
         assert type(model).__module__.startswith("transformers.")
     assert not marker.exists()
+
+
+def test_prompts_on_the_cpu_inference_layout_match_bitsandbytes_kernel(tiny_model_dir):
+    """Decoding uses bitsandbytes' AVX-512 layout; a prompt (many rows) is computed from the same
+    4-bit weights dequantized, which must give what the kernel gives."""
+    from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    from inference.loading import PREFILL_ROWS, dequantize_cpu_layout
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX-512 BF16, so bitsandbytes keeps the standard layout")
+    model = load_base_model(str(tiny_model_dir), "nf4").eval()
+    layer = model.model.layers[0].mlp.down_proj
+    standard = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    x = torch.randn(2, PREFILL_ROWS, layer.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        layer(x[:, :1])  # the first no-grad forward repacks the weight
+        assert layer.weight.quant_state.packing_format_for_cpu
+        torch.testing.assert_close(dequantize_cpu_layout(layer.weight.data, layer.weight.quant_state), standard, atol=0.02, rtol=0.01)
+        kernel = Linear4bit.forward(layer, x)  # bitsandbytes' own path for every row count
+        torch.testing.assert_close(layer(x), kernel, atol=0.05, rtol=0.02)
+        torch.testing.assert_close(layer(x[:, :2]), Linear4bit.forward(layer, x[:, :2]), atol=0, rtol=0)  # decoding: the kernel itself
+
+
+def test_a_model_loaded_for_training_never_switches_to_the_inference_layout(tiny_model_dir):
+    model = load_base_model(str(tiny_model_dir), "nf4", for_training=True).eval()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)

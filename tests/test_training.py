@@ -150,3 +150,65 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
 def test_unknown_target_module_lists_the_real_ones(tiny_config):
     with pytest.raises(ValueError, match="linear layers of this model: .*q_proj"):
         train(tiny_config(target_modules=["query_key_value"]))
+
+
+def lora_gradients(trainer, batch) -> dict[str, torch.Tensor]:
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    trainer.compute_loss(model, batch).backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_evaluation_before_training_leaves_the_gradients_intact(tiny_config):
+    """bitsandbytes repacks NF4 weights for a no-backward CPU kernel on an eval forward; a run
+    evaluates the base before its first step, and must still train with the full gradient."""
+    from inference.loading import compute_dtype, load_base_model
+    from training.run import prepare_examples
+    from training.trainer import ReplyCollator, build_trainer, trainable_model
+
+    config = tiny_config(lora_dropout=0.0)
+    prepared = prepare_examples(config)
+    torch.manual_seed(0)
+    model = trainable_model(load_base_model(config.base_model, "nf4", compute_dtype(), for_training=True), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # fresh LoRA B is zero, which would hide the gradient through A
+            torch.nn.init.normal_(param, std=0.05)
+    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, compute_dtype())
+    batch = ReplyCollator(prepared.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples[:4]])
+
+    before = lora_gradients(trainer, batch)
+    trainer.evaluate()
+    after = lora_gradients(trainer, batch)
+    first_layer = [n for n in before if ".layers.0." in n and "lora_A" in n]
+    assert first_layer and all(before[n].abs().max() > 0 for n in first_layer)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+
+
+def test_fast_dropout_drops_p_of_the_inputs_and_rescales_the_rest():
+    from training.trainer import FastDropout
+
+    dropout = FastDropout(0.05).train()
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    y = dropout(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.05, abs=0.001)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.95, rel=1e-2)]
+    assert y.float().mean().item() == pytest.approx(1.0, abs=0.005)  # the expectation is unchanged
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the seed fixes the mask, so a resumed run draws the same ones
+    assert not torch.equal(dropout(x), y)
+    assert dropout.eval()(x) is x
+    x.requires_grad_(True)
+    dropout.train()(x).sum().backward()
+    assert x.grad.unique().numel() == 2  # the gradient flows through the kept inputs only
+
+
+def test_lora_model_uses_fast_dropout_on_every_lora_input(tiny_config):
+    from inference.loading import load_base_model
+    from training.trainer import FastDropout, lora_model
+
+    model = lora_model(load_base_model(tiny_config().base_model, "nf4", for_training=True), tiny_config(lora_dropout=0.1))
+    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(isinstance(d, FastDropout) and d.p == 0.1 for d in dropouts)

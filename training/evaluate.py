@@ -91,7 +91,7 @@ def evaluate(replier: Replier, held_out: Sequence[Pair], trained: Sequence[Pair]
     generated: dict[str, list[str]] = {"base": [], "adapter": []}
     stopped = {"base": 0, "adapter": 0}
     for pair in tqdm(held_out, desc="voice evaluation"):
-        for reply in replier.reply(pair.comment, EVAL_SETTINGS):
+        for reply in replier.reply(pair.comment, EVAL_SETTINGS, background=False):
             generated[reply.row].append(reply.text)
             stopped[reply.row] += reply.stopped
     trained_replies = {p.response.strip() for p in trained}

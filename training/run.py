@@ -178,7 +178,7 @@ def train(config: TrainConfig) -> int:
 
     from training import report
     from training.estimate import estimate_for_config
-    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, trainable_model
+    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, ready_for_generation, trainable_model
 
     from transformers import set_seed
 
@@ -266,6 +266,7 @@ def train(config: TrainConfig) -> int:
 
     evaluation_started = time.perf_counter()
     if config.method == "lora" and not prepared.seq2seq:
+        ready_for_generation(model)
         voice = evaluate(Replier(model, tokenizer, prepared.renderer, has_adapter=True), prepared.eval_pairs, prepared.train_pairs, config.max_length)
         result["voice"] = voice
         print("voice fidelity on the held-out comments:\n" + markdown_table(voice))
