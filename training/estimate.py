@@ -8,7 +8,8 @@ for Mistral-7B without downloading its 14 GB of weights. Each part is counted fr
 * trainable parameters (LoRA matrices, or every weight in a full fine-tune), their gradients and
   the optimizer's state (AdamW: two float32 moments; 8-bit AdamW: two bytes);
 * activations kept for the backward pass, per token and layer, with and without gradient
-  checkpointing, plus the output-head logits of the learned positions;
+  checkpointing (on a CPU also the eager attention's probabilities), plus the output-head logits
+  of the learned positions;
 * on a CPU, the resident memory of Python, PyTorch and the libraries themselves (measured: see
   ``bench/RESULTS.md``), since a CPU run's peak is its whole process.
 """
@@ -171,9 +172,14 @@ def estimate(
     hidden, inner, layers = _widths(config)
     tokens = batch_size * seq_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
-    activations = tokens * layers * per_layer_token
+    # On a CPU, training uses eager attention (see load_base_model), which keeps each layer's
+    # attention probabilities: a float32 softmax and its compute-dtype copy per head and query-key pair.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
+    per_layer_scores = batch_size * heads * seq_len**2 * (4 + compute_bytes) if on_cpu else 0
+    activations = tokens * layers * per_layer_token + layers * per_layer_scores
     # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    checkpointed = tokens * layers * hidden * compute_bytes + tokens * per_layer_token
+    checkpointed = tokens * layers * hidden * compute_bytes + tokens * per_layer_token + per_layer_scores
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
     logits = tokens * vocab * 4 * 2  # float32 logits and their gradient
     return Estimate(
