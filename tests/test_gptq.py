@@ -55,8 +55,10 @@ def test_gptq_recipe_trains_lora_on_a_gptq_quantized_default_model(tmp_path):
     # kernel, two replies in turn) to a few minutes on 2 cores.
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("\n".join((ROOT / "data" / "heldout.jsonl").read_text().splitlines()[:4]) + "\n")
+    # About 5 minutes alone (4 of them the voice evaluation: ~1 min per comment); the limit leaves
+    # room for a machine shared with another job.
     run("-m", "training.run", "--config", "gptq-mistral", "--base-model", str(quantized), "--epochs", "2", "--max-rows", "16",
-        "--eval-data", str(heldout), "--warmup-ratio", "0", "--output-dir", str(adapter), "--optim", "adamw_torch", "--no-doctor")
+        "--eval-data", str(heldout), "--warmup-ratio", "0", "--output-dir", str(adapter), "--optim", "adamw_torch", "--no-doctor", timeout=1800)
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["config"]["target_modules"] == ["q_proj"] and summary["config"]["lora_alpha"] == 32
     assert summary["eval_loss"] <= summary["base_eval_loss"] + 0.01
