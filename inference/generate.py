@@ -159,18 +159,18 @@ class Replier:
             steps: queue.Queue = queue.Queue()
             cancel = threading.Event()
             started = time.perf_counter()
-            worker = threading.Thread(target=self._generate, args=(prompt, rows, settings, steps, cancel), daemon=True)
-            if background:
+            worker = threading.Thread(target=self._generate, args=(prompt, rows, settings, steps, cancel), daemon=True) if background else None
+            if worker:
                 worker.start()
             else:
-                worker.run()
+                self._generate(prompt, rows, settings, steps, cancel)
             try:
                 yield from self._collect(replies, steps, started, settings)
             finally:
                 # Reached on normal exit, on error and when the consumer closes the stream early:
                 # never leave a generate() running into the next request.
                 cancel.set()
-                if background:
+                if worker:
                     worker.join()
         for reply in replies:
             reply.done = True
@@ -254,7 +254,6 @@ class Replier:
             out.put(exc)
         finally:
             out.put(_DONE)
-
 
     @functools.cached_property
     def prefix_ids(self) -> list[int]:

@@ -88,7 +88,7 @@ class FastDropout(torch.nn.Module):
     """Dropout whose mask comes from 16 random bits per element: keep with probability 1 - p.
 
     torch's CPU dropout draws one Bernoulli sample at a time; with a dropout on each of the 120 LoRA
-    inputs of SmolLM2 that was a quarter of a training step. Sixteen bits of a 64-bit random word
+    inputs of SmolLM2 that was a sixth of a training step. Sixteen bits of a 64-bit random word
     per element give p to within 1/65,536 (0.05 -> 0.050003) at a third of the cost.
     """
 
