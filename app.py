@@ -27,7 +27,7 @@ logger = logging.getLogger("replytune.app")
 MAX_COMMENT_CHARS = 2_000
 MAX_BATCH_COMMENTS = 20
 QUEUE_MAX_SIZE = 32  # requests waiting (a busy Space's worth); more are turned away with a message, not piled up
-CONCURRENCY_LIMIT = 1  # one generate() at a time: the model is shared, and a CPU has no room for two
+CONCURRENCY_LIMIT = 1  # one decoding loop at a time: the model is shared, and a CPU has no room for two
 EXAMPLES_FILE = ROOT / "data" / "heldout.jsonl"
 NO_ADAPTER_TEXT = (
     "No adapter is loaded, so there is no fine-tuned reply. Train one with `python -m training.run`, "

@@ -1,10 +1,11 @@
-"""Streaming replies for both panes from one model in memory, in one batched ``generate``.
+"""Streaming replies for both panes from one model in memory, in one batched decode loop.
 
 The base reply and the fine-tuned reply are two rows of one batch: peft's per-row ``adapter_names``
 routes the ``"__base__"`` row around the LoRA weights and the other row through them, so there is
-one copy of the base weights and one decode loop. transformers' stock streamers take a batch of
-one, so ``_RowStreamer`` hands each decoding step's tokens for every row to the caller through a
-queue (nanochat's engine yields the same shape: one token per row per step).
+one copy of the base weights and one decode loop. Like nanochat's engine, the loop yields one token
+per row per step, and a row that has ended leaves the batch (its KV cache rows are dropped): the
+fine-tuned reply is often a few words and the base reply a paragraph, and a step of two rows costs
+~1.3x a step of one on the CPU, so the longer reply should not pay for the shorter one's ghost.
 
 Streaming is the primitive: :meth:`Replier.stream` yields the replies as they grow, and
 :meth:`Replier.reply` just runs the stream to its end.
@@ -25,15 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
 from prompts.render import Prompt, PromptRenderer
 
 Row = Literal["base", "adapter"]
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
 ADAPTER_NAME = "default"
-# A decoding step slower than this means generate() is stuck or died without a word; fail loudly.
+# A decoding step slower than this means the decoding loop is stuck or died without a word; fail loudly.
 STEP_TIMEOUT_S = 300.0
 _DONE = object()
 
@@ -72,39 +72,6 @@ class Reply:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-class _RowStreamer(BaseStreamer):
-    """Receives generate()'s tokens: first the prompt (skipped), then one token per row per step."""
-
-    def __init__(self, out: queue.Queue, row: int = 0, rows: int = 1) -> None:
-        self.out = out
-        self.prompt_seen = False
-        # When rows are generated one after the other, each step fills its own row's place and
-        # leaves None in the others.
-        self.row, self.rows = row, rows
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        tokens = value.reshape(-1).tolist()
-        if self.rows > len(tokens):
-            tokens = [None] * self.row + tokens + [None] * (self.rows - self.row - len(tokens))
-        self.out.put(tokens)
-
-    def end(self) -> None:
-        pass  # the generating thread reports the end itself, after generate() returns or raises
-
-
-class _Cancelled(StoppingCriteria):
-    """Ends generate() when the consumer of the stream goes away (a closed browser tab, say)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class Replier:
     """Replies to comments with the base model (+ persona prompt) and, if loaded, the adapter."""
 
@@ -113,7 +80,7 @@ class Replier:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.has_adapter = has_adapter
-        # peft applies adapter_names through hooks on the shared modules, so two generate() calls
+        # peft applies adapter_names through hooks on the shared modules, so two decoding loops
         # must never overlap; the app's queue also runs one at a time.
         self._lock = threading.Lock()
         self._prefix_caches: dict[tuple[Row, ...], Any] = {}
@@ -168,7 +135,7 @@ class Replier:
                 yield from self._collect(replies, steps, started, settings)
             finally:
                 # Reached on normal exit, on error and when the consumer closes the stream early:
-                # never leave a generate() running into the next request.
+                # never leave a decoding loop running into the next request.
                 cancel.set()
                 if worker:
                     worker.join()
@@ -189,9 +156,8 @@ class Replier:
             if isinstance(item, BaseException):
                 raise item
             now = time.perf_counter() - started
-            for reply, token in zip(replies, item):
-                if reply.done or token is None:
-                    continue  # a finished row is padded until the other row ends; None: not its turn
+            for place, token in item.items():
+                reply = replies[place]
                 if reply.first_token_s is None:
                     reply.first_token_s = now
                 reply.seconds = now
@@ -222,38 +188,78 @@ class Replier:
 
     def _generate(self, prompt: Prompt, rows: tuple[Row, ...], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
         try:
-            device = next(self.model.parameters()).device
-            input_ids = torch.tensor([prompt.input_ids] * len(rows), device=device)
-            kwargs = {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
-                "max_new_tokens": settings.max_new_tokens,
-                # Stop on the chat template's end of turn, not only on the tokenizer's EOS: with
-                # pad == EOS and no explicit stop, a reply never ends.
-                "eos_token_id": self.renderer.stop_ids,
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "use_cache": True,
-                "streamer": _RowStreamer(out),
-                "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
-            }
-            if settings.temperature > 0:
-                kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if not self.has_adapter or self.mixed_batches:
-                if self.has_adapter:
-                    kwargs["adapter_names"] = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows]
-                with torch.inference_mode():
-                    self.model.generate(**kwargs, **self._prefix_cache(rows, input_ids, kwargs.get("adapter_names")))
+                self._decode(prompt.input_ids, rows, settings, out, cancel)
             else:
-                for index, row in enumerate(rows):
-                    one = {**kwargs, "input_ids": input_ids[:1], "attention_mask": torch.ones_like(input_ids[:1]), "streamer": _RowStreamer(out, index, len(rows))}
-                    with torch.inference_mode(), self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
-                        self.model.generate(**one, **self._prefix_cache((row,), input_ids[:1], None))
+                for place, row in enumerate(rows):
+                    with self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
+                        self._decode(prompt.input_ids, (row,), settings, out, cancel, places=[place])
         except BaseException as exc:  # handed to the consuming thread, which re-raises it
             out.put(exc)
         finally:
             out.put(_DONE)
+
+    @torch.inference_mode()
+    def _decode(
+        self, prompt_ids: list[int], rows: tuple[Row, ...], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event, places: list[int] | None = None
+    ) -> None:
+        """Decode every row from the same prompt with a KV cache; put ``{place: token}`` per step on ``out``.
+
+        A row leaves the batch on its end-of-turn token; all stop at ``max_new_tokens`` or when the
+        consumer cancels. ``places`` says where each row's reply sits in the caller's list.
+        """
+        places = list(places or range(len(rows)))
+        device = next(self.model.parameters()).device
+        names = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows] if self.has_adapter and self.mixed_batches else None
+        cache = self._prefix_cache(rows, prompt_ids, names)
+        done = cache.get_seq_length() if cache is not None else 0
+        ids = torch.tensor([prompt_ids[done:]] * len(rows), device=device)
+        # Stop on the chat template's end of turn, not only on the tokenizer's EOS: with pad == EOS
+        # and no explicit stop, a reply never ends.
+        stops = set(self.renderer.stop_ids)
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature), TopPLogitsWarper(settings.top_p)]) if settings.temperature > 0 else None
+        with contextlib.ExitStack() as routing:
+            routing.enter_context(self._routed(names))
+            for _ in range(settings.max_new_tokens):
+                if cancel.is_set():
+                    return
+                output = self._causal_lm(input_ids=ids, past_key_values=cache, use_cache=True, **self._last_logits_only)
+                cache, logits = output.past_key_values, output.logits[:, -1, :].float()
+                if warpers is None:
+                    tokens = logits.argmax(dim=-1)
+                else:
+                    tokens = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), num_samples=1).squeeze(1)
+                chosen = tokens.tolist()
+                out.put(dict(zip(places, chosen)))
+                keep = [i for i, token in enumerate(chosen) if token not in stops]
+                if not keep:
+                    return
+                if len(keep) < len(chosen):
+                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    tokens, places = tokens[keep], [places[i] for i in keep]
+                    if names:
+                        names = [names[i] for i in keep]
+                        routing.close()
+                        routing.enter_context(self._routed(names))
+                ids = tokens[:, None]
+
+    def _routed(self, adapter_names: list[str] | None) -> contextlib.AbstractContextManager:
+        """peft's per-row adapter routing, held for as long as the batch keeps its rows.
+
+        Passing ``adapter_names`` to every forward instead makes peft walk all modules twice per
+        step to add and remove its hooks: measured 2-3 ms of a ~33 ms decoding step.
+        """
+        return self.model._enable_peft_forward_hooks(adapter_names=adapter_names) if adapter_names else contextlib.nullcontext()
+
+    @functools.cached_property
+    def _causal_lm(self) -> PreTrainedModel:
+        """The transformers model under peft's wrapper: its LoRA layers are what peft's routing hooks."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @functools.cached_property
+    def _last_logits_only(self) -> dict[str, int]:
+        """``logits_to_keep=1`` where the model takes it: the prompt's other logits are never read."""
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._causal_lm.forward).parameters else {}
 
     @functools.cached_property
     def prefix_ids(self) -> list[int]:
@@ -264,20 +270,20 @@ class Replier:
             shared += 1
         return probes[0][: shared - 1]  # the last shared token could merge with some comment's first characters
 
-    def _prefix_cache(self, rows: tuple[Row, ...], input_ids: torch.Tensor, adapter_names: list[str] | None) -> dict:
-        """``past_key_values`` holding the prompt's shared prefix, computed once per set of rows.
+    def _prefix_cache(self, rows: tuple[Row, ...], prompt_ids: list[int], adapter_names: list[str] | None) -> Any:
+        """A KV cache holding the prompt's shared prefix (computed once per set of rows), or None.
 
         The persona is most of a prompt (143 of ~160 tokens for the default), so the first token
-        waits only for the comment's own tokens. Each request gets a copy: generate extends it.
+        waits only for the comment's own tokens. Each request gets a copy: decoding extends it.
         """
         prefix = self.prefix_ids
-        if len(prefix) < 2 or input_ids.shape[1] <= len(prefix) or input_ids[0, : len(prefix)].tolist() != prefix:
-            return {}
+        if len(prefix) < 2 or len(prompt_ids) <= len(prefix) or prompt_ids[: len(prefix)] != prefix:
+            return None
         if rows not in self._prefix_caches:
-            ids = torch.tensor([prefix] * len(rows), device=input_ids.device)
+            ids = torch.tensor([prefix] * len(rows), device=next(self.model.parameters()).device)
             extra = {"adapter_names": adapter_names} if adapter_names else {}
-            self._prefix_caches[rows] = self.model(input_ids=ids, use_cache=True, **extra).past_key_values
-        return {"past_key_values": copy.deepcopy(self._prefix_caches[rows])}
+            self._prefix_caches[rows] = self.model(input_ids=ids, use_cache=True, **extra, **self._last_logits_only).past_key_values
+        return copy.deepcopy(self._prefix_caches[rows])
 
 
 def load_replier(

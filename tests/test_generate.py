@@ -1,4 +1,4 @@
-"""Both replies from one batched generate: equal to separate generations, always stopping, streamed."""
+"""Both replies from one batched decoding loop: equal to separate generations, always stopping, streamed."""
 
 from __future__ import annotations
 
@@ -40,14 +40,49 @@ def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
     assert base.token_ids != tuned.token_ids  # the adapter really changes the reply
 
 
+def test_a_finished_row_leaves_the_batch(default_model_dir):
+    """Once the shorter reply has ended, the longer one decodes alone, and to the same tokens.
+
+    The shipped adapter's replies are short and the base's long, which the tiny random model cannot
+    show; float32 keeps the batch-of-two and batch-of-one kernels bit-identical.
+    """
+    from inference.settings import DEFAULT_ADAPTER
+
+    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none")
+    comment, settings = "Thanks, great video!", GenerationSettings(max_new_tokens=40)
+    alone = [replier.reply(comment, settings, rows=[row])[0].token_ids for row in ("base", "adapter")]
+    replier.reply(comment, settings)  # caches the persona prefix: every forward below is a decoding step
+    batch_sizes: list[int] = []
+    hook = replier._causal_lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        base, tuned = replier.reply(comment, settings)
+    finally:
+        hook.remove()
+    assert [base.token_ids, tuned.token_ids] == alone
+    assert tuned.stopped and len(tuned.token_ids) < len(base.token_ids)
+    # The step that chose the fine-tuned reply's end of turn was the last one with two rows.
+    two_rows = len(tuned.token_ids) + 1
+    assert batch_sizes == [2] * two_rows + [1] * (len(base.token_ids) + base.stopped - two_rows)
+
+
+def test_sampling_follows_the_seed_and_still_stops(tiny_replier):
+    warm = GenerationSettings(max_new_tokens=24, temperature=1.0, top_p=0.9)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append([r.token_ids for r in tiny_replier.reply("Nice video", warm)])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert runs[0] != [r.token_ids for r in tiny_replier.reply("Nice video", GREEDY)]
+
+
 def test_the_persona_prefix_is_computed_once_and_reused_unchanged(tiny_replier):
     prefix = tiny_replier.prefix_ids
     assert len(prefix) > 10
     for comment in ("Thanks!", "a", "@user 42 — ¿sí?"):
         assert tiny_replier.prompt(comment).input_ids[: len(prefix)] == prefix
     # A comment whose first characters merge with the template's last token gets a full prefill.
-    spaced = torch.tensor([tiny_replier.prompt(" leading space").input_ids])
-    assert spaced[0, : len(prefix)].tolist() != prefix and tiny_replier._prefix_cache(("base",), spaced, None) == {}
+    spaced = tiny_replier.prompt(" leading space").input_ids
+    assert spaced[: len(prefix)] != prefix and tiny_replier._prefix_cache(("base",), spaced, None) is None
     first = tiny_replier.reply("Nice video", GREEDY)
     cache = tiny_replier._prefix_caches[("base", "adapter")]
     assert cache.get_seq_length() == len(prefix)
