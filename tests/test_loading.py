@@ -1,14 +1,18 @@
-"""Model loading: safetensors only, and no code from a model folder runs without --trust-remote-code."""
+"""Model loading: safetensors only, no code from a model folder runs without --trust-remote-code, bounded kernel cache."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from inference.loading import load_adapter, load_base_model
+from inference.settings import ROOT
 
 
 def test_a_pickle_only_model_is_refused(tiny_model_dir, tmp_path):
@@ -79,3 +83,33 @@ def test_a_model_loaded_for_training_never_switches_to_the_inference_layout(tiny
         model(input_ids=torch.tensor([[1, 2, 3]]))
     layer = model.model.layers[0].self_attn.q_proj
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+KERNEL_CACHE_PROBE = """
+import os, sys
+import torch
+from inference.loading import load_base_model
+
+load_base_model(sys.argv[1], "none", dtype=torch.bfloat16)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page / 2**20
+weight = torch.randn(576, 1536, dtype=torch.bfloat16, requires_grad=True)
+before = rss_mib()
+for width in range(100, 400):  # a new batch width per step, as in a training run
+    (torch.randn(width, 576, dtype=torch.bfloat16, requires_grad=True) @ weight).sum().backward()
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bfloat16 matmuls go through oneDNN only where the CPU computes bf16")
+def test_loading_a_model_bounds_onednn_kernel_cache(tiny_model_dir):
+    """A kernel per matmul shape, kept by oneDNN up to 1,024 shapes, grew training's peak by ~1 GiB."""
+    def growth(env: dict[str, str]) -> float:
+        run = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE, str(tiny_model_dir)], capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"} | env)
+        return float(run.stdout.strip().splitlines()[-1])
+
+    bounded, unbounded = growth({}), growth({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
+    assert bounded < unbounded - 200, (bounded, unbounded)
