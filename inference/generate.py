@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
+from inference.loading import unwrapped
 from prompts.render import Prompt, PromptRenderer
 
 Row = Literal["base", "adapter"]
@@ -211,15 +212,15 @@ class Replier:
         places = list(places or range(len(rows)))
         device = next(self.model.parameters()).device
         names = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows] if self.has_adapter and self.mixed_batches else None
-        cache = self._prefix_cache(rows, prompt_ids, names)
-        done = cache.get_seq_length() if cache is not None else 0
-        ids = torch.tensor([prompt_ids[done:]] * len(rows), device=device)
         # Stop on the chat template's end of turn, not only on the tokenizer's EOS: with pad == EOS
         # and no explicit stop, a reply never ends.
         stops = set(self.renderer.stop_ids)
         warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature), TopPLogitsWarper(settings.top_p)]) if settings.temperature > 0 else None
         with contextlib.ExitStack() as routing:
             routing.enter_context(self._routed(names))
+            cache = self._prefix_cache(rows, prompt_ids, device)
+            done = cache.get_seq_length() if cache is not None else 0
+            ids = torch.tensor([prompt_ids[done:]] * len(rows), device=device)
             for _ in range(settings.max_new_tokens):
                 if cancel.is_set():
                     return
@@ -253,8 +254,7 @@ class Replier:
 
     @functools.cached_property
     def _causal_lm(self) -> PreTrainedModel:
-        """The transformers model under peft's wrapper: its LoRA layers are what peft's routing hooks."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrapped(self.model)
 
     @functools.cached_property
     def _last_logits_only(self) -> dict[str, int]:
@@ -270,8 +270,9 @@ class Replier:
             shared += 1
         return probes[0][: shared - 1]  # the last shared token could merge with some comment's first characters
 
-    def _prefix_cache(self, rows: tuple[Row, ...], prompt_ids: list[int], adapter_names: list[str] | None) -> Any:
-        """A KV cache holding the prompt's shared prefix (computed once per set of rows), or None.
+    def _prefix_cache(self, rows: tuple[Row, ...], prompt_ids: list[int], device: torch.device) -> Any:
+        """A KV cache holding the prompt's shared prefix (computed once per set of rows, under their
+        adapter routing), or None.
 
         The persona is most of a prompt (143 of ~160 tokens for the default), so the first token
         waits only for the comment's own tokens. Each request gets a copy: decoding extends it.
@@ -280,9 +281,8 @@ class Replier:
         if len(prefix) < 2 or len(prompt_ids) <= len(prefix) or prompt_ids[: len(prefix)] != prefix:
             return None
         if rows not in self._prefix_caches:
-            ids = torch.tensor([prefix] * len(rows), device=next(self.model.parameters()).device)
-            extra = {"adapter_names": adapter_names} if adapter_names else {}
-            self._prefix_caches[rows] = self.model(input_ids=ids, use_cache=True, **extra, **self._last_logits_only).past_key_values
+            ids = torch.tensor([prefix] * len(rows), device=device)
+            self._prefix_caches[rows] = self._causal_lm(input_ids=ids, use_cache=True, **self._last_logits_only).past_key_values
         return copy.deepcopy(self._prefix_caches[rows])
 
 

@@ -56,6 +56,12 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+def unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model under peft's wrapper (itself when there is none): its LoRA layers are
+    peft's, so calling it runs the adapter while skipping the wrapper's per-call work."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 

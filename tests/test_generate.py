@@ -82,7 +82,7 @@ def test_the_persona_prefix_is_computed_once_and_reused_unchanged(tiny_replier):
         assert tiny_replier.prompt(comment).input_ids[: len(prefix)] == prefix
     # A comment whose first characters merge with the template's last token gets a full prefill.
     spaced = tiny_replier.prompt(" leading space").input_ids
-    assert spaced[: len(prefix)] != prefix and tiny_replier._prefix_cache(("base",), spaced, None) is None
+    assert spaced[: len(prefix)] != prefix and tiny_replier._prefix_cache(("base",), spaced, torch.device("cpu")) is None
     first = tiny_replier.reply("Nice video", GREEDY)
     cache = tiny_replier._prefix_caches[("base", "adapter")]
     assert cache.get_seq_length() == len(prefix)

@@ -177,7 +177,9 @@ class ReplyTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from inference.loading import unwrapped
+
+        causal = unwrapped(model)
         config = causal.config
         if config.is_encoder_decoder:  # every decoder position is a reply token: the plain head is right
             logits = model(**inputs).logits.float()
