@@ -2,12 +2,19 @@
 and epochs, each in its own process, plus the machine's bf16 matmul ceiling.
 
     python -m bench.train_throughput [--epochs 2]
+    python -m bench.train_throughput --mistral-7b     # on a GPU: a random-weight Mistral-7B
 
 The reference is the article's recipe as written, on the embedded default with NF4: transformers
 ``Trainer`` + ``DataCollatorForLanguageModeling`` (dynamic padding, loss on every token, pad = EOS),
 gradient checkpointing, LoRA r=8 alpha=32 on q_proj, batch 4, grad. acc. 4, lr 2e-4. Both runs
 are scored the same way afterwards: the held-out loss on reply tokens, with replytune's renderer.
-Prints a Markdown table for bench/RESULTS.md.
+
+``--mistral-7b`` runs the same comparison on Mistral-7B-Instruct-v0.2's architecture (its shipped
+config.json, random weights: memory and speed do not depend on the values, and nothing is
+downloaded) with NF4, LoRA r=16 on q/k/v/o/gate, max length 512, batch 4, as the speed issue asks.
+It needs a tokenizer: the embedded SmolLM2's (``--tokenizer`` names another folder), so the
+vocabulary is 49,152 instead of Mistral's 32,000. Held-out losses are not scored there (random
+weights: they say nothing). Prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -18,45 +25,94 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from training.config import ROOT
 
-# The speed issue's convention: a LoRA step costs about 6 x 135M FLOP per token of SmolLM2 (forward,
-# backward through the activations, and the weight-gradient share the 6N rule counts).
-FLOP_PER_TOKEN = 6 * 134.5e6
+MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
 
 
-def matmul_ceiling_gflops(size: int = 2048, repeats: int = 20) -> float:
-    """bf16 matrix-product throughput of this machine (the speed limit of a training step)."""
+@dataclass
+class LoraShape:
+    """The adapter both sides of a comparison train."""
+
+    r: int = 8
+    alpha: int = 32
+    targets: list[str] = field(default_factory=lambda: ["q_proj"])
+
+    def flags(self) -> list[str]:
+        return ["--lora-r", str(self.r), "--lora-alpha", str(self.alpha), "--target-modules", *self.targets]
+
+
+def flop_per_token(model_config) -> float:
+    """The speed issue's convention: a LoRA step costs about 6 FLOP per weight per token (forward,
+    backward through the activations, and the weight-gradient share the 6N rule counts); the input
+    embedding is a lookup, so it counts only when it is also the output head (tied)."""
+    from training.estimate import meta_model
+
+    model = meta_model(model_config)
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    return 6 * (sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel()))
+
+
+def matmul_ceiling_gflops(repeats: int = 20) -> float:
+    """bf16 matrix-product throughput of this machine's training device (a training step's speed limit)."""
     import torch
 
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+    cuda = torch.cuda.is_available()
+    size = 8192 if cuda else 2048
+    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda" if cuda else "cpu")
+    b = torch.randn_like(a)
     for _ in range(3):
         a @ b
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if cuda:
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def run_reference(out: Path, epochs: float) -> dict:
-    """The article's recipe (runs in a child process; see main)."""
-    import resource
+def random_mistral(folder: Path, tokenizer_path: str) -> Path:
+    """Mistral-7B-Instruct-v0.2's architecture with random bf16 weights, saved with a tokenizer so
+    that training.run loads it like any model folder (and quantizes it to NF4 as it loads)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
+    from inference.loading import load_tokenizer
+    from training.estimate import read_model_config
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = read_model_config(MISTRAL)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape) -> dict:
+    """The article's recipe (runs in a child process; see main)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
-    from inference.default_model import DEFAULT_BASE_MODEL
     from inference.loading import load_base_model, load_tokenizer
     from prompts.render import Persona
     from training.data import load_pairs
+    from training.trainer import peak_memory_gib
 
     set_seed(42)
-    tokenizer = load_tokenizer(DEFAULT_BASE_MODEL)
+    tokenizer = load_tokenizer(base_model)
     tokenizer.pad_token = tokenizer.eos_token  # as in the article
     persona = Persona.from_file()
     texts = [
@@ -65,15 +121,17 @@ def run_reference(out: Path, epochs: float) -> dict:
         )
         for p in load_pairs(ROOT / "data" / "train.jsonl")
     ]
-    data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"], add_special_tokens=False), batched=True, remove_columns=["text"])
-    model = load_base_model(DEFAULT_BASE_MODEL, "nf4", torch.bfloat16)
+    # The article truncates at 512 tokens; no example here is that long.
+    tokenize = lambda b: tokenizer(b["text"], add_special_tokens=False, truncation=True, max_length=512)  # noqa: E731
+    data = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
+    model = load_base_model(base_model, "nf4", torch.bfloat16)
     model = prepare_model_for_kbit_training(model)  # enables gradient checkpointing, as the article
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules=lora.targets, task_type="CAUSAL_LM"))
     args = TrainingArguments(
         output_dir=str(out / "ref-checkpoints"), num_train_epochs=epochs, learning_rate=2e-4,
         per_device_train_batch_size=4, gradient_accumulation_steps=4, gradient_checkpointing=True,
         warmup_steps=2, weight_decay=0.01, logging_strategy="epoch", save_strategy="no", eval_strategy="no",
-        bf16=True, use_cpu=True, report_to="none", optim="adamw_torch", disable_tqdm=True,
+        bf16=True, use_cpu=not torch.cuda.is_available(), report_to="none", optim="adamw_torch", disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     started = time.perf_counter()
@@ -81,59 +139,98 @@ def run_reference(out: Path, epochs: float) -> dict:
     seconds = time.perf_counter() - started
     model.save_pretrained(out / "reference")
     real_tokens = sum(len(ids) for ids in data["input_ids"]) * epochs
-    return {"tokens_per_s": real_tokens / seconds, "seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"tokens_per_s": real_tokens / seconds, "seconds": seconds, "peak_gib": peak_memory_gib()}
 
 
-def held_out_loss(adapter: Path) -> float:
+def held_out_loss(base_model: str, adapter: Path) -> float:
     """Reply-token loss on data/heldout.jsonl, measured the same way for every adapter."""
-    from inference.default_model import DEFAULT_BASE_MODEL
     from inference.generate import load_replier
     from training.data import load_pairs
     from training.evaluate import held_out_losses
 
-    replier = load_replier(DEFAULT_BASE_MODEL, str(adapter))
+    replier = load_replier(base_model, str(adapter))
     return held_out_losses(replier, load_pairs(ROOT / "data" / "heldout.jsonl"), 512)["adapter"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)")
+    parser.add_argument("--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)")
     parser.add_argument("--child", choices=("reference",), help=argparse.SUPPRESS)
+    parser.add_argument("--base-model", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "reference":
-        print(json.dumps(run_reference(args.out, args.epochs)))
+        print(json.dumps(run_reference(args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)))))
         return
 
+    from inference.default_model import DEFAULT_BASE_MODEL
+    from training.estimate import read_model_config
     from training.report import environment
 
     out = Path(tempfile.mkdtemp(prefix="replytune-bench-"))
+    if args.mistral_7b:
+        base_model = str(random_mistral(out / "mistral-7b-random", args.tokenizer or DEFAULT_BASE_MODEL))
+        lora = LoraShape(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+        # The voice evaluation after training generates replies: 4 held-out comments are enough for
+        # random weights, which never stop on their own.
+        eval_data = out / "heldout-4.jsonl"
+        eval_data.write_text("".join((ROOT / "data" / "heldout.jsonl").read_text().splitlines(keepends=True)[:4]))
+        ours = {
+            "training.run, same LoRA, default (limit: 90% of the GPU)": [],
+            "training.run, same LoRA, --memory-limit-gib 9": ["--memory-limit-gib", "9"],
+            "training.run, same LoRA, --gradient-checkpointing": ["--gradient-checkpointing"],
+        }
+        common = ["--base-model", base_model, "--eval-data", str(eval_data), *lora.flags(), "--batch-size", "4", "--grad-accum", "4",
+                  "--learning-rate", "2e-4", "--max-length", "512", "--no-doctor"]
+    else:
+        base_model, lora = DEFAULT_BASE_MODEL, LoraShape()
+        ours = {
+            "training.run, article hyperparameters, no checkpointing": ["--config", "article", "--no-gradient-checkpointing", "--memory-limit-gib", "24"],
+            "training.run, default (memory limit 1.7 GiB: 18 of 30 layers checkpointed)": [],
+            "training.run, default with the machine's 24 GiB as the limit (no checkpointing)": ["--memory-limit-gib", "24"],
+        }
+        common = []
     ceiling = matmul_ceiling_gflops()
     rows = {}
     # Each run in its own process, so peak memory is each run's own.
-    ref = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", "reference", "--out", str(out), "--epochs", str(args.epochs)], cwd=ROOT, capture_output=True, text=True, check=True)
-    rows["reference (article recipe)"] = {**json.loads(ref.stdout.strip().splitlines()[-1]), "loss": held_out_loss(out / "reference")}
-    for name, flags in {
-        "training.run, article hyperparameters": ["--config", "article", "--no-gradient-checkpointing", "--early-stopping-patience", "0"],
-        "training.run, default": ["--early-stopping-patience", "0"],
-        "training.run, default + --gradient-checkpointing": ["--early-stopping-patience", "0", "--gradient-checkpointing"],
-    }.items():
+    ref = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", "reference", "--out", str(out), "--epochs", str(args.epochs),
+                          "--base-model", base_model, "--lora", json.dumps(asdict(lora))], cwd=ROOT, capture_output=True, text=True)
+    if ref.returncode:
+        raise SystemExit(f"the reference run failed:\n{ref.stderr[-3000:]}")
+    rows["reference (article recipe)"] = {**json.loads(ref.stdout.strip().splitlines()[-1]), "adapter": out / "reference"}
+    print(rows["reference (article recipe)"], flush=True)
+    for name, flags in ours.items():
         folder = out / name.replace(" ", "_").replace(",", "")
-        cmd = [sys.executable, "-m", "training.run", *flags, "--epochs", str(args.epochs), "--output-dir", str(folder)]
-        subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "training.run", *flags, *common, "--early-stopping-patience", "0", "--epochs", str(args.epochs), "--output-dir", str(folder)]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
         summary = json.loads((folder / "training_summary.json").read_text())
-        rows[name] = {"tokens_per_s": summary["tokens_per_second"], "seconds": summary["wall_seconds"], "peak_gib": summary["peak_memory_gib"], "loss": held_out_loss(folder)}
+        plan = next(line for line in run.stdout.splitlines() if line.startswith("gradient checkpointing:"))
+        rows[name] = {"tokens_per_s": summary["tokens_per_second"], "seconds": summary["wall_seconds"], "peak_gib": summary["peak_memory_gib"], "adapter": folder, "plan": plan}
+        print(rows[name], flush=True)
+    for r in rows.values():
+        r["loss"] = None if args.mistral_7b else held_out_loss(base_model, r["adapter"])
 
     env = environment()
-    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']}, {env['cores']} cores, torch {env['libraries']['torch']}, "
+    device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores"
+    print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
           f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}")
-    print(f"{args.epochs:g} epochs on data/train.jsonl; bf16 matmul ceiling {ceiling:.0f} GFLOP/s\n")
+    per_token = flop_per_token(read_model_config(base_model))
+    print(f"{args.epochs:g} epochs on data/train.jsonl; bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token\n")
     base = rows["reference (article recipe)"]["tokens_per_s"]
     print("| run | real tokens/s | x reference | share of the bf16 ceiling | peak memory | held-out loss (reply tokens) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        share = r["tokens_per_s"] * FLOP_PER_TOKEN / (ceiling * 1e9)
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {r['loss']:.4f} |")
+        share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
+        loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |")
+    for name, r in rows.items():
+        if "plan" in r:
+            print(f"{name}: {r['plan']}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "int8", "none")
 # a new shape: those kernels grew the default recipe's peak from 2.6 to 3.6 GiB over two epochs.
 # A training step and a reply reuse a few shapes of their own, so 32 kept the same speed.
 ONEDNN_KERNEL_CACHE = 32
-
-
 def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
     """Whether the model is an encoder-decoder (T5, BART): it reads the comment and writes the reply
     with separate stacks, and is trained on input -> target pairs rather than a chat template."""
@@ -132,6 +130,7 @@ def load_base_model(
         kwargs["attn_implementation"] = "eager"
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = auto.from_pretrained(path, **kwargs)
+    own_memory(model)
     use_cpu_inference_layout(model, not for_training)
     if for_training:
         # gptqmodel's CPU kernel picks its path on the first forward: in eval mode it switches for
@@ -141,6 +140,19 @@ def load_base_model(
             if hasattr(module, "linear_mode") and module.linear_mode is None:
                 module.linear_mode = "train"
     return model
+
+
+def own_memory(model: PreTrainedModel) -> None:
+    """Copy the weights that are still views of the memory-mapped checkpoint file into memory of their own.
+
+    transformers hands out unquantized tensors (embeddings, norms) as views of the mmapped
+    safetensors file; one view keeps the whole mapping alive, with every page that loading read
+    (quantizing the rest) in the process's resident memory: ~200 MB for SmolLM2, in the peak of
+    every CPU run. A file-backed storage is the one that cannot be resized.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
+            tensor.data = tensor.data.clone()
 
 
 def use_cpu_inference_layout(model: PreTrainedModel, allowed: bool) -> None:

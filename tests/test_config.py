@@ -47,6 +47,14 @@ def test_help_documents_every_field():
         assert "--" + f.name.replace("_", "-") in text
     for flag in ("--config", "--data", "--base-model", "--epochs", "--output-dir", "--resume", "--push-to-hub", "--check-data"):
         assert flag in text
+    # Each field's help is printed as written, "%" included (argparse %-formats help strings).
+    flat = " ".join(text.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert " ".join(f.metadata["help"].split()) in flat
+
+
+def test_training_hash_ignores_how_memory_is_saved():
+    assert TrainConfig().training_hash() == TrainConfig(memory_limit_gib=2.0).training_hash()
 
 
 def test_training_hash_ignores_where_output_goes():

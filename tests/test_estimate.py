@@ -11,12 +11,12 @@ from training.estimate import GiB, EstimateError, estimate, estimate_for_config,
 def test_mistral_7b_is_estimated_offline_from_its_shipped_config(capsys):
     config = read_model_config("mistralai/Mistral-7B-Instruct-v0.2")  # HF_HUB_OFFLINE=1: the shipped file
     result = estimate(config, storage="nf4", compute_bytes=2, lora_r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
-                      batch_size=4, seq_len=512, gradient_checkpointing=True, on_cpu=False)
+                      batch_size=4, seq_len=512, checkpointed_layers=32, on_cpu=False)
     assert result.parameters == 7_241_732_096  # Mistral-7B's true count, not peft's packed-4-bit "3.7B"
     # LoRA r=16 on q,k,v,o (4096->4096, 4096->1024 twice, 4096->4096) and gate (4096->14336), 32 layers
     assert result.trainable == 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + (4096 + 14336))
     assert 3.4 * GiB < result.weights < 4.2 * GiB  # NF4 linear layers + bf16 embeddings and head
-    assert result.activations_checkpointed < result.activations
+    assert result.activations(32) < result.activations(16) < result.activations(0)
     assert main(["--config", "nf4-mistral-dolly", "--seq-len", "512", "--gpu-memory", "24GiB"]) == 0
     assert "fits" in capsys.readouterr().out
 
@@ -26,7 +26,7 @@ def test_counts_match_a_real_lora_model(tiny_model_dir):
     from training.trainer import count_parameters, lora_model
 
     train_config = TrainConfig(base_model=str(tiny_model_dir), target_modules=["q_proj", "v_proj", "down_proj"], lora_r=4)
-    model = lora_model(load_base_model(str(tiny_model_dir), "nf4"), train_config)
+    model = lora_model(load_base_model(str(tiny_model_dir), "nf4"), train_config, 0)
     trainable, total = count_parameters(model)
     result = estimate_for_config(train_config)
     assert result.trainable == trainable

@@ -147,9 +147,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
         train(tiny_config(resume=True))
 
 
-def test_unknown_target_module_lists_the_real_ones(tiny_config):
-    with pytest.raises(ValueError, match="linear layers of this model: .*q_proj"):
-        train(tiny_config(target_modules=["query_key_value"]))
+def test_unknown_target_module_lists_the_real_ones(tiny_config, capsys):
+    from training.run import main
+
+    config = tiny_config()
+    assert main(["--base-model", config.base_model, "--data", config.data, "--eval-data", config.eval_data, "--output-dir", config.output_dir,
+                 "--target-modules", "query_key_value"]) == 2
+    assert "error: target_modules ['query_key_value'] are not in this model; its linear layers: " in capsys.readouterr().err
 
 
 def lora_gradients(trainer, batch) -> dict[str, torch.Tensor]:
@@ -160,23 +164,27 @@ def lora_gradients(trainer, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainer_and_batch(config: TrainConfig):
+    """A run's trainer on the tiny model, its LoRA B matrices non-zero (fresh ones are zero, which
+    would hide the gradient through A), and a batch of four training examples."""
+    from inference.loading import compute_dtype, load_base_model
+    from training.run import prepare_examples
+    from training.trainer import build_trainer, trainable_model
+
+    prepared = prepare_examples(config)
+    torch.manual_seed(0)
+    model = trainable_model(load_base_model(config.base_model, "nf4", compute_dtype(), for_training=True), config, 0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, compute_dtype())
+    return trainer, trainer.data_collator([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples[:4]])
+
+
 def test_evaluation_before_training_leaves_the_gradients_intact(tiny_config):
     """bitsandbytes repacks NF4 weights for a no-backward CPU kernel on an eval forward; a run
     evaluates the base before its first step, and must still train with the full gradient."""
-    from inference.loading import compute_dtype, load_base_model
-    from training.run import prepare_examples
-    from training.trainer import ReplyCollator, build_trainer, trainable_model
-
-    config = tiny_config(lora_dropout=0.0)
-    prepared = prepare_examples(config)
-    torch.manual_seed(0)
-    model = trainable_model(load_base_model(config.base_model, "nf4", compute_dtype(), for_training=True), config)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # fresh LoRA B is zero, which would hide the gradient through A
-            torch.nn.init.normal_(param, std=0.05)
-    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, compute_dtype())
-    batch = ReplyCollator(prepared.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples[:4]])
-
+    trainer, batch = trainer_and_batch(tiny_config(lora_dropout=0.0))
     before = lora_gradients(trainer, batch)
     trainer.evaluate()
     after = lora_gradients(trainer, batch)
@@ -209,6 +217,75 @@ def test_lora_model_uses_fast_dropout_on_every_lora_input(tiny_config):
     from inference.loading import load_base_model
     from training.trainer import FastDropout, lora_model
 
-    model = lora_model(load_base_model(tiny_config().base_model, "nf4", for_training=True), tiny_config(lora_dropout=0.1))
+    model = lora_model(load_base_model(tiny_config().base_model, "nf4", for_training=True), tiny_config(lora_dropout=0.1), 0)
     dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
     assert dropouts and all(isinstance(d, FastDropout) and d.p == 0.1 for d in dropouts)
+
+
+def test_checkpointing_some_layers_recomputes_only_those_with_the_same_gradients(tiny_config, monkeypatch):
+    """k of the layers are recomputed in the backward pass (their MLP runs twice), fewer activations
+    are kept, and the LoRA gradients are those of the run without checkpointing (dropout included)."""
+    from training.trainer import enable_checkpointing
+
+    trainer, batch = trainer_and_batch(tiny_config(lora_dropout=0.1))
+    model = trainer.model
+    layers = model.base_model.model.model.layers
+    calls = [0] * len(layers)
+    # Counted in forward itself: module hooks do not fire when checkpointing recomputes a layer.
+    mlp_forward = type(layers[0].mlp).forward
+
+    def counted(self, *args, **kwargs):
+        calls[[layer.mlp for layer in layers].index(self)] += 1
+        return mlp_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(layers[0].mlp), "forward", counted)
+
+    def step() -> tuple[dict[str, torch.Tensor], int]:
+        calls[:] = [0] * len(layers)
+        saved = []
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in every run
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, sum(saved)
+
+    model.train()
+    plain, plain_bytes = step()
+    assert calls == [1, 1]
+    enable_checkpointing(model, 1)
+    one, one_bytes = step()
+    assert calls == [2, 1]  # only the first layer is recomputed
+    enable_checkpointing(model, 2)
+    both, both_bytes = step()
+    assert calls == [2, 2]
+    assert both_bytes < one_bytes < plain_bytes
+    for name in plain:
+        torch.testing.assert_close(one[name], plain[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(both[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, capsys):
+    from training.estimate import GiB, estimate_for_config
+
+    config = tiny_config(epochs=1)
+    estimate = estimate_for_config(config, 64, limit=None)
+    assert estimate.checkpointed_layers == 0 and estimate.layers == 2
+    # Checkpointing the last layer saves nothing: the backward pass recomputes it first thing.
+    assert estimate.total_with(1) < estimate.total_with(0) and estimate.total_with(2) > estimate.total_with(1)
+    # A limit between one and no checkpointed layer: exactly one is checkpointed.
+    between = (estimate.total_with(1) + estimate.total_with(0)) / 2
+    assert estimate_for_config(config, 64, limit=between).checkpointed_layers == 1
+    assert estimate_for_config(config, 64, limit=estimate.total_with(0)).checkpointed_layers == 0
+    assert estimate_for_config(config, 64, limit=estimate.total_with(1) - 1).checkpointed_layers == 2  # cannot fit: all of them
+    assert estimate_for_config(tiny_config(gradient_checkpointing=True), 64, limit=None).checkpointed_layers == 2
+
+    # In a run, the limit applies to batches of the data's longest example, and the plan is printed.
+    from training.run import prepare_examples
+
+    longest = estimate_for_config(config, prepare_examples(config).summary.longest, limit=None)
+    with_limit = tiny_config(epochs=1, memory_limit_gib=(longest.total_with(0) - 1) / GiB)
+    assert train(with_limit) == 0
+    out = capsys.readouterr().out
+    assert "gradient checkpointing: 1 of 2 layers, the fewest that keep the estimate under the memory limit" in out
+    assert json.loads((Path(with_limit.output_dir) / "training_summary.json").read_text())["config"]["memory_limit_gib"] == with_limit.memory_limit_gib

@@ -53,40 +53,67 @@ class Estimate:
     trainable_weights: float
     gradients: float
     optimizer: float
-    activations: float
-    activations_checkpointed: float
+    layers: int
+    layer_activations: float  # what one layer keeps for backward when it is not checkpointed
+    layer_input: float  # what a checkpointed layer keeps: its input
     logits: float
     runtime: float
     loading: float
-    gradient_checkpointing: bool
+    checkpointed_layers: int  # 0 = no gradient checkpointing, layers = all of them
+
+    def activations(self, checkpointed: int) -> float:
+        """Peak activations with the first ``checkpointed`` layers recomputed in the backward pass.
+
+        The peak is at the end of the forward pass, or, with every layer checkpointed, while one
+        layer is recomputed: the backward pass reaches the first layers last, when the other
+        layers' activations are already freed.
+        """
+        kept = (self.layers - checkpointed) * self.layer_activations + checkpointed * self.layer_input
+        return max(kept, checkpointed * self.layer_input + (self.layer_activations if checkpointed else 0))
+
+    def total_with(self, checkpointed: int) -> float:
+        training = self.weights + self.trainable_weights + self.gradients + self.optimizer + self.logits + self.runtime + self.activations(checkpointed)
+        # The mapped checkpoint file is let go once the model is loaded (see inference.loading.own_memory).
+        return max(training, self.runtime + self.weights + self.loading)
 
     @property
     def total(self) -> float:
-        acts = self.activations_checkpointed if self.gradient_checkpointing else self.activations
-        return self.weights + self.trainable_weights + self.gradients + self.optimizer + acts + self.logits + self.runtime + self.loading
+        return self.total_with(self.checkpointed_layers)
+
+    def layers_to_fit(self, limit: float) -> int | None:
+        """The fewest layers to checkpoint so that the estimate stays within ``limit`` bytes (None:
+        not even with every layer checkpointed). Each checkpointed layer costs one more forward pass
+        of that layer, so checkpointing only as many as memory needs keeps most of the speed."""
+        return next((k for k in range(self.layers + 1) if self.total_with(k) <= limit), None)
 
     def summary(self) -> str:
         return (
             f"{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f}, trainable + gradients + optimizer "
             f"{(self.trainable_weights + self.gradients + self.optimizer) / GiB:.2f}, activations "
-            f"{(self.activations_checkpointed if self.gradient_checkpointing else self.activations) / GiB:.2f}, "
-            f"logits {self.logits / GiB:.2f}, runtime {(self.runtime + self.loading) / GiB:.2f})"
+            f"{self.activations(self.checkpointed_layers) / GiB:.2f}, "
+            f"logits {self.logits / GiB:.2f}, runtime {self.runtime / GiB:.2f})"
         )
 
     def table(self) -> str:
+        k = self.checkpointed_layers
         rows = [
             ("weights (frozen base)", self.weights),
             ("trainable parameters", self.trainable_weights),
             ("gradients", self.gradients),
             ("optimizer states", self.optimizer),
-            ("activations, no checkpointing" + (" " if self.gradient_checkpointing else " *"), self.activations),
-            ("activations, gradient checkpointing" + (" *" if self.gradient_checkpointing else " "), self.activations_checkpointed),
+            ("activations, no checkpointing" + (" " if k else " *"), self.activations(0)),
+            ("activations, gradient checkpointing" + (" *" if k == self.layers else " "), self.activations(self.layers)),
+        ]
+        if 0 < k < self.layers:
+            rows.append((f"activations, {k} of {self.layers} layers checkpointed *", self.activations(k)))
+        rows += [
             ("output-head logits", self.logits),
             ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime),
-            ("checkpoint file mapped while loading (CPU)", self.loading),
         ]
-        lines = [f"{'part':40} {'GiB':>8}"] + [f"{name:40} {value / GiB:8.3f}" for name, value in rows]
-        lines.append(f"{'total (* = the activations counted)':40} {self.total / GiB:8.3f}")
+        lines = [f"{'part':44} {'GiB':>8}"] + [f"{name:44} {value / GiB:8.3f}" for name, value in rows]
+        lines.append(f"{'total (* = the activations counted)':44} {self.total / GiB:8.3f}")
+        if self.loading:
+            lines.append(f"(while loading, before training: {(self.runtime + self.weights + self.loading) / GiB:.3f} GiB with the checkpoint file mapped)")
         return "\n".join(lines)
 
 
@@ -129,7 +156,7 @@ def estimate(
     target_modules: list[str] | None,
     batch_size: int,
     seq_len: int,
-    gradient_checkpointing: bool,
+    checkpointed_layers: int = 0,
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
 ) -> Estimate:
@@ -166,7 +193,8 @@ def estimate(
 
     trained_bytes = 4 if lora_r is not None else compute_bytes
     # On a CPU the process maps the checkpoint file while it loads (quantizing it, for NF4), and
-    # those pages count in its peak; a quantized checkpoint's file is about its quantized size.
+    # those pages count in its resident memory until loading ends; a quantized checkpoint's file is
+    # about its quantized size.
     stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
     loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
     hidden, inner, layers = _widths(config)
@@ -177,9 +205,8 @@ def estimate(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     per_layer_scores = batch_size * heads * seq_len**2 * (4 + compute_bytes) if on_cpu else 0
-    activations = tokens * layers * per_layer_token + layers * per_layer_scores
-    # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    checkpointed = tokens * layers * hidden * compute_bytes + tokens * per_layer_token + per_layer_scores
+    if not 0 <= checkpointed_layers <= layers:
+        raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
     logits = tokens * vocab * 4 * 2  # float32 logits and their gradient
     return Estimate(
@@ -190,12 +217,13 @@ def estimate(
         gradients=trainable * trained_bytes,
         # AdamW keeps two moments in the parameter's dtype; 8-bit AdamW one byte each.
         optimizer=trainable * (2 * trained_bytes if optimizer == "adamw" else 2),
-        activations=activations,
-        activations_checkpointed=checkpointed,
+        layers=layers,
+        layer_activations=tokens * per_layer_token + per_layer_scores,
+        layer_input=tokens * hidden * compute_bytes,
         logits=logits,
         runtime=CPU_RUNTIME_BYTES if on_cpu else 0.0,
         loading=loading,
-        gradient_checkpointing=gradient_checkpointing,
+        checkpointed_layers=checkpointed_layers,
     )
 
 
@@ -210,9 +238,27 @@ def _widths(config) -> tuple[int, int, int]:
     return hidden, inner, layers
 
 
-def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool | None = None) -> Estimate:
+# On a CPU with no limit given: a default run of the embedded model stays under 2 GiB. The estimate
+# is of one step; a run's heap grows ~0.05-0.1 GiB per epoch past it (bench/RESULTS.md).
+CPU_MEMORY_LIMIT_GIB = 1.7
+
+
+def memory_limit(train_config) -> float:
+    """Bytes a run may use: ``memory_limit_gib``, else on a GPU 90% of the card (the rest is the
+    CUDA context and the allocator's slack), else CPU_MEMORY_LIMIT_GIB."""
+    import torch
+
+    if train_config.memory_limit_gib is not None:
+        return train_config.memory_limit_gib * GiB
+    if torch.cuda.is_available():
+        return 0.9 * torch.cuda.get_device_properties(0).total_memory
+    return CPU_MEMORY_LIMIT_GIB * GiB
+
+
+def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool | None = None, limit: float | None = None) -> Estimate:
     """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
-    machine's device unless ``on_cpu`` says which."""
+    machine's device unless ``on_cpu`` says which, with the layers it checkpoints: every layer with
+    ``gradient_checkpointing``, else the fewest that keep it within ``limit`` bytes."""
     import torch
 
     from inference.loading import compute_dtype
@@ -222,7 +268,7 @@ def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool |
     config = read_model_config(train_config.base_model)
     if getattr(config, "quantization_config", None):
         storage = "gptq"
-    return estimate(
+    result = estimate(
         config,
         storage=storage,
         compute_bytes=torch.finfo(dtype).bits // 8,  # training.run loads every base in this dtype
@@ -231,9 +277,14 @@ def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool |
         batch_size=train_config.batch_size,
         seq_len=seq_len or train_config.max_length,
         optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
-        gradient_checkpointing=train_config.gradient_checkpointing,
         on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
     )
+    if train_config.gradient_checkpointing:
+        result.checkpointed_layers = result.layers
+    elif limit is not None:
+        fit = result.layers_to_fit(limit)
+        result.checkpointed_layers = result.layers if fit is None else fit
+    return result
 
 
 def parse_size(text: str) -> float:
@@ -260,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_config, _ = load_config(flags)
         # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
-        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None)
+        limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)
+        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit)
     except (ConfigError, EstimateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -269,11 +321,24 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"
     )
     print(result.table())
+    print(checkpointing_plan(result, limit, train_config.gradient_checkpointing))
     if args.gpu_memory:
-        gpu = result.total
-        verdict = "fits" if gpu <= args.gpu_memory else "does not fit"
-        print(f"GPU: {gpu / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about 0.5 GiB of CUDA context)")
+        verdict = "fits" if result.total <= args.gpu_memory else "does not fit"
+        print(f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about 0.5 GiB of CUDA context)")
     return 0
+
+
+def checkpointing_plan(result: Estimate, limit: float, forced: bool) -> str:
+    """One line: how many layers are checkpointed, and why."""
+    k, layers = result.checkpointed_layers, result.layers
+    if forced:
+        return f"gradient checkpointing: all {layers} layers (gradient_checkpointing is on)"
+    if result.total > limit:
+        return (f"gradient checkpointing: all {layers} layers, and the estimate ({result.total / GiB:.2f} GiB) is still above the "
+                f"memory limit ({limit / GiB:.2f} GiB, --memory-limit-gib): if memory runs out, lower --batch-size or --max-length")
+    if k == 0:
+        return f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
+    return f"gradient checkpointing: {k} of {layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -68,13 +68,15 @@ def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) ->
     examples, _ = tokenize_pairs(pairs, replier.renderer, max_length)
     collate = ReplyCollator(replier.tokenizer.pad_token_id)
     model = replier.model
+    device = next(model.parameters()).device
 
     def loss() -> float:
         total = count = 0
         with torch.inference_mode():
             for e in examples:
                 n = sum(label != -100 for label in e.labels)
-                total += model(**collate([{"input_ids": e.input_ids, "labels": e.labels}])).loss.item() * n
+                batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
+                total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
                 count += n
         return total / count
 

@@ -48,6 +48,7 @@ from training.checkpoints import (
     write_json_atomic,
 )
 from training.doctor import DoctorError, Finding, diagnose, format_report
+from training.estimate import EstimateError
 
 RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         config, sources = load_config(argv)
         print_settings(config, sources)
         return train(config)
-    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, PermissionError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, EstimateError, PermissionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -177,22 +178,27 @@ def train(config: TrainConfig) -> int:
     import torch
 
     from training import report
-    from training.estimate import estimate_for_config
-    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, ready_for_generation, trainable_model
+    from training.estimate import checkpointing_plan, estimate_for_config, memory_limit
+    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, ready_for_generation, return_large_blocks_to_the_system, trainable_model
 
     from transformers import set_seed
 
     from inference.loading import compute_dtype, load_base_model
 
+    return_large_blocks_to_the_system()
     set_seed(config.seed)  # before the LoRA weights are initialised, so --seed fixes them too
     dtype = compute_dtype()
+    # Batches are grouped by length, so the longest example's batch is the run's peak.
+    limit = memory_limit(config)
+    estimate = estimate_for_config(config, summary.longest, limit=limit)
     model = load_base_model(config.base_model, config.quantization, dtype, config.trust_remote_code, for_training=True)
-    model = trainable_model(model, config)
+    model = trainable_model(model, config, estimate.checkpointed_layers)
     trainable, total = count_parameters(model)
     what = "LoRA" if config.method == "lora" else "full fine-tune"
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
-    print(f"memory estimate (batches up to {summary.longest} tokens): {estimate_for_config(config, summary.longest).summary()}")
+    print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
+    print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
 
     trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype)
     run_file = output / CHECKPOINTS / RUN_FILE
@@ -217,7 +223,7 @@ def train(config: TrainConfig) -> int:
         # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError or Python's MemoryError.
         if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(exc):
             raise
-        raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1)) from exc
+        raise TrainingStopped(out_of_memory_message(config, trainer.state.global_step + 1, estimate)) from exc
     except OSError as exc:
         if exc.errno not in NO_ROOM_ERRNOS:
             raise
@@ -315,15 +321,12 @@ def save_adapter(model, tokenizer, persona: Persona, output: Path) -> None:
     staging.rmdir()
 
 
-def out_of_memory_message(config: TrainConfig, step: int) -> str:
-    from training.estimate import estimate_for_config
-
-    estimate = estimate_for_config(config)
+def out_of_memory_message(config: TrainConfig, step: int, estimate) -> str:
     return (
         f"out of memory at step {step}. Estimated need for this run: {estimate.summary()}. "
         f"Lower --batch-size (now {config.batch_size}; raise --grad-accum to keep the effective batch) "
         f"or --max-length (now {config.max_length})"
-        + ("" if config.gradient_checkpointing else ", or turn on --gradient-checkpointing")
+        + ("" if estimate.checkpointed_layers == estimate.layers else ", or set a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing")
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,25 @@ from training.checkpoints import CHECKPOINTS, write_failure
 from training.config import TrainConfig
 
 RUNS = "runs"
+# glibc serves an allocation from its heap once an mmapped one of that size has been freed (its
+# mmap threshold rises, up to 32 MiB); a step's activations then land between longer-lived
+# allocations, and the heap cannot give the freed space back: a default run's resident memory grew
+# ~0.1 GiB per epoch, ~0.2 GiB above what it used. A fixed 1 MiB threshold returns each large
+# tensor to the system when it is freed; replytune's bf16 steps ran at the same speed, while the
+# article's recipe (float32 activations, recomputed) ran 30% slower with it, so it is set for
+# training runs only (bench/RESULTS.md).
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+
+
+def return_large_blocks_to_the_system() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (glibc's own
+    MALLOC_MMAP_THRESHOLD_ variable, when set, wins)."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):  # glibc; other C libraries manage large blocks their own way
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,7 +58,7 @@ class NonFiniteLoss(RuntimeError):
         self.value = value
 
 
-def lora_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
+def lora_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers: int) -> PreTrainedModel:
     """Wrap the (quantized) base with fresh LoRA adapters; only those are trained.
 
     peft's prepare_model_for_kbit_training is not used: it casts every non-quantized weight to
@@ -45,7 +67,7 @@ def lora_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
     """
     from peft import LoraConfig, get_peft_model
 
-    enable_checkpointing(model, config)
+    enable_checkpointing(model, checkpointed_layers)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -53,20 +75,17 @@ def lora_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
         target_modules=config.target_modules,
         task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
     )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__})
-        raise ValueError(f"target_modules {config.target_modules}: {exc}; linear layers of this model: {', '.join(names)}") from exc
+    model = get_peft_model(model, lora)  # target_modules were checked by the memory estimate, which runs first
     from peft.tuners.lora.bnb import Linear4bit
 
+    on_cpu = next(model.parameters()).device.type == "cpu"  # a GPU's dropout is one fused kernel already
     for module in model.modules():
         if isinstance(module, Linear4bit):
             # peft copies every LoRA input to float32 (the adapter's dtype) and back; under the
             # autocast of ReplyTrainer the adapter's matmuls run in the compute dtype on the input as
             # it is, while its weights and optimizer state stay float32.
             module.cast_input_dtype_enabled = False
-        if getattr(module, "lora_dropout", None) is not None:
+        if on_cpu and getattr(module, "lora_dropout", None) is not None:
             for name, dropout in module.lora_dropout.items():
                 if isinstance(dropout, torch.nn.Dropout):
                     module.lora_dropout[name] = FastDropout(dropout.p)
@@ -108,17 +127,25 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def enable_checkpointing(model: PreTrainedModel, config: TrainConfig) -> None:
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
+def enable_checkpointing(model: PreTrainedModel, layers: int) -> None:
+    """Recompute the first ``layers`` decoder layers in the backward pass instead of keeping their
+    activations (training.estimate picks how many a memory limit needs)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not layers:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
+    # A model whose blocks are not GradientCheckpointingLayers checkpoints them all, by its own flag.
+    for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][layers:]:
+        block.gradient_checkpointing = False
 
 
-def trainable_model(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
+def trainable_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers: int) -> PreTrainedModel:
     """The model the optimizer updates: LoRA adapters on a frozen base, or (method full) every weight."""
     if config.method == "lora":
-        return lora_model(model, config)
-    enable_checkpointing(model, config)
+        return lora_model(model, config, checkpointed_layers)
+    enable_checkpointing(model, checkpointed_layers)
     model.requires_grad_(True)
     return model
 
@@ -163,6 +190,17 @@ class ReplyCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class TrainingCollator(ReplyCollator):
+    """ReplyCollator plus ``learned_positions``: the flat indices of the positions whose next token
+    is learned, found here on the CPU. Selecting them on a GPU with a boolean mask would make the
+    host wait for the GPU once per forward pass."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["learned_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        return batch
+
+
 class ReplyTrainer(Trainer):
     """A Trainer whose loss computes the LM head only where a label is learned.
 
@@ -176,11 +214,17 @@ class ReplyTrainer(Trainer):
     # accumulated batch, so the Trainer must not divide it by the accumulation steps again.
     loss_is_scaled_for_ga = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_losses: list[torch.Tensor] = []  # of the forward passes since the last update
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from inference.loading import unwrapped
 
         causal = unwrapped(model)
         config = causal.config
+        inputs = dict(inputs)
+        positions = inputs.pop("learned_positions")
         if config.is_encoder_decoder:  # every decoder position is a reply token: the plain head is right
             logits = model(**inputs).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -194,18 +238,21 @@ class ReplyTrainer(Trainer):
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
             hidden = causal.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        learned = labels != IGNORE_INDEX
-        logits = causal.get_output_embeddings()(hidden[:, :-1][learned]).float()
-        loss = torch.nn.functional.cross_entropy(logits, labels[learned], reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1))
+        logits = causal.get_output_embeddings()(hidden[:, :-1].flatten(0, 1).index_select(0, positions)).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels.flatten().index_select(0, positions), reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(positions.numel(), 1))
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Checked every forward pass, before the optimizer step: one NaN gradient would make every
-        # weight NaN, and the Trainer would go on logging and saving the ruined adapter.
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(self.state.global_step + 1, loss.item())
+        # Checked before every optimizer step: one NaN gradient would make every weight NaN, and the
+        # Trainer would go on logging and saving the ruined adapter. The losses of the accumulated
+        # forward passes are checked together, so that the host waits for the GPU once per update.
+        self._pending_losses.append(loss.detach())
+        if self.accelerator.sync_gradients:
+            losses, self._pending_losses = torch.stack(self._pending_losses), []
+            if not torch.isfinite(losses).all():
+                raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
         return loss
 
     def _save_checkpoint(self, model, trial):
@@ -338,7 +385,7 @@ def build_trainer(
         args=args,
         train_dataset=to_dataset(train),
         eval_dataset=to_dataset(evals),
-        data_collator=ReplyCollator(tokenizer.pad_token_id),
+        data_collator=TrainingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
