@@ -140,12 +140,13 @@ def test_disk_full_is_one_clear_error_and_resumes(limit, what, tiny_model_dir, d
 
 
 def test_out_of_memory_names_the_estimate_and_what_to_lower(tiny_model_dir, data, tmp_path):
-    # A batch of all 24 examples needs one 80 MB logits tensor, more than the 48 MiB left.
-    child = run_child("memory", make_config(tiny_model_dir, data, tmp_path / "out", batch_size=24))
+    # A batch of all 24 examples needs one 80 MB logits tensor, more than the 48 MiB left. With a
+    # generous limit no layer is checkpointed, so checkpointing is among the advice.
+    child = run_child("memory", make_config(tiny_model_dir, data, tmp_path / "out", batch_size=24, memory_limit_gib=24.0))
     assert child.returncode == 2, child.stderr[-3000:]
     assert "error: out of memory at step 1" in child.stderr
     assert "Estimated need for this run:" in child.stderr and "GiB" in child.stderr
-    assert "--batch-size (now 24" in child.stderr and "--gradient-checkpointing" in child.stderr
+    assert "--batch-size (now 24" in child.stderr and "a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing" in child.stderr
 
 
 def test_too_little_disk_is_refused_before_training(tiny_model_dir, data, tmp_path, monkeypatch):
