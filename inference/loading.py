@@ -29,6 +29,8 @@ QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "int8", "none")
 # a new shape: those kernels grew the default recipe's peak from 2.6 to 3.6 GiB over two epochs.
 # A training step and a reply reuse a few shapes of their own, so 32 kept the same speed.
 ONEDNN_KERNEL_CACHE = 32
+
+
 def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
     """Whether the model is an encoder-decoder (T5, BART): it reads the comment and writes the reply
     with separate stacks, and is trained on input -> target pairs rather than a chat template."""
