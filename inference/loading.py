@@ -127,9 +127,10 @@ def load_base_model(
     elif quantization != "none":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if for_training and not torch.cuda.is_available():
-        # torch's CPU flash-attention backward was 22% of a training step at replytune's lengths
-        # (~200 tokens); the plain softmax(QK^T)V path computes the same and trains ~25% faster.
-        kwargs["attn_implementation"] = "eager"
+        from inference.attention import training_attention
+
+        # The plain softmax(QK^T)V path, in the fewest passes (see inference.attention).
+        kwargs["attn_implementation"] = training_attention(config)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = auto.from_pretrained(path, **kwargs)
     own_memory(model)

@@ -170,3 +170,34 @@ def test_a_training_run_gives_large_tensors_back_to_the_system_when_freed():
     # and then manages to trim it all; a few tries make that chance negligible.
     kept = [left_resident({"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}) for _ in range(3)]
     assert max(kept) > 30, kept
+
+
+def test_training_attention_on_a_cpu_gives_eager_attentions_outputs_and_gradients(tiny_model_dir):
+    """Query heads grouped against their shared key/value head, the scale on the queries, the
+    softmax in the compute dtype: in float32 (nothing rounds differently) the same logits and
+    gradients as transformers' eager attention, padding included."""
+    from transformers import AutoModelForCausalLM
+
+    from inference.attention import GROUPED
+
+    grouped = load_base_model(str(tiny_model_dir), "none", for_training=True)
+    assert grouped.config._attn_implementation == GROUPED
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    assert eager.config.num_key_value_heads < eager.config.num_attention_heads  # grouped-query attention
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 6:] = 0
+    results = []
+    for model in (grouped, eager):
+        model.train()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits.square().mean(-1) * mask).sum().backward()
+        results.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (grouped_logits, grouped_grads), (eager_logits, eager_grads) = results
+    real = mask.bool()
+    torch.testing.assert_close(grouped_logits[real], eager_logits[real], atol=1e-5, rtol=1e-5)
+    assert grouped_grads.keys() == eager_grads.keys()
+    for name, grad in grouped_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -8,7 +8,7 @@ for Mistral-7B without downloading its 14 GB of weights. Each part is counted fr
 * trainable parameters (LoRA matrices, or every weight in a full fine-tune), their gradients and
   the optimizer's state (AdamW: two float32 moments; 8-bit AdamW: two bytes);
 * activations kept for the backward pass, per token and layer, with and without gradient
-  checkpointing (on a CPU also the eager attention's probabilities), plus the output-head logits
+  checkpointing (on a CPU also the attention probabilities), plus the output-head logits
   of the learned positions;
 * on a CPU, the resident memory of Python, PyTorch and the libraries themselves (measured: see
   ``bench/RESULTS.md``), since a CPU run's peak is its whole process.
@@ -164,6 +164,8 @@ def estimate(
     the compute dtype; LoRA matrices are kept in float32)."""
     import torch
 
+    from inference.attention import GROUPED, training_attention
+
     model = meta_model(config)
     head = model.get_output_embeddings()
     head_weight = head.weight if head is not None else None
@@ -200,11 +202,13 @@ def estimate(
     hidden, inner, layers = _widths(config)
     tokens = batch_size * seq_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
-    # On a CPU, training uses eager attention (see load_base_model), which keeps each layer's
-    # attention probabilities: a float32 softmax and its compute-dtype copy per head and query-key pair.
+    # On a CPU, training attention is the plain softmax(QK^T)V path (see load_base_model), which
+    # keeps each layer's attention probabilities per head and query-key pair: in the compute dtype
+    # (inference.attention), or transformers' eager float32 softmax plus its compute-dtype copy.
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
-    per_layer_scores = batch_size * heads * seq_len**2 * (4 + compute_bytes) if on_cpu else 0
+    score_bytes = compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
+    per_layer_scores = batch_size * heads * seq_len**2 * score_bytes if on_cpu else 0
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
