@@ -134,7 +134,7 @@ def enable_checkpointing(model: PreTrainedModel, layers: int) -> None:
 
     if not layers:
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
     # A model whose blocks are not GradientCheckpointingLayers checkpoints them all, by its own flag.
     for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][layers:]:
