@@ -280,12 +280,79 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
     assert estimate_for_config(config, 64, limit=estimate.total_with(1) - 1).checkpointed_layers == 2  # cannot fit: all of them
     assert estimate_for_config(tiny_config(gradient_checkpointing=True), 64, limit=None).checkpointed_layers == 2
 
-    # In a run, the limit applies to batches of the data's longest example, and the plan is printed.
+    # In a run, the limit applies to batches of the data's longest example (sharing the prompt's
+    # prefix: smaller than padded rows), and the plan is printed.
     from training.run import prepare_examples
 
-    longest = estimate_for_config(config, prepare_examples(config).summary.longest, limit=None)
+    prepared = prepare_examples(config)
+    assert prepared.shared_prefix() > 0
+    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prepared.shared_prefix())
+    assert longest.total_with(0) < estimate_for_config(config, prepared.summary.longest, limit=None).total_with(0)
     with_limit = tiny_config(epochs=1, memory_limit_gib=(longest.total_with(0) - 1) / GiB)
     assert train(with_limit) == 0
     out = capsys.readouterr().out
     assert "gradient checkpointing: 1 of 2 layers, the fewest that keep the estimate under the memory limit" in out
     assert json.loads((Path(with_limit.output_dir) / "training_summary.json").read_text())["config"]["memory_limit_gib"] == with_limit.memory_limit_gib
+
+
+def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_it_saves_work():
+    from prompts.render import IGNORE_INDEX, Example
+    from training.trainer import shared_prefix_length
+
+    def example(ids, learned_from):
+        return Example(ids, [IGNORE_INDEX] * learned_from + ids[learned_from:], 0)
+
+    same = [example([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20 + i], 11) for i in range(4)]
+    assert shared_prefix_length(same, 4, 64) == 10  # position 10 predicts the learned token 11
+    assert shared_prefix_length(same, 1, 64) == 0  # one row: nothing to share
+    assert shared_prefix_length([example([1, 2, 3, 4], 2), example([9, 2, 3, 4], 2)], 2, 64) == 0  # no common start
+    # 100 of 400 tokens shared by 8 rows: one row of 2,500 tokens would do fewer token computations
+    # than 8 x 400, but its 6.25M attention scores (vs 1.28M) cost more for a 64-wide model, not
+    # for a 4,096-wide one.
+    rows = [example([*range(100), *range(1000 * i, 1000 * i + 300)], 100) for i in range(1, 9)]
+    assert shared_prefix_length(rows, 8, 64) == 0
+    assert shared_prefix_length(rows, 8, 4096) == 99
+
+
+@pytest.mark.parametrize("attention", ["replytune_grouped", "eager", "sdpa"])
+def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_padded_rows(tiny_config, tmp_path, attention):
+    """The chat template and persona that every example starts with are computed once per batch;
+    the examples' own tokens see them and their own earlier tokens only, at their own positions."""
+    from inference.loading import load_base_model
+    from training.run import prepare_examples
+    from training.trainer import TrainingCollator, build_trainer, trainable_model
+
+    config = tiny_config(lora_dropout=0.0, quantization="none")
+    comments = ["hi", "what camera do you use for the outdoor shots?", "great video", "could you explain the loss curve at 12:30 again, slower?"]
+    Path(config.data).write_text("".join(json.dumps({"comment": c, "response": f"Thanks! ({len(c)}) –Maya"}) + "\n" for c in comments))
+    prepared = prepare_examples(config)
+    prefix = prepared.shared_prefix()
+    lengths = [len(e.input_ids) for e in prepared.train_examples]
+    assert prefix > 0 and len(set(lengths)) == 4
+
+    torch.manual_seed(0)
+    model = trainable_model(load_base_model(config.base_model, "none", torch.float32, for_training=True), config, 0)
+    model.set_attn_implementation(attention)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, torch.float32, prefix)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples]
+    packed = trainer.data_collator(rows)
+    padded = TrainingCollator(prepared.tokenizer.pad_token_id)(rows)
+    assert packed["input_ids"].shape == (1, prefix + sum(n - prefix for n in lengths))
+    assert (packed["shift_labels"] != -100).sum() == (padded["shift_labels"] != -100).sum()
+
+    def loss_and_gradients(batch):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    packed_loss, packed_grads = loss_and_gradients(packed)
+    padded_loss, padded_grads = loss_and_gradients(padded)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert all(g.abs().max() > 0 for n, g in padded_grads.items() if ".layers.0." in n)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)

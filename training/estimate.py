@@ -156,12 +156,14 @@ def estimate(
     target_modules: list[str] | None,
     batch_size: int,
     seq_len: int,
+    shared_prefix: int = 0,
     checkpointed_layers: int = 0,
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
 ) -> Estimate:
     """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
-    the compute dtype; LoRA matrices are kept in float32)."""
+    the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
+    computes once for all its rows, packed into one row (training.trainer.shared_prefix_length)."""
     import torch
 
     from inference.attention import GROUPED, training_attention
@@ -199,8 +201,9 @@ def estimate(
     # about its quantized size.
     stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
     loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
-    hidden, inner, layers = _widths(config)
-    tokens = batch_size * seq_len
+    hidden, inner, layers = model_widths(config)
+    rows, row_len = (1, shared_prefix + batch_size * (seq_len - shared_prefix)) if shared_prefix else (batch_size, seq_len)
+    tokens = rows * row_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
     # On a CPU, training attention is the plain softmax(QK^T)V path (see load_base_model), which
     # keeps each layer's attention probabilities per head and query-key pair: in the compute dtype
@@ -208,7 +211,7 @@ def estimate(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     score_bytes = compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
-    per_layer_scores = batch_size * heads * seq_len**2 * score_bytes if on_cpu else 0
+    per_layer_scores = rows * heads * row_len**2 * score_bytes if on_cpu else 0
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
@@ -231,7 +234,7 @@ def estimate(
     )
 
 
-def _widths(config) -> tuple[int, int, int]:
+def model_widths(config) -> tuple[int, int, int]:
     """(hidden size, MLP width, layers that keep activations) of a decoder or encoder-decoder config."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None)
@@ -259,7 +262,9 @@ def memory_limit(train_config) -> float:
     return CPU_MEMORY_LIMIT_GIB * GiB
 
 
-def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool | None = None, limit: float | None = None) -> Estimate:
+def estimate_for_config(
+    train_config, seq_len: int | None = None, on_cpu: bool | None = None, limit: float | None = None, shared_prefix: int = 0
+) -> Estimate:
     """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
     machine's device unless ``on_cpu`` says which, with the layers it checkpoints: every layer with
     ``gradient_checkpointing``, else the fewest that keep it within ``limit`` bytes."""
@@ -280,6 +285,7 @@ def estimate_for_config(train_config, seq_len: int | None = None, on_cpu: bool |
         target_modules=train_config.target_modules,
         batch_size=train_config.batch_size,
         seq_len=seq_len or train_config.max_length,
+        shared_prefix=shared_prefix,
         optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
         on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
     )

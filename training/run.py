@@ -126,6 +126,16 @@ class Prepared:
 
     seq2seq: bool
 
+    def shared_prefix(self) -> int:
+        """The tokens a training batch computes once for all its rows (training.trainer.shared_prefix_length)."""
+        from training.estimate import model_widths, read_model_config
+        from training.trainer import shared_prefix_length
+
+        if self.seq2seq:
+            return 0
+        hidden = model_widths(read_model_config(self.config.base_model))[0]
+        return shared_prefix_length(self.train_examples + self.eval_examples, self.config.batch_size, hidden)
+
     def diagnose(self) -> tuple[list[Finding], str]:
         from inference.loading import load_tokenizer
         from training.trainer import ReplyCollator
@@ -179,7 +189,16 @@ def train(config: TrainConfig) -> int:
 
     from training import report
     from training.estimate import checkpointing_plan, estimate_for_config, memory_limit
-    from training.trainer import RUNS, NonFiniteLoss, build_trainer, count_parameters, peak_memory_gib, ready_for_generation, return_large_blocks_to_the_system, trainable_model
+    from training.trainer import (
+        RUNS,
+        NonFiniteLoss,
+        build_trainer,
+        count_parameters,
+        peak_memory_gib,
+        ready_for_generation,
+        return_large_blocks_to_the_system,
+        trainable_model,
+    )
 
     from transformers import set_seed
 
@@ -190,17 +209,22 @@ def train(config: TrainConfig) -> int:
     dtype = compute_dtype()
     # Batches are grouped by length, so the longest example's batch is the run's peak.
     limit = memory_limit(config)
-    estimate = estimate_for_config(config, summary.longest, limit=limit)
+    prefix = prepared.shared_prefix()
+    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix)
     model = load_base_model(config.base_model, config.quantization, dtype, config.trust_remote_code, for_training=True)
     model = trainable_model(model, config, estimate.checkpointed_layers)
     trainable, total = count_parameters(model)
     what = "LoRA" if config.method == "lora" else "full fine-tune"
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
+    if prefix:
+        packed = prefix + config.batch_size * (summary.longest - prefix)
+        print(f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
+              f"the longest batch is {packed} tokens instead of {config.batch_size} x {summary.longest}")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
 
-    trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype)
+    trainer, stats = build_trainer(config, model, tokenizer, train_examples, eval_examples, dtype, prefix)
     run_file = output / CHECKPOINTS / RUN_FILE
     if checkpoint is None:
         base_eval = trainer.evaluate()["eval_loss"]

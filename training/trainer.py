@@ -190,15 +190,89 @@ class ReplyCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int) -> int:
+    """How many leading tokens a batch computes once for all its examples (0: each row computes its own).
+
+    Every example opens with the same chat template and persona: 143 of the default data's ~181
+    tokens. Within a step the weights are the same for every row, so those positions' activations
+    are too: a batch packs into one row, the shared prefix once, then each example's own tokens,
+    which attend to the prefix and to their own earlier tokens only, at the positions they have in
+    the example. Logits, loss and gradients are the same as with padded rows (the prefix's gradient
+    is the sum of the rows' contributions, as before), for about 2.5x fewer token computations on
+    the default data. One thing differs: LoRA dropout on a prefix position draws one mask for the
+    batch rather than one per row (same expectation, rows correlated at those positions).
+
+    The prefix stops before the first position that predicts a learned token, since a shared
+    position has one hidden state. The one packed row has more attention scores than each padded
+    row: it is used when it costs less for a batch of the longest examples, counting a token's
+    layer work (~24 hidden^2 FLOPs) as 6 hidden attention scores (4 hidden FLOPs each).
+    """
+    if batch_size < 2 or not examples:
+        return 0
+    prefix = len(os.path.commonprefix([e.input_ids for e in examples]))
+    first_learned = min(next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples)
+    prefix = min(prefix, first_learned - 1, min(len(e.input_ids) for e in examples) - 1)
+    longest = max(len(e.input_ids) for e in examples)
+    packed = prefix + batch_size * (longest - prefix)
+    scores_per_token = 6 * hidden_size
+    packed_cost = packed + packed**2 / scores_per_token
+    padded_cost = batch_size * (longest + longest**2 / scores_per_token)
+    return prefix if prefix > 0 and packed_cost < padded_cost else 0
+
+
 class TrainingCollator(ReplyCollator):
-    """ReplyCollator plus ``learned_positions``: the flat indices of the positions whose next token
-    is learned, found here on the CPU. Selecting them on a GPU with a boolean mask would make the
-    host wait for the GPU once per forward pass."""
+    """Batches for ReplyTrainer's causal-LM loss: ``shift_labels``, the token each position predicts
+    (IGNORE_INDEX where none is learned; the Trainer counts the learned tokens from it), and
+    ``learned_positions``, their flat indices, found here on the CPU: selecting them on a GPU with a
+    boolean mask would make the host wait for the GPU once per forward pass.
+
+    With ``prefix`` (see shared_prefix_length) a batch is packed into one row: the prefix, then each
+    example's remaining tokens, with ``position_ids`` and ``segments`` (-1 on the prefix, the row's
+    index on its own tokens) from which ReplyTrainer builds the attention mask.
+    """
+
+    def __init__(self, pad_token_id: int, prefix: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.prefix = prefix
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = super().__call__(rows)
-        batch["learned_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        if self.prefix:
+            batch = self._packed(rows)
+        else:
+            batch = super().__call__(rows)
+            labels = batch["labels"]
+            batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        batch["learned_positions"] = (batch["shift_labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
         return batch
+
+    def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        p = self.prefix
+        ids, labels, shift, positions, segments = [rows[0]["input_ids"][:p]], [[IGNORE_INDEX] * p], [[IGNORE_INDEX] * p], [range(p)], [[-1] * p]
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids.append(r["input_ids"][p:])
+            labels.append(r["labels"][p:])
+            shift.append([*r["labels"][p + 1 :], IGNORE_INDEX])  # the last token predicts nothing
+            positions.append(range(p, n))
+            segments.append([i] * (n - p))
+        row = lambda parts: torch.tensor([[x for part in parts for x in part]], dtype=torch.long)  # noqa: E731
+        return {"input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions), "segments": row(segments)}
+
+
+def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, 1, T, T) attention mask of a packed batch (TrainingCollator): a token sees the shared
+    prefix and the earlier tokens of its own example. Boolean for SDPA; additive for eager-style
+    attention, as transformers builds them."""
+    from inference.attention import GROUPED
+
+    segment = segments[0]
+    allowed = torch.ones(segment.numel(), segment.numel(), dtype=torch.bool, device=segment.device).tril_()
+    allowed &= (segment[None, :] < 0) | (segment[None, :] == segment[:, None])
+    if implementation == "sdpa":
+        return allowed[None, None]
+    if implementation not in ("eager", GROUPED):
+        raise NotImplementedError(f"packed batches need eager or sdpa attention, not {implementation}")
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 class ReplyTrainer(Trainer):
@@ -223,8 +297,6 @@ class ReplyTrainer(Trainer):
 
         causal = unwrapped(model)
         config = causal.config
-        inputs = dict(inputs)
-        positions = inputs.pop("learned_positions")
         if config.is_encoder_decoder:  # every decoder position is a reply token: the plain head is right
             logits = model(**inputs).logits.float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -232,14 +304,21 @@ class ReplyTrainer(Trainer):
             return (loss, {"loss": loss}) if return_outputs else loss
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise NotImplementedError(f"{config.model_type}: logits are post-processed; the reply-only head does not apply")
-        labels = inputs["labels"][:, 1:]  # position t predicts token t + 1
+        positions = inputs["learned_positions"]
         # The base model is called directly (the head comes below), past accelerate's autocast
         # wrapper of the top-level forward; the LoRA layers rely on autocast (see lora_model).
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would copy every key and value
+        if "segments" in inputs:
+            mask_dtype = dtype or causal.get_input_embeddings().weight.dtype
+            forward["attention_mask"] = shared_prefix_mask(inputs["segments"], config._attn_implementation, mask_dtype)
+            forward["position_ids"] = inputs["position_ids"]
+        else:
+            forward["attention_mask"] = inputs["attention_mask"]
         with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
-            hidden = causal.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        logits = causal.get_output_embeddings()(hidden[:, :-1].flatten(0, 1).index_select(0, positions)).float()
-        loss = torch.nn.functional.cross_entropy(logits, labels.flatten().index_select(0, positions), reduction="sum")
+            hidden = causal.base_model(**forward).last_hidden_state
+        logits = causal.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions)).float()
+        loss = torch.nn.functional.cross_entropy(logits, inputs["shift_labels"].flatten().index_select(0, positions), reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(positions.numel(), 1))
         return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -338,7 +417,9 @@ def build_trainer(
     train: list[Example],
     evals: list[Example],
     compute_dtype: torch.dtype,
+    prefix: int = 0,
 ) -> tuple[Trainer, RunStats]:
+    """The Trainer of a run; ``prefix``: the tokens a batch shares (shared_prefix_length)."""
     from torch.utils.tensorboard import SummaryWriter
 
     output = Path(config.output_dir)
@@ -385,7 +466,7 @@ def build_trainer(
         args=args,
         train_dataset=to_dataset(train),
         eval_dataset=to_dataset(evals),
-        data_collator=TrainingCollator(tokenizer.pad_token_id),
+        data_collator=ReplyCollator(tokenizer.pad_token_id) if model.config.is_encoder_decoder else TrainingCollator(tokenizer.pad_token_id, prefix),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
