@@ -167,6 +167,7 @@ def estimate(
     import torch
 
     from inference.attention import GROUPED, training_attention
+    from training.trainer import packed_row_length
 
     model = meta_model(config)
     head = model.get_output_embeddings()
@@ -202,7 +203,7 @@ def estimate(
     stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
     loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
     hidden, inner, layers = model_widths(config)
-    rows, row_len = (1, shared_prefix + batch_size * (seq_len - shared_prefix)) if shared_prefix else (batch_size, seq_len)
+    rows, row_len = (1, packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
     tokens = rows * row_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
     # On a CPU, training attention is the plain softmax(QK^T)V path (see load_base_model), which

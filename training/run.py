@@ -194,6 +194,7 @@ def train(config: TrainConfig) -> int:
         NonFiniteLoss,
         build_trainer,
         count_parameters,
+        packed_row_length,
         peak_memory_gib,
         ready_for_generation,
         return_large_blocks_to_the_system,
@@ -218,7 +219,7 @@ def train(config: TrainConfig) -> int:
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(output / CHECKPOINTS, trainable, config.save_total_limit))
     if prefix:
-        packed = prefix + config.batch_size * (summary.longest - prefix)
+        packed = packed_row_length(prefix, config.batch_size, summary.longest)
         print(f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
               f"the longest batch is {packed} tokens instead of {config.batch_size} x {summary.longest}")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")

@@ -190,6 +190,11 @@ class ReplyCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def packed_row_length(prefix: int, batch_size: int, length: int) -> int:
+    """Tokens of one packed row: the shared prefix once, then each example's own tokens."""
+    return prefix + batch_size * (length - prefix)
+
+
 def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int) -> int:
     """How many leading tokens a batch computes once for all its examples (0: each row computes its own).
 
@@ -213,7 +218,7 @@ def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: 
     first_learned = min(next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples)
     prefix = min(prefix, first_learned - 1, min(len(e.input_ids) for e in examples) - 1)
     longest = max(len(e.input_ids) for e in examples)
-    packed = prefix + batch_size * (longest - prefix)
+    packed = packed_row_length(prefix, batch_size, longest)
     scores_per_token = 6 * hidden_size
     packed_cost = packed + packed**2 / scores_per_token
     padded_cost = batch_size * (longest + longest**2 / scores_per_token)
