@@ -50,8 +50,8 @@ class TrainConfig:
     # --- optimisation
     epochs: float = field(default=5.0, metadata={"help": "passes over the training data (early stopping may end sooner)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "examples per forward pass"})
-    grad_accum: int = field(default=2, metadata={"help": "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
+    grad_accum: int = field(default=1, metadata={"help": "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
     optim: Literal["adamw_torch", "paged_adamw_8bit"] = field(default="adamw_torch", metadata={"help": "optimizer; paged_adamw_8bit (bitsandbytes, GPU) keeps its states in 8 bits"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute every layer's activations in the backward pass: least memory, about 30% slower"})
