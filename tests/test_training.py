@@ -356,3 +356,32 @@ def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_
     assert all(g.abs().max() > 0 for n, g in padded_grads.items() if ".layers.0." in n)
     for name in padded_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_evaluation_loss_is_the_mean_over_held_out_reply_tokens_however_they_are_batched(tiny_config):
+    """Early stopping, the best checkpoint and the reported held-out loss read this number: one
+    reply token weighs the same in it whether the held-out examples come 1, 4 or 5 to a batch."""
+    from dataclasses import replace
+
+    from inference.loading import load_base_model
+    from training.run import prepare_examples
+    from training.trainer import ReplyCollator, build_trainer, trainable_model
+
+    config = tiny_config(quantization="none")
+    replies = ["Thanks!", "Glad it helped, and thanks for watching the whole series –Maya", "Yes", "I use a small mirrorless camera and one prime lens for all of it –Maya", "Noted, fixed in the description –Maya"]
+    Path(config.eval_data).write_text("".join(json.dumps({"comment": f"comment {i}", "response": r}) + "\n" for i, r in enumerate(replies)))
+    prepared = prepare_examples(config)
+    torch.manual_seed(0)
+    model = trainable_model(load_base_model(config.base_model, "none", torch.float32, for_training=True), config, 0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.eval()
+    batch = ReplyCollator(prepared.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.eval_examples])
+    with torch.no_grad():
+        token_mean = model(**batch).loss.item()  # transformers' causal-LM loss: the mean over every learned token
+
+    for batch_size in (1, 4, 5):
+        prefix = prepared.shared_prefix() if batch_size > 1 else 0
+        trainer, _ = build_trainer(replace(config, batch_size=batch_size), model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, torch.float32, prefix)
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(token_mean, rel=1e-5), batch_size
