@@ -1,10 +1,11 @@
-"""Reply latency of the app's model: both replies from one mixed batch, vs one reply alone, vs two
-replies one after the other, over the held-out comments.
+"""Reply latency per backend: both replies (the app), each reply alone, many comments at once (the
+voice evaluation and `inference.compare`), and raw llama.cpp single-stream decoding of the same GGUF
+file as the ceiling, all in one run on one machine.
 
-    python -m bench.reply_latency [--comments data/heldout.jsonl] [--limit 23] [--max-new-tokens 160]
+    python -m bench.reply_latency [--backends llama.cpp transformers] [--limit 8] [--max-new-tokens 160]
 
-Prints a Markdown table (median and p90 of time to first token and total time per comment) to
-paste into bench/RESULTS.md, with the machine and library versions.
+Prints Markdown tables to paste into bench/RESULTS.md, with the machine, its CPU flags and the
+library versions.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from pathlib import Path
 
 from inference.compare import read_comments
 from inference.default_model import DEFAULT_BASE_MODEL
-from inference.generate import GenerationSettings, load_replier
+from inference.generate import GenerationSettings, StreamingReplier, load_replier
 from inference.settings import DEFAULT_ADAPTER, ROOT
 from training.report import environment
+
+MODES = {
+    "both replies (the app)": ("base", "adapter"),
+    "one reply alone (base + prompt)": ("base",),
+    "one reply alone (fine-tuned)": ("adapter",),
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -26,56 +33,91 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def raw_llama_decode(gguf: Path, prompt_ids: list[int], tokens: int) -> float:
+    """Tokens/s of llama-cpp-python's own ``Llama`` decoding one sequence greedily, no replytune code."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from inference.llamacpp import cpu_threads
+
+    llm = Llama(str(gguf), n_ctx=2048, n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False)
+    llm.eval(prompt_ids)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return tokens / (time.perf_counter() - started)
+
+
+def latency_table(replier: StreamingReplier, comments: list[str], settings: GenerationSettings) -> tuple[list[str], float]:
+    """Rows of the per-comment table; the median decode speed of the longer reply in the app's mode."""
+    results = {mode: {"first": [], "total": [], "tokens": []} for mode in MODES}
+    longer_speed = []
+    for comment in comments:
+        for mode, rows in MODES.items():
+            started = time.perf_counter()
+            replies = replier.reply(comment, settings, rows=rows)
+            results[mode]["total"].append(time.perf_counter() - started)
+            results[mode]["first"].append(min(r.first_token_s for r in replies))
+            results[mode]["tokens"].append(sum(len(r.token_ids) for r in replies))
+            if mode == "both replies (the app)":
+                longer = max(replies, key=lambda r: len(r.token_ids))
+                # Decoding speed: the tokens after the first, over the time after the first.
+                longer_speed.append((len(longer.token_ids) - 1) / max(1e-9, longer.seconds - longer.first_token_s))
+    # Both replies run as many steps as the longer one, so each comment is compared with the slower
+    # of its two replies alone.
+    alone = [max(b, a) for b, a in zip(results["one reply alone (base + prompt)"]["total"], results["one reply alone (fine-tuned)"]["total"])]
+    lines = []
+    for mode, r in results.items():
+        ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
+        lines.append(
+            f"| {replier.backend} | {mode} | {statistics.median(r['first']):.2f} s | {percentile(r['first'], 0.9):.2f} s | "
+            f"{statistics.median(r['total']):.2f} s | {percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
+        )
+    return lines, statistics.median(longer_speed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comments", type=Path, default=ROOT / "data" / "heldout.jsonl")
-    parser.add_argument("--limit", type=int, default=23)
+    parser.add_argument("--many", type=Path, nargs="+", default=[ROOT / "data" / "heldout.jsonl", ROOT / "data" / "train.jsonl"], help="comments for the many-at-once rows")
+    parser.add_argument("--limit", type=int, default=8, help="comments in the per-comment table")
+    parser.add_argument("--backends", nargs="+", choices=("llama.cpp", "transformers"), default=["llama.cpp", "transformers"])
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
-    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4", help="the transformers backend's base")
     args = parser.parse_args()
 
-    replier = load_replier(args.base_model, args.adapter, args.quantization)
-    replier.warm_up()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     comments = read_comments(args.comments)[: args.limit]
-    modes = {
-        "both replies, one mixed batch (the app)": [("base", "adapter")],
-        "one reply alone (base + prompt)": [("base",)],
-        "one reply alone (fine-tuned)": [("adapter",)],
-        "two replies, one after the other": [("base",), ("adapter",)],
-    }
-    results: dict[str, dict[str, list[float]]] = {m: {"first": [], "total": [], "tokens": []} for m in modes}
-    for comment in comments:
-        for mode, passes in modes.items():
+    many = [c for path in args.many for c in read_comments(path)]
+    table = ["| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for backend in args.backends:
+        started = time.perf_counter()
+        replier = load_replier(args.base_model, args.adapter, args.quantization, backend=backend)
+        replier.warm_up()
+        notes.append(f"{backend}: loaded in {time.perf_counter() - started:.1f} s")
+        lines, speed = latency_table(replier, comments, settings)
+        table += lines
+        notes.append(f"{backend}: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)")
+        for count in (23, 30):
             started = time.perf_counter()
-            first = None
-            tokens = 0
-            for rows in passes:
-                replies = replier.reply(comment, settings, rows=rows)
-                if first is None:
-                    first = min(r.first_token_s for r in replies if r.first_token_s is not None)
-                tokens += sum(len(r.token_ids) for r in replies)
-            results[mode]["first"].append(first or 0.0)
-            results[mode]["total"].append(time.perf_counter() - started)
-            results[mode]["tokens"].append(tokens)
+            done = list(replier.replies(many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)))
+            notes.append(f"{backend}: {len(done)} comments, both replies (max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s")
+        if backend == "llama.cpp":
+            ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
+            notes.append(f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
+                         f"the app's longer reply reaches {speed / ceiling:.0%} of it")
+            replier.close()
 
     env = environment()
-    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']}, {env['cores']} cores, torch {env['libraries']['torch']}, "
-          f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}")
-    print(f"{len(comments)} held-out comments, {args.quantization} base, greedy, max {args.max_new_tokens} new tokens\n")
-    # A batch runs as many decoding steps as its longer reply, so each comment's times are compared
-    # with the slower of its two replies generated alone.
-    alone = [max(b, a) for b, a in zip(results["one reply alone (base + prompt)"]["total"], results["one reply alone (fine-tuned)"]["total"])]
-    print("| mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
-        print(
-            f"| {mode} | {statistics.median(r['first']):.2f} s | {percentile(r['first'], 0.9):.2f} s | "
-            f"{statistics.median(r['total']):.2f} s | {percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
-        )
+    libs = env["libraries"]
+    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; "
+          + ", ".join(f"{name} {libs[name]}" for name in sorted(libs)))
+    print(f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} new tokens; transformers on a {args.quantization} base\n")
+    print("\n".join(table) + "\n")
+    print("\n".join(f"- {note}" for note in notes))
 
 
 if __name__ == "__main__":

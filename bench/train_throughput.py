@@ -148,7 +148,7 @@ def held_out_loss(base_model: str, adapter: Path) -> float:
     from training.data import load_pairs
     from training.evaluate import held_out_losses
 
-    replier = load_replier(base_model, str(adapter))
+    replier = load_replier(base_model, str(adapter), backend="transformers")  # the NF4 model that was trained
     return held_out_losses(replier, load_pairs(ROOT / "data" / "heldout.jsonl"), 512)["adapter"]
 
 

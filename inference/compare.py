@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from inference.generate import GenerationSettings, Replier, Reply
+from inference.generate import GenerationSettings, Reply, StreamingReplier
+from inference.loading import BACKENDS
 
 MAX_COMMENTS = 500
 
@@ -55,10 +56,9 @@ def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
     }
 
 
-def compare(replier: Replier, comments: list[str], settings: GenerationSettings, signature: str | None) -> Iterator[dict[str, Any]]:
-    """One row per comment, as each is done (both replies come from one batched generation)."""
-    for comment in comments:
-        replies = replier.reply(comment, settings)
+def compare(replier: StreamingReplier, comments: list[str], settings: GenerationSettings, signature: str | None) -> Iterator[dict[str, Any]]:
+    """One row per comment, as each is done (llama.cpp decodes several comments at once)."""
+    for comment, replies in zip(comments, replier.replies(comments, settings)):
         yield {"comment": comment, **{r.row: reply_record(r, signature) for r in replies}}
 
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
     parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     args = parser.parse_args(argv)
     try:
@@ -113,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     adapter = None if args.adapter.lower() == "none" else args.adapter
-    replier = load_replier(args.base_model, adapter, args.quantization)
+    replier = load_replier(args.base_model, adapter, args.quantization, backend=args.backend)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     rows = []
     from tqdm.auto import tqdm
 
     for row in tqdm(compare(replier, comments, settings, replier.renderer.persona.signature), total=len(comments), desc="comparing"):
         rows.append(row)
-    labels = pane_labels(args.base_model, adapter)
+    labels = pane_labels(args.base_model, adapter, replier.backend)
     table = to_html(rows, labels) if args.out and args.out.suffix.lower() == ".html" else to_markdown(rows, labels)
     if args.out:
         args.out.write_text(table, encoding="utf-8")

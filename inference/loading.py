@@ -24,6 +24,24 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "int8", "none"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "int8", "none")
+Backend = Literal["auto", "llama.cpp", "transformers"]
+BACKENDS: tuple[Backend, ...] = ("auto", "llama.cpp", "transformers")
+
+
+def resolve_backend(backend: Backend, base_model: str) -> Literal["llama.cpp", "transformers"]:
+    """``auto``: llama.cpp on a CPU (its kernels decode several times faster there than torch's),
+    transformers on a GPU and for a GPTQ base (llama.cpp cannot read GPTQ weights)."""
+    if backend != "auto":
+        return backend
+    import torch
+
+    if torch.cuda.is_available():
+        return "transformers"
+    from inference.gguf_convert import is_gptq
+
+    return "transformers" if is_gptq(local_model_dir(base_model)) else "llama.cpp"
+
+
 # oneDNN, behind torch's bfloat16 CPU matmuls, keeps a compiled kernel for every shape it has met,
 # up to 1,024 by default. Every batch width of a training run and every prompt length in the app is
 # a new shape: those kernels grew the default recipe's peak from 2.6 to 3.6 GiB over two epochs.
@@ -42,6 +60,17 @@ def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
 def resolve_base_model(name: str) -> str:
     """A local folder or Hub id as given; the embedded default's name becomes its cached folder."""
     return str(default_model_dir()) if name == DEFAULT_BASE_MODEL else name
+
+
+def local_model_dir(name: str) -> Path:
+    """A folder holding the model's files: a local folder as given, the embedded default's cached one,
+    or a Hub model's snapshot (downloaded by huggingface_hub, the one step here that needs the network)."""
+    path = Path(resolve_base_model(name))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name))
 
 
 def compute_dtype() -> torch.dtype:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID
+from inference.loading import BACKENDS, Backend
 from inference.loading import QUANTIZATIONS, Quantization
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,7 @@ class AppSettings:
     base_model: str
     adapter: str | None
     quantization: Quantization
+    backend: Backend
     host: str | None
     port: int | None
     flywheel_dir: Path | None
@@ -35,6 +37,12 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
     parser.add_argument("--base-model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL), help="local folder or Hub id [env BASE_MODEL]")
     parser.add_argument("--adapter", default=env.get("ADAPTER", str(DEFAULT_ADAPTER)), help=f"adapter folder or Hub id, '{NO_ADAPTER}' for the base alone [env ADAPTER]")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=env.get("QUANTIZATION", "nf4"), help="nf4 (4-bit) or none (full precision) [env QUANTIZATION]")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env.get("BACKEND", "auto"),
+        help="auto: llama.cpp on a CPU, transformers on a GPU (and for GPTQ) [env BACKEND]",
+    )
     parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME"), help="address to listen on [env GRADIO_SERVER_NAME]")
     parser.add_argument("--port", type=int, default=int(env["GRADIO_SERVER_PORT"]) if env.get("GRADIO_SERVER_PORT") else None, help="port [env GRADIO_SERVER_PORT]")
     parser.add_argument(
@@ -50,18 +58,19 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
         base_model=args.base_model,
         adapter=adapter,
         quantization=args.quantization,
+        backend=args.backend,
         host=args.host,
         port=args.port,
         flywheel_dir=Path(args.flywheel_dir) if args.flywheel_dir else None,
     )
 
 
-def pane_labels(base_model: str, adapter: str | None) -> dict[str, str]:
-    """Names for the two panes that say which model each one is."""
+def pane_labels(base_model: str, adapter: str | None, backend: str) -> dict[str, str]:
+    """Names for the two panes that say which model each one is, and which engine runs it."""
     base = f"{DEFAULT_BASE_MODEL_HUB_ID} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
-    labels = {"base": f"{base} · prompt only"}
+    labels = {"base": f"{base} · prompt only · {backend}"}
     if adapter:
         path = Path(adapter).resolve()
         name = (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)) if path.exists() else adapter
-        labels["adapter"] = f"{name} · fine-tuned"
+        labels["adapter"] = f"{name} · fine-tuned · {backend}"
     return labels

@@ -157,6 +157,12 @@ class PromptRenderer:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
+    @property
+    def prompt_parts(self) -> tuple[str, str]:
+        """The prompt's text before and after the comment: ``prompt(c).text == head + c + middle``
+        (what an exported Ollama template wraps around the comment)."""
+        return self._head_text, self._middle_text
+
     def prompt(self, comment: str) -> Prompt:
         ids = [*self._head, *self._text_ids(self._lead + comment), *self._middle]
         return Prompt(ids, self._head_text + comment + self._middle_text)

@@ -28,7 +28,7 @@ def free_port() -> int:
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
     flywheel = tmp_path_factory.mktemp("flywheel")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir)), flywheel)
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend), flywheel)
     app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo, flywheel
     demo.close()
@@ -108,7 +108,7 @@ def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
 
 def test_app_without_adapter_says_so(tiny_model_dir):
     replier = load_replier(str(tiny_model_dir), None, quantization="none")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None), None)
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend), None)
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:

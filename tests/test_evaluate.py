@@ -31,10 +31,14 @@ def test_language_is_none_for_short_text():
     assert language("Danke, sehr gut erklärt, vielen Dank für das Video!") == "de"
 
 
-def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, tiny_adapter_dir):
-    replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
-    first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")])
-    second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")])
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, tiny_adapter_dir, backend):
+    """The replies come from either backend; the losses always from the transformers model."""
+    scorer = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
+    replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend=backend)
+    first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], scorer=scorer)
+    second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], scorer=scorer)
+    assert first["settings"]["backend"] == backend
     assert first == second
     assert set(first["table"]) == {"base", "adapter", "real"}
     assert first["table"]["real"]["signature_rate"] == 1.0 and first["table"]["real"]["length_ratio"] == 1.0

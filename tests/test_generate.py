@@ -19,7 +19,7 @@ def until_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_replier(tiny_model_dir, tiny_adapter_dir) -> Replier:
-    return load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
+    return load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
 
 
 # Exact equality is checked in float32. In NF4/bfloat16 the batch-of-one and batch-of-two kernels
@@ -48,7 +48,7 @@ def test_a_finished_row_leaves_the_batch(default_model_dir):
     """
     from inference.settings import DEFAULT_ADAPTER
 
-    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none")
+    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none", backend="transformers")
     comment, settings = "Thanks, great video!", GenerationSettings(max_new_tokens=40)
     alone = [replier.reply(comment, settings, rows=[row])[0].token_ids for row in ("base", "adapter")]
     replier.reply(comment, settings)  # caches the persona prefix: every forward below is a decoding step
@@ -131,8 +131,9 @@ def test_closing_a_stream_early_frees_the_model_for_the_next_request(tiny_replie
     assert all(r.done for r in tiny_replier.reply("Hi", GREEDY))
 
 
-def test_no_adapter_gives_the_base_row_only(tiny_model_dir):
-    replier = load_replier(str(tiny_model_dir), None, quantization="none")
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_no_adapter_gives_the_base_row_only(tiny_model_dir, backend):
+    replier = load_replier(str(tiny_model_dir), None, quantization="none", backend=backend)
     (reply,) = replier.reply("Hi", GREEDY)
     assert reply.row == "base" and reply.done
     with pytest.raises(ValueError, match="no adapter is loaded"):
@@ -165,12 +166,16 @@ def test_pad_equal_to_eos_still_stops(tiny_model_dir, chatml_tokenizer):
         tokenizer.pad_token = original_pad
 
 
-def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_model_dir):
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_model_dir, backend):
+    """Through transformers on the NF4 base, and through llama.cpp: the shipped adapter converted by
+    llama.cpp's own converter, applied to the wheel's Q4_1 GGUF file."""
     from inference.settings import DEFAULT_ADAPTER
 
     if not (DEFAULT_ADAPTER / "adapter_model.safetensors").is_file():
         pytest.fail(f"the shipped adapter is missing from {DEFAULT_ADAPTER}")
-    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER))
+    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), backend=backend)
+    assert replier.backend == backend
     base, tuned = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
     assert tuned.stopped and tuned.text.rstrip().endswith("–Maya")
     assert len(tuned.text) < 120  # a short thank-you gets a short reply

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from inference.default_model import DEFAULT_BASE_MODEL
-from inference.loading import QUANTIZATIONS, Quantization
+from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "training" / "configs"
@@ -42,6 +42,7 @@ class TrainConfig:
     quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA), int8 (LLM.int8) or none (full precision)"})
     method: Literal["lora", "full"] = field(default="lora", metadata={"help": "lora trains a small adapter; full trains every weight of an unquantized base"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a Hub model (only for models you trust)"})
+    backend: Backend = field(default="auto", metadata={"help": "what writes the replies of the voice evaluation: auto (llama.cpp on a CPU, transformers on a GPU), llama.cpp or transformers"})
     # --- LoRA
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
@@ -76,6 +77,8 @@ class TrainConfig:
             if f.type in ("float", float) and isinstance(getattr(self, f.name), int) and not isinstance(getattr(self, f.name), bool):
                 setattr(self, f.name, float(getattr(self, f.name)))
         problems = []
+        if self.backend not in BACKENDS:
+            problems.append(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length"):
@@ -118,7 +121,7 @@ class TrainConfig:
         Paths are left out (the data hash covers what the files hold), and so is where the output
         goes, whether it is pushed, or the memory limit (checkpointed layers compute the same).
         """
-        skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "doctor", "push_to_hub", "private", "memory_limit_gib"}
+        skip = {"data", "eval_data", "persona", "output_dir", "resume", "check_data", "doctor", "push_to_hub", "private", "memory_limit_gib", "backend"}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.generate import GenerationSettings, Replier
+from inference.generate import GenerationSettings, Replier, StreamingReplier
+from inference.loading import BACKENDS
 from training.data import Pair
 
 EVAL_SETTINGS = GenerationSettings(max_new_tokens=120)
@@ -85,15 +86,23 @@ def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) ->
     return {"base": base, "adapter": loss()}
 
 
-def evaluate(replier: Replier, held_out: Sequence[Pair], trained: Sequence[Pair], max_length: int = 512) -> dict[str, Any]:
-    """Every metric for base, fine-tuned and real replies, plus each held-out reply for reading."""
+def evaluate(replier: StreamingReplier, held_out: Sequence[Pair], trained: Sequence[Pair], max_length: int = 512, scorer: Replier | None = None) -> dict[str, Any]:
+    """Every metric for base, fine-tuned and real replies, plus each held-out reply for reading.
+
+    ``replier`` writes the replies (llama.cpp on a CPU); the held-out losses come from ``scorer``, the
+    transformers model that was trained (``replier`` itself when it is one).
+    """
     from tqdm.auto import tqdm
 
+    scorer = scorer or replier
+    if not isinstance(scorer, Replier):
+        raise TypeError("the held-out losses need a transformers model: pass scorer=")
     signature = replier.renderer.persona.signature
     generated: dict[str, list[str]] = {"base": [], "adapter": []}
     stopped = {"base": 0, "adapter": 0}
-    for pair in tqdm(held_out, desc="voice evaluation"):
-        for reply in replier.reply(pair.comment, EVAL_SETTINGS, background=False):
+    comments = [pair.comment for pair in held_out]
+    for replies in tqdm(replier.replies(comments, EVAL_SETTINGS, background=False), total=len(comments), desc=f"voice evaluation ({replier.backend})"):
+        for reply in replies:
             generated[reply.row].append(reply.text)
             stopped[reply.row] += reply.stopped
     trained_replies = {p.response.strip() for p in trained}
@@ -102,13 +111,13 @@ def evaluate(replier: Replier, held_out: Sequence[Pair], trained: Sequence[Pair]
         "adapter": reply_stats(generated["adapter"], held_out, signature, trained_replies),
         "real": reply_stats([p.response for p in held_out], held_out, signature, trained_replies),
     }
-    losses = held_out_losses(replier, held_out, max_length)
+    losses = held_out_losses(scorer, held_out, max_length)
     for source in ("base", "adapter"):
         table[source]["stopped_rate"] = stopped[source] / len(held_out)
         table[source]["held_out_loss"] = losses[source]
     return {
         "comments": len(held_out),
-        "settings": {"max_new_tokens": EVAL_SETTINGS.max_new_tokens, "decoding": "greedy"},
+        "settings": {"max_new_tokens": EVAL_SETTINGS.max_new_tokens, "decoding": "greedy", "backend": replier.backend},
         "table": table,
         "replies": [{"comment": p.comment, "real": p.response, "base": b, "adapter": a} for p, b, a in zip(held_out, generated["base"], generated["adapter"])],
     }
@@ -133,7 +142,9 @@ def markdown_table(result: dict[str, Any]) -> str:
             value = result["table"][source].get(key)
             cells.append("–" if value is None else fmt.format(value))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, greedy decoding, at most {result['settings']['max_new_tokens']} new tokens.\n"
+    settings = result["settings"]
+    backend = f", replies by {settings['backend']}" if "backend" in settings else ""
+    return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, greedy decoding, at most {settings['max_new_tokens']} new tokens{backend}.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", default=str(ROOT / "data" / "heldout.jsonl"), help="held-out pairs with the creator's real replies")
     parser.add_argument("--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)")
     parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses always come from transformers")
     parser.add_argument("--json", type=Path, help="also write the full result (with every reply) here")
     args = parser.parse_args(argv)
-    replier = load_replier(args.base_model, args.adapter, args.quantization)
-    result = evaluate(replier, load_pairs(args.eval_data), load_pairs(args.data))
+    replier = load_replier(args.base_model, args.adapter, args.quantization, backend=args.backend)
+    scorer = replier if isinstance(replier, Replier) else load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
+    result = evaluate(replier, load_pairs(args.eval_data), load_pairs(args.data), scorer=scorer)
     print(markdown_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ from training.config import ROOT
 
 SUMMARY_FILE = "training_summary.json"
 PLOT_FILE = "loss_curve.png"
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "llama_cpp_python")
 
 
 def epoch_losses(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -62,11 +62,22 @@ def environment() -> dict[str, Any]:
 
     return {
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "libraries": {name: _version(name) for name in LIBRARIES},
     }
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide the speed of every number measured here: AVX2 on most laptops,
+    AVX-512 BF16 and AMX (native bf16 matmuls) on recent Xeons."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags) or "none of avx2/avx512/amx"
 
 
 def display_path(path: str | None) -> str | None:
