@@ -6,7 +6,7 @@ import pytest
 
 from inference.generate import load_replier
 from training.data import Pair
-from training.evaluate import evaluate, language, markdown_table, reply_stats
+from training.evaluate import evaluate, held_out_losses, language, markdown_table, reply_stats
 
 HELD = [
     Pair("Danke, sehr gut erklärt, vielen Dank für das Video!", "Danke dir, freut mich sehr! –Maya", "h:1"),
@@ -33,11 +33,14 @@ def test_language_is_none_for_short_text():
 
 @pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
 def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, tiny_adapter_dir, backend):
-    """The replies come from either backend; the losses always from the transformers model."""
+    """The replies come from either backend; the losses from the transformers model."""
     scorer = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend=backend)
-    first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], scorer=scorer)
-    second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], scorer=scorer)
+    losses = None if backend == "transformers" else held_out_losses(scorer, HELD, 512)
+    first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses=losses)
+    second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses=losses)
+    if backend == "transformers":
+        assert {k: first["table"][k]["held_out_loss"] for k in ("base", "adapter")} == held_out_losses(scorer, HELD, 512)
     assert first["settings"]["backend"] == backend
     assert first == second
     assert set(first["table"]) == {"base", "adapter", "real"}

@@ -86,17 +86,21 @@ def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) ->
     return {"base": base, "adapter": loss()}
 
 
-def evaluate(replier: StreamingReplier, held_out: Sequence[Pair], trained: Sequence[Pair], max_length: int = 512, scorer: Replier | None = None) -> dict[str, Any]:
+def evaluate(
+    replier: StreamingReplier, held_out: Sequence[Pair], trained: Sequence[Pair], max_length: int = 512, losses: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Every metric for base, fine-tuned and real replies, plus each held-out reply for reading.
 
-    ``replier`` writes the replies (llama.cpp on a CPU); the held-out losses come from ``scorer``, the
-    transformers model that was trained (``replier`` itself when it is one).
+    ``replier`` writes the replies (llama.cpp on a CPU). The held-out losses are ``losses`` when the
+    caller has them (a training run has just measured both on these pairs), else measured here,
+    which needs the transformers model.
     """
     from tqdm.auto import tqdm
 
-    scorer = scorer or replier
-    if not isinstance(scorer, Replier):
-        raise TypeError("the held-out losses need a transformers model: pass scorer=")
+    if losses is None:
+        if not isinstance(replier, Replier):
+            raise TypeError(f"the held-out losses need the transformers model, not {replier.backend}: pass losses=held_out_losses(...)")
+        losses = held_out_losses(replier, held_out, max_length)
     signature = replier.renderer.persona.signature
     generated: dict[str, list[str]] = {"base": [], "adapter": []}
     stopped = {"base": 0, "adapter": 0}
@@ -111,7 +115,6 @@ def evaluate(replier: StreamingReplier, held_out: Sequence[Pair], trained: Seque
         "adapter": reply_stats(generated["adapter"], held_out, signature, trained_replies),
         "real": reply_stats([p.response for p in held_out], held_out, signature, trained_replies),
     }
-    losses = held_out_losses(scorer, held_out, max_length)
     for source in ("base", "adapter"):
         table[source]["stopped_rate"] = stopped[source] / len(held_out)
         table[source]["held_out_loss"] = losses[source]
@@ -160,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", default=str(ROOT / "data" / "heldout.jsonl"), help="held-out pairs with the creator's real replies")
     parser.add_argument("--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)")
     parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses always come from transformers")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses come from transformers")
     parser.add_argument("--json", type=Path, help="also write the full result (with every reply) here")
     args = parser.parse_args(argv)
+    held_out = load_pairs(args.eval_data)
+    scorer = load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
     replier = load_replier(args.base_model, args.adapter, args.quantization, backend=args.backend)
-    scorer = replier if isinstance(replier, Replier) else load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
-    result = evaluate(replier, load_pairs(args.eval_data), load_pairs(args.data), scorer=scorer)
+    result = evaluate(replier, held_out, load_pairs(args.data), losses=held_out_losses(scorer, held_out, 512))
     print(markdown_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -302,7 +302,10 @@ def train(config: TrainConfig) -> int:
     if config.method == "lora" and not prepared.seq2seq:
         ready_for_generation(model)
         trained = Replier(model, tokenizer, prepared.renderer, has_adapter=True)
-        voice = evaluate(voice_replier(config, trained, output), prepared.eval_pairs, prepared.train_pairs, config.max_length, scorer=trained)
+        # The held-out losses of the table are the ones just measured, with the adapter off (before
+        # training) and on: the same reply tokens of the same pairs.
+        losses = {"base": base_eval, "adapter": final_eval}
+        voice = evaluate(voice_replier(config, trained, output), prepared.eval_pairs, prepared.train_pairs, config.max_length, losses=losses)
         result["voice"] = voice
         print("voice fidelity on the held-out comments:\n" + markdown_table(voice))
     else:
