@@ -1,6 +1,10 @@
-"""Streaming replies for both panes from one model in memory, in one batched decode loop.
+"""Streaming replies for both panes from one model in memory.
 
-The base reply and the fine-tuned reply are two rows of one batch: peft's per-row ``adapter_names``
+:class:`StreamingReplier` is what every backend shares (prompts, streaming, stop tokens, limits);
+:class:`Replier` is the transformers backend (GPUs, GPTQ, ``--backend transformers``), and
+inference.llamacpp the CPU one. :func:`load_replier` picks one for the machine.
+
+In the transformers backend the base reply and the fine-tuned reply are two rows of one batch: peft's per-row ``adapter_names``
 routes the ``"__base__"`` row around the LoRA weights and the other row through them, so there is
 one copy of the base weights and one decode loop. Like nanochat's engine, the loop yields one token
 per row per step, and a row that has ended leaves the batch (its KV cache rows are dropped): the

@@ -4,13 +4,14 @@ One ``llama_model`` holds the base weights (a GGUF file); two contexts share it,
 for the prompt-only pane and one with the LoRA adapter applied, each with a KV cache of its own.
 llama.cpp applies an adapter to every sequence of a context, so this is how one model in memory
 serves both panes without switching the adapter between decoding calls (a switch makes llama.cpp
-re-plan its compute graph). Within a context, every sequence that is still writing decodes in one
-``llama_decode`` call per step: a step of 8 sequences costs little more than a step of one, which
-is what makes the evaluation of 23 held-out comments take seconds.
+re-plan its compute graph). The two contexts decode at the same time, each on its share of the
+cores. Within a context, every sequence that is still writing decodes in one ``llama_decode`` call
+per step: 8 sequences step in ~5x the time of one, so the voice evaluation's 23 comments take
+seconds per comment rather than tens.
 
-The prompt tokens come from replytune's renderer, never from llama.cpp's own template, and the
-persona prefix is decoded once per context into a sequence of its own; every request copies it
-(``llama_memory_seq_cp`` shares the cells, nothing is recomputed), so the first token waits only for
+The prompt tokens come from replytune's renderer, never from llama.cpp's own template. The persona
+prefix is decoded once per context and its KV state kept; a request restores it and copies it to
+each of its sequences (``llama_memory_seq_cp`` shares the cells), so the first token waits only for
 the comment's own tokens. Tokens are turned into text by the same tokenizer as the transformers path.
 """
 
@@ -35,7 +36,7 @@ from prompts.render import PromptRenderer
 CONTEXT_TOKENS = 8192
 BATCH_TOKENS = 512  # tokens per llama_decode call while reading prompts
 PREFIX_SEQ = 0  # the sequence that keeps the persona prefix between requests
-MAX_SEQUENCES = 8  # comments decoded together per context in replies(); a step of 8 costs ~1.5x a step of 1
+MAX_SEQUENCES = 8  # comments decoded together per context in replies(); past ~8 a step costs its rows' worth
 
 
 def _silence(level: int, text: bytes, data: ctypes.c_void_p) -> None:
@@ -226,9 +227,10 @@ class LlamaCppReplier(StreamingReplier):
     def _side_by_side(self, work, rows: list[Row]) -> list:
         """``work(row)`` for each row, the contexts at once, each on its share of the cores.
 
-        Decoding one token is mostly waiting on memory and on the threads' barriers: two contexts
-        on one core each finish a step of both panes in ~0.8x the time of running them in turn on
-        two cores (measured on the 2-core machine); a context left alone gets every core back.
+        One token's step does not keep two cores busy (its threads wait on memory and on each
+        other), so two contexts on a core each beat running them in turn on both: both replies took
+        1.27x the longer one alone instead of 1.34x (bench/RESULTS.md). A context left alone gets
+        every core back.
         """
         threads = max(1, self.n_threads // len(rows))
         for row in rows:
@@ -262,7 +264,8 @@ class LlamaCppReplier(StreamingReplier):
         for index, state in zip(wanted, states):
             token = self._choose(context.logits(index, self.n_vocab), settings)
             step[state.place] = token
-            state.pos += moved
+            if moved:
+                state.pos += 1
             state.next_token = token
             state.written += 1
             if token in stops or state.written >= settings.max_new_tokens:

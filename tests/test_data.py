@@ -10,6 +10,7 @@ from prompts.render import Persona, PromptRenderer
 from tests.helpers import pairs_jsonl
 from training.data import (
     DataError,
+    Pair,
     check_no_overlap,
     load_pairs,
     remove_duplicates,
@@ -108,8 +109,8 @@ def test_csv_row_with_an_unquoted_comma_names_its_line(write):
 def test_csv_row_with_too_few_fields_and_missing_header_column(write):
     with pytest.raises(DataError, match=r"k\.csv:3: 1 fields, but the header has 2"):
         load_pairs(write("k.csv", "comment,response\na,b\nlonely\n"))
-    with pytest.raises(DataError, match=r"l\.csv:1: header lacks column\(s\) response"):
-        load_pairs(write("l.csv", "comment,reply\na,b\n"))
+    with pytest.raises(DataError, match=r"l\.csv:1: header lacks column\(s\) response \(got comment, notes\); name the comment and reply columns with --comment-field"):
+        load_pairs(write("l.csv", "comment,notes\na,b\n"))
 
 
 def test_unknown_file_type_and_missing_file(write, tmp_path):
@@ -244,3 +245,69 @@ def test_guanaco_text_without_an_assistant_turn_is_an_error(write):
     path = write("guanaco.csv", 'text\n"### Human: hello there"\n')
     with pytest.raises(DataError, match=r"guanaco.csv:2: field 'text': expected '### Human: ... ### Assistant: ...' turns"):
         load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    ("comment", "reply"),
+    [("Comment", "Response"), ("Comment", "Reply"), ("comment_text", "reply_text"), ("Comment Text", "Reply-Text"), ("text", "reply"), ("prompt", "completion"), ("input", "output")],
+)
+def test_common_column_names_are_mapped_and_the_mapping_is_reported(write, comment, reply):
+    from training.data import read_pairs
+
+    csv_path = write("export.csv", f"{comment},{reply}\nGreat video!,Thanks! –Maya\nHow do I start?,Pick a small project. –Maya\n")
+    jsonl_path = write("export.jsonl", json.dumps({comment: "Great video!", reply: "Thanks! –Maya", "author": "x"}) + "\n")
+    for path in (csv_path, jsonl_path):
+        pairs, mappings = read_pairs(path)
+        assert (pairs[0].comment, pairs[0].response) == ("Great video!", "Thanks! –Maya")
+        assert mappings == [f"{path}: {comment} -> comment, {reply} -> response"]
+    assert read_pairs(write("plain.jsonl", pairs_jsonl(2)))[1] == []  # comment/response need no mapping
+
+
+def test_two_candidate_columns_are_an_error_that_says_how_to_choose(write):
+    from training.data import read_pairs
+
+    path = write("two.csv", "Text,Prompt,Reply\na,b,c –Maya\n")
+    with pytest.raises(DataError, match=r"two\.csv:1: header: 2 fields could be the comment: Text, Prompt; choose one with --comment-field NAME"):
+        read_pairs(path)
+    (pair,), _ = read_pairs(path, comment_field="Prompt")
+    assert (pair.comment, pair.response) == ("b", "c –Maya")
+    with pytest.raises(DataError, match=r"no field 'Question' \(--comment-field\); the fields are Text, Prompt, Reply"):
+        read_pairs(path, comment_field="Question")
+    jsonl = write("two.jsonl", json.dumps({"Text": "a", "Prompt": "b", "Reply": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"two\.jsonl:1: 2 fields could be the comment"):
+        read_pairs(jsonl)
+
+
+def test_a_mapped_field_is_named_as_the_file_names_it_in_errors(write):
+    path = write("blank.csv", "Comment,Reply\nGreat video!,   \n")
+    with pytest.raises(DataError, match=r"blank\.csv:2: field 'Reply': blank"):
+        load_pairs(path)
+
+
+def test_signature_is_appended_where_missing_and_checked_against_the_persona():
+    from training.data import add_signature, check_signature
+
+    pairs = [Pair("a", "Thanks!", "f:1"), Pair("b", "Glad it helped –Maya", "f:2"), Pair("c", "Sure thing  ", "f:3")]
+    signed, added = add_signature(pairs, " –Maya")
+    assert [p.response for p in signed] == ["Thanks! –Maya", "Glad it helped –Maya", "Sure thing –Maya"] and added == 2
+    assert [p.where for p in signed] == ["f:1", "f:2", "f:3"]
+    check_signature(" –Maya", "–Maya", "persona.txt")
+    with pytest.raises(DataError, match=r"--signature ' -Maya' is not the persona's signature '–Maya' \(persona.txt\)"):
+        check_signature(" -Maya", "–Maya", "persona.txt")
+
+
+def test_check_data_shows_the_mapping_signatures_and_too_little_data(write, capsys, default_model_dir):
+    from training.run import main
+
+    rows = "".join(f"Question {i}: how does part {i} work?,It works like part {i - 1}.\n" for i in range(1, 13))
+    export = write("article.csv", "Comment,Response\n" + rows)
+    assert main(["--check-data", "--data", str(export), "--eval-data", "none", "--signature", " –Maya"]) == 0
+    out = capsys.readouterr().out
+    assert f"columns: {export}: Comment -> comment, Response -> response" in out
+    assert "signature: 12 repl(y/ies) got ' –Maya' appended" in out
+    assert "warning: only 11 training rows" in out and "50" in out
+
+    one = write("one.jsonl", pairs_jsonl(1))
+    assert main(["--check-data", "--data", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert f"{one}: 1 training row(s); at least 2 are needed to train" in err and "Traceback" not in err

@@ -84,6 +84,18 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert loss == pytest.approx(summary["eval_loss"], abs=0.05)
 
 
+def test_an_article_style_csv_with_unsigned_replies_trains_with_signature(tiny_config, tmp_path, capsys):
+    """The original article kept `Comment,Response` columns and signed every reply in code."""
+    rows = "".join(f'"Comment {i}: loved part {i} of the series","Thanks so much, glad you liked it!"\n' for i in range(24))
+    (tmp_path / "article.csv").write_text("Comment,Response\n" + rows)
+    config = tiny_config(data=str(tmp_path / "article.csv"), signature=" –Maya", epochs=1)
+    assert train(config) == 0
+    out = capsys.readouterr().out
+    assert f"columns: {tmp_path / 'article.csv'}: Comment -> comment, Response -> response" in out
+    summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
+    assert summary["data"]["signatures_added"] == 24 and summary["data"]["columns"]  # the held-out file is signed already
+
+
 def test_true_parameter_count_includes_packed_4bit_weights(tiny_model_dir):
     from inference.loading import load_base_model
 

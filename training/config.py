@@ -37,6 +37,9 @@ class TrainConfig:
     persona: str = field(default=str(ROOT / "prompts" / "persona.txt"), metadata={"help": "persona instruction with one {comment} slot; copied into the adapter"})
     max_rows: int | None = field(default=None, metadata={"help": "train on a seeded random subset of this many rows of --data (all when unset)"})
     max_length: int = field(default=512, metadata={"help": "longest example in tokens; longer comments are cut (and counted), replies never"})
+    comment_field: str | None = field(default=None, metadata={"help": "the column or key holding the comment, when the file's names are not recognised (or two could be)"})
+    response_field: str | None = field(default=None, metadata={"help": "the column or key holding the creator's reply, likewise"})
+    signature: str | None = field(default=None, metadata={"help": "append this sign-off (e.g. ' –Maya', as written in the persona) to every reply that does not already end with it"})
     # --- model
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": f"local model folder or Hub id; '{DEFAULT_BASE_MODEL}' is the bundled SmolLM2-135M-Instruct"})
     quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA), int8 (LLM.int8) or none (full precision)"})
@@ -128,7 +131,7 @@ class TrainConfig:
 
 # Settings added after adapters were trained and shipped: hashed only when they differ from these
 # defaults, so the hash recorded by an older run still matches the same settings today.
-ADDED_LATER: dict[str, Any] = {"method": "lora", "max_rows": None, "optim": "adamw_torch"}
+ADDED_LATER: dict[str, Any] = {"method": "lora", "max_rows": None, "optim": "adamw_torch", "comment_field": None, "response_field": None, "signature": None}
 
 Source = Literal["default", "config", "flag"]
 

@@ -25,6 +25,14 @@ FIELDS = ("comment", "response")
 HANDLE = re.compile(r"(?<![\w@.])@\w(?:[\w.\-]*\w)?")
 HANDLE_PLACEHOLDER = "@user"
 MIN_ROWS_TO_SPLIT = 10
+MIN_TRAIN_ROWS = 2  # fewer cannot train at all
+RECOMMENDED_TRAIN_ROWS = 50  # what the original article trained on; fewer is a warning
+# Header names (CSV) and keys (JSON) that real exports give the comment and the reply, compared after
+# lower-casing and dropping spaces, dashes and underscores: "Comment", "comment_text" and
+# "Comment Text" are all "commenttext" or "comment". --comment-field / --response-field choose
+# when a file has two candidates.
+COMMENT_ALIASES = ("comment", "commenttext", "text", "prompt", "input", "question", "message")
+RESPONSE_ALIASES = ("response", "reply", "replytext", "answer", "completion", "output", "responsetext")
 MAX_PROBLEMS_SHOWN = 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -51,12 +59,20 @@ class DataSummary:
     truncated: int = 0
     longest: int = 0
     subset: str = ""
+    columns: list[str] = field(default_factory=list)  # "file: Comment -> comment, Reply -> response"
+    signatures_added: int = 0
+    signature: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
             f"rows: {self.rows} read, {len(self.duplicates_removed)} exact duplicates removed",
             f"split: {self.train_rows} train, {self.eval_rows} eval",
         ]
+        out += [f"columns: {mapping}" for mapping in self.columns]
+        if self.signature:
+            out.append(f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it")
+        out += [f"warning: {w}" for w in self.warnings]
         if self.subset:
             out.append(f"subset: {self.subset}")
         if self.duplicates_removed:
@@ -71,19 +87,83 @@ class DataSummary:
         return out
 
 
-def load_pairs(source: str | Path) -> list[Pair]:
+def load_pairs(source: str | Path, comment_field: str | None = None, response_field: str | None = None) -> list[Pair]:
     """Read pairs from a .jsonl/.json/.csv file or a Hub dataset id, validating every row."""
+    return read_pairs(source, comment_field, response_field)[0]
+
+
+def read_pairs(source: str | Path, comment_field: str | None = None, response_field: str | None = None) -> tuple[list[Pair], list[str]]:
+    """The pairs, and the column mappings used (``"Comment -> comment, Reply -> response"``, one per
+    distinct mapping; none when the file names its fields comment and response)."""
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and HUB_ID.match(source):
-            return _load_hub(source)
+            return _load_hub(source, comment_field, response_field)
         raise DataError(f"{source}: file not found")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
     text = _read_text(path)
-    rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}[suffix](path, text)
-    return _validate(rows, str(path))
+    if suffix == ".csv":
+        rows = _csv_rows(path, text, comment_field, response_field)
+    else:
+        rows = {".jsonl": _jsonl_rows, ".json": _json_rows}[suffix](path, text)
+    return _validate(rows, str(path), comment_field, response_field)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).casefold()
+
+
+def column_mapping(names, comment_field: str | None = None, response_field: str | None = None) -> dict[str, str] | str | None:
+    """Which of ``names`` (a CSV header, a JSON row's keys) hold the comment and the reply:
+    ``{"comment": name, "response": name}``; a problem (a named field that is missing, two
+    candidates for one role); or None when the row has no comment/reply pair (Dolly, Guanaco rows)."""
+    names = [n for n in names if isinstance(n, str)]
+    found = {}
+    for role, chosen, aliases, flag in (("comment", comment_field, COMMENT_ALIASES, "--comment-field"), ("response", response_field, RESPONSE_ALIASES, "--response-field")):
+        if chosen is not None:
+            if chosen not in names:
+                return f"no field {chosen!r} ({flag}); the fields are {', '.join(names)}"
+            found[role] = chosen
+            continue
+        exact = [n for n in names if n == role]
+        candidates = exact or [n for n in names if _normal(n) in aliases]
+        if len(candidates) > 1:
+            return f"{len(candidates)} fields could be the {role}: {', '.join(candidates)}; choose one with {flag} NAME"
+        if not candidates:
+            return None
+        found[role] = candidates[0]
+    if found["comment"] == found["response"]:
+        return f"field {found['comment']!r} cannot be both the comment and the response; choose with --comment-field and --response-field"
+    return found
+
+
+def add_signature(pairs: list[Pair], signature: str) -> tuple[list[Pair], int]:
+    """Every reply that does not already end with ``signature`` gets it appended (the original
+    article added " -ShawGPT" to every reply in code); nothing else changes. Returns the pairs and
+    how many were signed."""
+    signed = [p if p.response.rstrip().endswith(signature.strip()) else Pair(p.comment, p.response.rstrip() + signature, p.where) for p in pairs]
+    return signed, sum(a is not b for a, b in zip(pairs, signed))
+
+
+def check_signature(signature: str, persona_signature: str | None, persona_source: str) -> None:
+    """--signature must be written with the very characters the persona asks for (an en dash is not a hyphen)."""
+    if persona_signature is not None and signature.strip() != persona_signature:
+        raise DataError(
+            f"--signature {signature!r} is not the persona's signature {persona_signature!r} ({persona_source}); "
+            "use the same characters in both, or edit the persona"
+        )
+
+
+def check_enough_rows(train: list[Pair], source: str, summary: DataSummary) -> None:
+    if len(train) < MIN_TRAIN_ROWS:
+        raise DataError(f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})")
+    if len(train) < RECOMMENDED_TRAIN_ROWS:
+        summary.warnings.append(
+            f"only {len(train)} training rows; a voice is learned from about {RECOMMENDED_TRAIN_ROWS} or more "
+            "(the original article's count): expect a weak adapter"
+        )
 
 
 def file_hash(*paths: str | Path | None) -> str:
@@ -231,7 +311,7 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
                 yield where, {"comment": comment, "response": owner_replies[0]}
 
 
-def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+def _csv_rows(path: Path, text: str, comment_field: str | None = None, response_field: str | None = None) -> Iterable[tuple[str, Any]]:
     # The csv module refuses fields over 128 KiB by default; a long comment is data, not an error
     # (the renderer cuts it to max_length later, and counts it). The limit is process-wide.
     csv.field_size_limit(2**31 - 1)
@@ -240,9 +320,15 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
-        missing = [f for f in row_fields(header) if f not in header]
+        mapping = column_mapping(header, comment_field, response_field)
+        if isinstance(mapping, str):
+            raise DataError(f"{path}:1: header: {mapping}")
+        missing = [] if mapping else [f for f in row_fields(header) if f not in header]
         if missing:
-            raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)})")
+            raise DataError(
+                f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)}); name the comment and reply "
+                "columns with --comment-field and --response-field"
+            )
         start = reader.line_num + 1
         for row in reader:
             where = f"{path}:{start}"
@@ -261,11 +347,11 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         raise DataError(f"{path}:{reader.line_num}: {exc}") from None
 
 
-def _load_hub(dataset_id: str) -> list[Pair]:
+def _load_hub(dataset_id: str, comment_field: str | None, response_field: str | None) -> tuple[list[Pair], list[str]]:
     import datasets
 
     rows = datasets.load_dataset(dataset_id, split="train")
-    return _validate(((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id)
+    return _validate(((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id, comment_field, response_field)
 
 
 def row_fields(keys) -> tuple[str, ...]:
@@ -277,8 +363,8 @@ def row_fields(keys) -> tuple[str, ...]:
     return ("instruction", "response") if "instruction" in keys else ("text",)
 
 
-def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
-    pairs, problems = [], []
+def _validate(rows: Iterable[tuple[str, Any]], source: str, comment_field: str | None = None, response_field: str | None = None) -> tuple[list[Pair], list[str]]:
+    pairs, problems, mappings = [], [], {}
     for where, row in rows:
         if isinstance(row, str):
             problems.append(f"{where}: {row}")
@@ -286,16 +372,25 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
             continue
+        mapping = column_mapping(row.keys(), comment_field, response_field)
+        if isinstance(mapping, str):
+            problems.append(f"{where}: {mapping}")
+            continue
+        shown = {}  # the file's own name for a mapped field, in messages
+        if mapping and mapping != {"comment": "comment", "response": "response"}:
+            mappings.setdefault(f"{source}: {mapping['comment']} -> comment, {mapping['response']} -> response", None)
+            row = {"comment": row[mapping["comment"]], "response": row[mapping["response"]]}
+            shown = mapping
         fields = row_fields(row)
         bad = []
         for name in fields:
-            value = row.get(name)
+            value, label = row.get(name), shown.get(name, name)
             if name not in row or value is None:
-                bad.append(f"field {name!r}: missing")
+                bad.append(f"field {label!r}: missing")
             elif not isinstance(value, str):
-                bad.append(f"field {name!r}: expected text, got {type(value).__name__} {value!r}"[:200])
+                bad.append(f"field {label!r}: expected text, got {type(value).__name__} {value!r}"[:200])
             elif not value.strip():
-                bad.append(f"field {name!r}: blank (got {value!r})"[:200])
+                bad.append(f"field {label!r}: blank (got {value!r})"[:200])
         if "instruction" in fields and not isinstance(row.get("context") or "", str):
             bad.append(f"field 'context': expected text, got {type(row['context']).__name__}")
         pair = None if bad else _to_pair(row, fields)
@@ -309,7 +404,7 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str) -> list[Pair]:
         raise DataError(f"{len(problems)} problem(s) in {source}:\n  " + _listing(problems, sep="\n  "))
     if not pairs:
         raise DataError(f"{source}: no rows; expected {', '.join(FIELDS)} pairs")
-    return pairs
+    return pairs, list(mappings)
 
 
 GUANACO_TURN = re.compile(r"###\s*(Human|Assistant):")

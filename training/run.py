@@ -26,9 +26,12 @@ from training.data import (
     DataError,
     DataSummary,
     Pair,
+    add_signature,
+    check_enough_rows,
     check_no_overlap,
+    check_signature,
     file_hash,
-    load_pairs,
+    read_pairs,
     remove_duplicates,
     split_pairs,
     summarize_tokens,
@@ -90,9 +93,14 @@ def print_settings(config: TrainConfig, sources: dict[str, str]) -> None:
         print(f"  {name:24} {value!s:48} ({sources[name]})")
 
 
-def load_data(config: TrainConfig, summary: DataSummary):
-    """Read, validate, de-duplicate and split the data; returns (train pairs, eval pairs)."""
-    pairs = load_pairs(config.data)
+def load_data(config: TrainConfig, summary: DataSummary, persona: Persona):
+    """Read, validate, sign, de-duplicate and split the data; returns (train pairs, eval pairs)."""
+    fields = (config.comment_field, config.response_field)
+    pairs, summary.columns = read_pairs(config.data, *fields)
+    if config.signature:
+        check_signature(config.signature, persona.signature, persona.source)
+        pairs, summary.signatures_added = add_signature(pairs, config.signature)
+        summary.signature = config.signature
     pairs, summary.duplicates_removed = remove_duplicates(pairs)
     summary.rows = len(pairs) + len(summary.duplicates_removed)
     if config.max_rows is not None and config.max_rows < len(pairs):
@@ -101,7 +109,11 @@ def load_data(config: TrainConfig, summary: DataSummary):
         summary.subset = f"{config.max_rows} of {len(pairs)} rows (--max-rows, seed {config.seed})"
         pairs = [pairs[i] for i in keep]
     if config.eval_data:
-        evals = load_pairs(config.eval_data)
+        evals, columns = read_pairs(config.eval_data, *fields)
+        summary.columns += columns
+        if config.signature:
+            evals, signed = add_signature(evals, config.signature)
+            summary.signatures_added += signed
         evals, removed = remove_duplicates(evals)
         summary.rows += len(evals) + len(removed)
         summary.duplicates_removed += removed
@@ -109,6 +121,7 @@ def load_data(config: TrainConfig, summary: DataSummary):
     else:
         train, evals = split_pairs(pairs, config.eval_fraction, config.seed)
     check_no_overlap(train, evals)
+    check_enough_rows(train, config.data, summary)
     summary.train_rows, summary.eval_rows = len(train), len(evals)
     return train, evals
 
@@ -153,7 +166,7 @@ def prepare_examples(config: TrainConfig) -> Prepared:
 
     persona = Persona.from_file(config.persona)
     summary = DataSummary()
-    train_pairs, eval_pairs = load_data(config, summary)
+    train_pairs, eval_pairs = load_data(config, summary, persona)
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
     seq2seq = is_seq2seq(config.base_model, config.trust_remote_code)
     renderer = renderer_for(tokenizer, persona, seq2seq)
@@ -279,6 +292,8 @@ def train(config: TrainConfig) -> int:
             "train_rows": summary.train_rows,
             "eval_rows": summary.eval_rows,
             "duplicates_removed": len(summary.duplicates_removed),
+            "columns": summary.columns,
+            "signatures_added": summary.signatures_added,
             "truncated": summary.truncated,
             "tokens": summary.tokens,
         },
