@@ -87,7 +87,7 @@ def run_load(url: str, comments: list[str], clients: int, per_client: int, setti
 def main() -> None:
     import app as app_module
     from inference.default_model import DEFAULT_BASE_MODEL
-    from inference.generate import load_replier
+    from inference.generate import adapter_held_out, load_replier
     from inference.settings import DEFAULT_ADAPTER, pane_labels
     from training.report import environment
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     replier = load_replier(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), "nf4", backend=args.backend)
     replier.warm_up()
-    demo = app_module.build_demo(replier, pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend), None)
+    demo = app_module.build_demo(replier, pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend), None, adapter_held_out(str(DEFAULT_ADAPTER)))
     app_module.launch(demo, "127.0.0.1", args.port, block=False)
     comments = read_comments(ROOT / "data" / "heldout.jsonl")
     settings = (args.max_new_tokens, 0.0, 1.0)

@@ -27,13 +27,17 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
 from inference.loading import Backend, resolve_backend, unwrapped
 from prompts.render import Prompt, PromptRenderer
+
+if TYPE_CHECKING:
+    from prompts.render import Persona
 
 Row = Literal["base", "adapter"]
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -366,19 +370,47 @@ def _load_replier(base_model: str, adapter: str | None, quantization: Literal["n
     return Replier(model, tokenizer, renderer, has_adapter=adapter is not None)
 
 
-def adapter_persona(adapter: str) -> "Persona | None":
-    """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
-    from pathlib import Path
+HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
 
-    from prompts.render import Persona
 
-    local = Path(adapter) / "persona.txt"
+def adapter_file(adapter: str, name: str) -> Path | None:
+    """A file that travelled with an adapter (its folder, or its Hub repo), or None if it has none."""
     if Path(adapter).exists():
-        return Persona.from_file(local) if local.is_file() else None
+        local = Path(adapter) / name
+        return local if local.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return Persona.from_file(hf_hub_download(adapter, "persona.txt"))
+        return Path(hf_hub_download(adapter, name))
     except EntryNotFoundError:
         return None
+
+
+def adapter_persona(adapter: str) -> Persona | None:
+    """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
+    from prompts.render import Persona
+
+    path = adapter_file(adapter, "persona.txt")
+    return Persona.from_file(path) if path else None
+
+
+def adapter_held_out(adapter: str | None) -> list[tuple[str, str]]:
+    """(comment, the creator's real reply) pairs the adapter was evaluated on and not trained on,
+    as its training run saved them (handles already anonymised); [] for an adapter without them."""
+    import json
+
+    path = adapter_file(adapter, HELD_OUT_FILE) if adapter else None
+    if path is None:
+        return []
+    pairs = []
+    # "\n" only: str.splitlines() would also split inside a JSON string at U+2028.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((row["comment"], row["response"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a {{'comment', 'response'}} row ({exc})") from None
+    return pairs

@@ -11,7 +11,8 @@ import pytest
 from gradio_client import Client
 
 import app as app_module
-from inference.generate import load_replier
+from inference.generate import adapter_held_out, load_replier
+from tests.helpers import ROOT
 from inference.settings import pane_labels, parse_app_settings
 from training.data import load_pairs
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
     flywheel = tmp_path_factory.mktemp("flywheel")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend), flywheel)
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend), flywheel, adapter_held_out(str(tiny_adapter_dir)))
     app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo, flywheel
     demo.close()
@@ -108,7 +109,7 @@ def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
 
 def test_app_without_adapter_says_so(tiny_model_dir):
     replier = load_replier(str(tiny_model_dir), None, quantization="none")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend), None)
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend), None, [])
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
@@ -163,9 +164,9 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
         browser.close()
 
 
-def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client, server):
+def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client, server, tiny_adapter_dir):
     _, flywheel = server
-    held = dict(app_module.held_out_pairs())
+    held = dict(adapter_held_out(str(tiny_adapter_dir)))
     before = (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
     comment, a, b, c, verdict = client.predict(api_name="/blind_round")
     assert comment in held and verdict == "Which reply sounds most like you?"
@@ -192,7 +193,7 @@ def app_process(tiny_model_dir, tiny_adapter_dir):
 
     port = free_port()
     command = [sys.executable, "app.py", "--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--quantization", "none", "--host", "127.0.0.1", "--port", str(port), "--flywheel-dir", ""]
-    process = subprocess.Popen(command, cwd=app_module.ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -209,12 +210,12 @@ def app_process(tiny_model_dir, tiny_adapter_dir):
     process.wait(timeout=30)
 
 
-def test_twenty_concurrent_clients_all_get_complete_replies_and_memory_stays_flat(app_process):
+def test_twenty_concurrent_clients_all_get_complete_replies_and_memory_stays_flat(app_process, tiny_adapter_dir):
     """20 users x 5 comments at once through the real queue: no errors, every reply finished."""
     from bench.app_load import rss_mib, run_load
 
     process, url = app_process
-    comments = [comment for comment, _ in app_module.held_out_pairs()]
+    comments = [comment for comment, _ in adapter_held_out(str(tiny_adapter_dir))]
     run_load(url, comments, clients=20, per_client=2, settings=SETTINGS)  # warm every code path
     before = rss_mib(process.pid)
     result = run_load(url, comments, clients=20, per_client=5, settings=SETTINGS)
@@ -279,7 +280,7 @@ def test_errors_reach_the_user_without_a_stack_trace(client):
     assert "greater than maximum value 512" in message and "Traceback" not in message and ".py" not in message
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", str(app_module.ROOT / "app.py"), str(app_module.ROOT / "adapters" / "default" / "adapter_config.json")])
+@pytest.mark.parametrize("path", ["/etc/passwd", str(ROOT / "app.py"), str(ROOT / "adapters" / "default" / "adapter_config.json")])
 def test_the_server_hands_out_no_local_files(server, path):
     import urllib.error
     import urllib.request
@@ -293,3 +294,30 @@ def test_the_server_hands_out_no_local_files(server, path):
             assert exc.code in (403, 404), (route, exc.code)
             continue
         assert b"root:" not in body and b"import gradio" not in body and b"lora" not in body, route
+
+
+def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """Another creator's adapter brings its own comments and real replies; one without them says so."""
+    other = tmp_path / "other-creator"
+    shutil.copytree(tiny_adapter_dir, other)
+    pairs = [(f"Other creator's viewer asks question {i}?", f"Other creator's real answer {i}. -Sam") for i in range(3)]
+    (other / "heldout.jsonl").write_text("".join(json.dumps({"comment": c, "response": r}) + "\n" for c, r in pairs))
+    bare = tmp_path / "from-the-hub"
+    shutil.copytree(tiny_adapter_dir, bare)
+    (bare / "heldout.jsonl").unlink()
+    replier = load_replier(str(tiny_model_dir), str(other), quantization="none")
+    for adapter, expected in ((other, pairs), (bare, [])):
+        held = adapter_held_out(str(adapter))
+        assert held == expected
+        demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend), None, held)
+        app_module.launch(demo, "127.0.0.1", free_port(), block=False)
+        try:
+            client = Client(demo.local_url, verbose=False)
+            if expected:
+                comment, a, b, c, _ = client.predict(api_name="/blind_round")
+                assert comment in dict(pairs) and dict(pairs)[comment] in (a, b, c)
+            else:
+                with pytest.raises(Exception, match="carries no held-out comments"):
+                    client.predict(api_name="/blind_round")
+        finally:
+            demo.close()

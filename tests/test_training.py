@@ -61,8 +61,12 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert summary["data"]["hash"] and summary["config_hash"] == config.training_hash()
     assert summary["voice"]["table"]["adapter"]["held_out_loss"] < summary["voice"]["table"]["base"]["held_out_loss"]
     assert "## Voice fidelity" in (folder / "README.md").read_text()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "loss_curve.png", "README.md"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "loss_curve.png", "README.md"):
         assert (folder / name).is_file(), name
+    from inference.generate import adapter_held_out
+    from training.data import load_pairs
+
+    assert adapter_held_out(str(folder)) == [(p.comment, p.response) for p in load_pairs(config.eval_data)]  # the held-out set travels
     assert any((folder / "runs").rglob("events.out.tfevents.*"))
     assert not (folder / "checkpoints").exists()
 

@@ -278,7 +278,7 @@ def train(config: TrainConfig) -> int:
     model = trainer.model
     if config.method == "lora":
         model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
-    save_adapter(model, tokenizer, persona, output)
+    save_adapter(model, tokenizer, persona, prepared.eval_pairs, output)
     history = trainer.state.log_history
     result = {
         "name": output.name,
@@ -360,13 +360,17 @@ def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> Stream
     return LlamaCppReplier(*files, trained.tokenizer, trained.renderer) if files else trained
 
 
-def save_adapter(model, tokenizer, persona: Persona, output: Path) -> None:
-    """Write the adapter, tokenizer and persona so that a kill leaves the old files or the new ones.
+def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], output: Path) -> None:
+    """Write the adapter, tokenizer, persona and held-out pairs so that a kill leaves the old files or
+    the new ones. The held-out pairs (anonymised) travel with the adapter: the app's blind test and
+    examples are the creator's own comments, not this repository's sample.
 
     Everything is written into a staging folder first and then moved in file by file (a rename
     within one filesystem is atomic): an app loading the folder never reads a torn safetensors file.
     """
     import torch
+
+    from inference.generate import HELD_OUT_FILE
 
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
@@ -377,6 +381,8 @@ def save_adapter(model, tokenizer, persona: Persona, output: Path) -> None:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in held_out)
+    (staging / HELD_OUT_FILE).write_text("".join(rows), encoding="utf-8")
     for path in staging.iterdir():
         os.replace(path, output / path.name)
     staging.rmdir()
