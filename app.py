@@ -123,7 +123,10 @@ def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: 
             saved.append(str(save_preference(flywheel_dir, comment, chosen, rejected)))
         if not saved:
             raise gr.Error("Pick the better reply or write your own reply, then save.")
-        return "Saved to " + " and ".join(f"`{s}`" for s in saved) + ". Train on it with `python -m training.run --data " + str(flywheel_dir / "pairs.jsonl") + " --eval-data none`."
+        return (
+            "Saved to " + " and ".join(f"`{s}`" for s in saved) + ". Train on your data and the corrections together with "
+            f"`python -m training.run --data YOUR_DATA.jsonl {flywheel_dir / 'pairs.jsonl'}`."
+        )
 
     def batch(text: str, max_new_tokens: float) -> Iterator[str]:
         comments = [c for c in (clean_comment(line)[0] for line in (text or "").splitlines()) if c]

@@ -311,3 +311,22 @@ def test_check_data_shows_the_mapping_signatures_and_too_little_data(write, caps
     assert main(["--check-data", "--data", str(one)]) == 2
     err = capsys.readouterr().err
     assert f"{one}: 1 training row(s); at least 2 are needed to train" in err and "Traceback" not in err
+
+
+def test_several_files_and_globs_merge_in_order_with_duplicates_across_them_removed(write, tmp_path, capsys, default_model_dir):
+    from training.run import main
+
+    first = write("train.jsonl", pairs_jsonl(30))
+    (tmp_path / "flywheel").mkdir()
+    fly = tmp_path / "flywheel" / "pairs.jsonl"
+    fly.write_text(pairs_jsonl(2, start=29))  # its first row repeats the last row of train.jsonl
+    assert main(["--check-data", "--data", str(first), str(tmp_path / "fly*" / "*.jsonl"), "--eval-data", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"files: 2 merged in order ({first}, {fly})" in out
+    assert "rows: 32 read, 1 exact duplicates removed" in out and f"{fly}:1 (repeats {first}:30)" in out
+
+    fly.write_text(pairs_jsonl(1, start=40) + '{"comment": "hi", "response": "  "}\n')
+    assert main(["--check-data", "--data", str(first), str(fly)]) == 2
+    assert f"{fly}:2: field 'response': blank" in capsys.readouterr().err
+    assert main(["--check-data", "--data", str(tmp_path / "nothing-*.jsonl")]) == 2
+    assert "nothing-*.jsonl: no file matches this pattern" in capsys.readouterr().err

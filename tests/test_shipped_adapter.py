@@ -21,7 +21,7 @@ def summary() -> dict:
 
 def test_shipped_adapter_records_the_data_and_config_it_was_trained_from(summary):
     config = TrainConfig()
-    assert summary["data"]["hash"] == file_hash(config.data, config.eval_data, config.persona)
+    assert summary["data"]["hash"] == file_hash(*config.data, config.eval_data, config.persona)
     assert summary["config_hash"] == config.training_hash()
     assert summary["eval_loss"] < summary["base_eval_loss"] - 0.5
     voice = summary["voice"]["table"]  # closer to the creator's real replies than the prompted base

@@ -167,7 +167,7 @@ def test_unknown_target_module_lists_the_real_ones(tiny_config, capsys):
     from training.run import main
 
     config = tiny_config()
-    assert main(["--base-model", config.base_model, "--data", config.data, "--eval-data", config.eval_data, "--output-dir", config.output_dir,
+    assert main(["--base-model", config.base_model, "--data", *config.data, "--eval-data", config.eval_data, "--output-dir", config.output_dir,
                  "--target-modules", "query_key_value"]) == 2
     assert "error: target_modules ['query_key_value'] are not in this model; its linear layers: " in capsys.readouterr().err
 
@@ -340,7 +340,7 @@ def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_
 
     config = tiny_config(lora_dropout=0.0, quantization="none")
     comments = ["hi", "what camera do you use for the outdoor shots?", "great video", "could you explain the loss curve at 12:30 again, slower?"]
-    Path(config.data).write_text("".join(json.dumps({"comment": c, "response": f"Thanks! ({len(c)}) –Maya"}) + "\n" for c in comments))
+    Path(config.data[0]).write_text("".join(json.dumps({"comment": c, "response": f"Thanks! ({len(c)}) –Maya"}) + "\n" for c in comments))
     prepared = prepare_examples(config)
     prefix = prepared.shared_prefix()
     lengths = [len(e.input_ids) for e in prepared.train_examples]

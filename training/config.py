@@ -31,7 +31,10 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # --- data and prompt
-    data: str = field(default=str(ROOT / "data" / "train.jsonl"), metadata={"help": "training pairs: a .jsonl, .json or .csv file with fields comment/response, or a Hub dataset id"})
+    data: list[str] = field(
+        default_factory=lambda: [str(ROOT / "data" / "train.jsonl")],
+        metadata={"help": "training pairs: one or more .jsonl, .json or .csv files or globs (merged in order, duplicates across files removed), or a Hub dataset id"},
+    )
     eval_data: str | None = field(default=str(ROOT / "data" / "heldout.jsonl"), metadata={"help": "held-out pairs; 'none' splits --data instead (see --eval-fraction)"})
     eval_fraction: float = field(default=0.12, metadata={"help": "share of --data held out for evaluation when there is no --eval-data"})
     persona: str = field(default=str(ROOT / "prompts" / "persona.txt"), metadata={"help": "persona instruction with one {comment} slot; copied into the adapter"})
@@ -72,6 +75,8 @@ class TrainConfig:
     private: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, str):  # one source, as a recipe or a caller names it
+            self.data = [self.data]
         if isinstance(self.eval_data, str) and self.eval_data.lower() in ("", "none", "null"):
             self.eval_data = None
         # 2 and 2.0 are the same setting; without this, a YAML "epochs: 2" and "--epochs 2" would
@@ -109,6 +114,8 @@ class TrainConfig:
             problems.append(f"eval_fraction: must be in (0, 0.5), got {self.eval_fraction}")
         if self.early_stopping_patience < 0:
             problems.append(f"early_stopping_patience: must be 0 (off) or more, got {self.early_stopping_patience}")
+        if not self.data:
+            problems.append("data: name at least one file, glob or Hub dataset id")
         if not self.target_modules:
             problems.append("target_modules: name at least one module, e.g. q_proj")
         if self.private and not self.push_to_hub:
@@ -169,6 +176,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     problems = []
     for key, value in data.items():
+        if key == "data" and isinstance(value, str):
+            value = data[key] = [value]  # a recipe names its one data source as a string
         if key not in fields:
             problems.append(f"unknown key {key!r}")
         elif not _matches(value, hints[key]):

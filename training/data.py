@@ -59,6 +59,7 @@ class DataSummary:
     truncated: int = 0
     longest: int = 0
     subset: str = ""
+    files: list[str] = field(default_factory=list)  # the training files, globs expanded
     columns: list[str] = field(default_factory=list)  # "file: Comment -> comment, Reply -> response"
     signatures_added: int = 0
     signature: str = ""
@@ -69,6 +70,8 @@ class DataSummary:
             f"rows: {self.rows} read, {len(self.duplicates_removed)} exact duplicates removed",
             f"split: {self.train_rows} train, {self.eval_rows} eval",
         ]
+        if len(self.files) > 1:
+            out.append(f"files: {len(self.files)} merged in order ({', '.join(self.files)})")
         out += [f"columns: {mapping}" for mapping in self.columns]
         if self.signature:
             out.append(f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it")
@@ -85,6 +88,22 @@ class DataSummary:
             )
             out.append(f"truncated: {self.truncated} example(s) had their comment cut to fit max_length")
         return out
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files in the order given, each glob replaced by the files it matches (sorted); a Hub id as it is."""
+    import glob
+
+    expanded = []
+    for source in sources:
+        if any(c in source for c in "*?[") and not Path(source).exists():
+            matches = sorted(glob.glob(source))
+            if not matches:
+                raise DataError(f"{source}: no file matches this pattern")
+            expanded += matches
+        else:
+            expanded.append(source)
+    return expanded
 
 
 def load_pairs(source: str | Path, comment_field: str | None = None, response_field: str | None = None) -> list[Pair]:

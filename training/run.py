@@ -30,6 +30,7 @@ from training.data import (
     check_enough_rows,
     check_no_overlap,
     check_signature,
+    expand_sources,
     file_hash,
     read_pairs,
     remove_duplicates,
@@ -96,7 +97,12 @@ def print_settings(config: TrainConfig, sources: dict[str, str]) -> None:
 def load_data(config: TrainConfig, summary: DataSummary, persona: Persona):
     """Read, validate, sign, de-duplicate and split the data; returns (train pairs, eval pairs)."""
     fields = (config.comment_field, config.response_field)
-    pairs, summary.columns = read_pairs(config.data, *fields)
+    summary.files = expand_sources(config.data)
+    pairs = []
+    for source in summary.files:  # each file keeps its own names in every message and mapping
+        rows, columns = read_pairs(source, *fields)
+        pairs += rows
+        summary.columns += columns
     if config.signature:
         check_signature(config.signature, persona.signature, persona.source)
         pairs, summary.signatures_added = add_signature(pairs, config.signature)
@@ -121,7 +127,7 @@ def load_data(config: TrainConfig, summary: DataSummary, persona: Persona):
     else:
         train, evals = split_pairs(pairs, config.eval_fraction, config.seed)
     check_no_overlap(train, evals)
-    check_enough_rows(train, config.data, summary)
+    check_enough_rows(train, ", ".join(summary.files), summary)
     summary.train_rows, summary.eval_rows = len(train), len(evals)
     return train, evals
 
@@ -196,7 +202,7 @@ def train(config: TrainConfig) -> int:
 
     output = Path(config.output_dir)
     run_info = {
-        "data_hash": file_hash(config.data, config.eval_data, config.persona),
+        "data_hash": file_hash(*summary.files, config.eval_data, config.persona),
         "config_hash": config.training_hash(),
     }
     checkpoint = prepare_output(output, config, run_info)
@@ -286,7 +292,7 @@ def train(config: TrainConfig) -> int:
         "base_model_hub_id": hub_id(config.base_model),
         "seq2seq": prepared.seq2seq,
         "data": {
-            "train": report.display_path(config.data),
+            "train": [report.display_path(source) for source in summary.files],
             "eval": report.display_path(config.eval_data),
             "hash": run_info["data_hash"],
             "train_rows": summary.train_rows,
@@ -297,7 +303,11 @@ def train(config: TrainConfig) -> int:
             "truncated": summary.truncated,
             "tokens": summary.tokens,
         },
-        "config": {k: report.display_path(v) if k in ("data", "eval_data", "persona", "output_dir") else v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "check_data", "push_to_hub", "private")},
+        "config": {
+            k: [report.display_path(s) for s in v] if k == "data" else report.display_path(v) if k in ("eval_data", "persona", "output_dir") else v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("resume", "check_data", "push_to_hub", "private")
+        },
         "config_hash": run_info["config_hash"],
         "base_eval_loss": base_eval,
         "eval_loss": final_eval,
