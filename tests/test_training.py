@@ -40,6 +40,10 @@ def tiny_config(tiny_model_dir, tmp_path):
             lora_r=8,
             warmup_ratio=0.0,
             early_stopping_patience=0,
+            # These tests are about training: their voice evaluation uses the trained model itself,
+            # sparing each run a GGUF conversion (the llama.cpp path is tested in test_llamacpp.py,
+            # test_youtube.py and the slow end-to-end run).
+            backend="transformers",
         )
         values.update(overrides)
         return TrainConfig(**values)
