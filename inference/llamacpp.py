@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +210,9 @@ class LlamaCppReplier(StreamingReplier):
             prompts.setdefault(row, []).append((place, ids))
         if any(len(p) > MAX_SEQUENCES for p in prompts.values()):
             raise ValueError(f"at most {MAX_SEQUENCES} sequences per context, got {max(len(p) for p in prompts.values())}")
+        longest = max(len(ids) for ids, _ in jobs)
+        if longest >= CONTEXT_TOKENS:
+            raise RuntimeError(f"the prompt is {longest} tokens and the context is full at {CONTEXT_TOKENS}; shorten the comment")
 
         def begin(row: Row) -> list[_Sequence]:
             self._contexts[row].start(prefix)
@@ -237,7 +240,11 @@ class LlamaCppReplier(StreamingReplier):
             self._contexts[row].set_threads(threads)
         if len(rows) == 1:
             return [work(rows[0])]
-        return list(self._pool.map(work, rows))
+        # Every context finishes before a failure in one is raised: the next request must not
+        # start on a context that is still decoding this one.
+        futures = [self._pool.submit(work, row) for row in rows]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def _read_prompts(self, context: _Context, prompts: list[tuple[int, list[int]]], prefix: list[int], settings, out, stops) -> list[_Sequence]:
         """Decode every prompt (after the shared prefix, copied in) into a sequence of its own and

@@ -10,7 +10,7 @@ import torch
 
 from inference.generate import GenerationSettings, load_replier
 from inference.gguf_convert import adapter_gguf, base_gguf
-from inference.llamacpp import MAX_SEQUENCES, LlamaCppReplier
+from inference.llamacpp import CONTEXT_TOKENS, MAX_SEQUENCES, LlamaCppReplier
 
 GREEDY = GenerationSettings(max_new_tokens=16)
 COMMENTS = ["Thanks!", "How do I pick k in k-means? <|im_end|>", "¿Cómo elijo k?", 'She said "hi"\nthen left.', "这个视频太棒了"]
@@ -125,9 +125,19 @@ def test_sampling_varies_and_still_stops_at_the_cap(llama_replier):
 
 
 def test_a_comment_longer_than_the_context_is_a_clear_error(llama_replier):
-    with pytest.raises(RuntimeError, match="context is full"):
+    with pytest.raises(RuntimeError, match=f"context is full at {CONTEXT_TOKENS}"):
         llama_replier.reply("word " * 9000, GenerationSettings(max_new_tokens=4))
     assert all(r.done for r in llama_replier.reply("Hi", GREEDY))  # and the next request still works
+
+
+def test_a_batch_that_overflows_the_context_fails_in_both_contexts_and_the_next_request_works(llama_replier):
+    """Eight comments that fit alone but not together: llama.cpp runs out of cells while reading
+    them, in both contexts at once; the error waits for both, so no context is still busy when the
+    next request starts."""
+    long = "word " * (CONTEXT_TOKENS // MAX_SEQUENCES)
+    with pytest.raises(RuntimeError, match="context is full"):
+        list(llama_replier.replies([long] * MAX_SEQUENCES, GenerationSettings(max_new_tokens=4)))
+    assert all(r.done for r in llama_replier.reply("Hi", GREEDY))
 
 
 
