@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from bench.reply_latency import percentile
 from inference.compare import read_comments
-from inference.settings import ROOT
+from inference.default_model import ROOT
 
 
 @dataclass
@@ -87,8 +87,10 @@ def run_load(url: str, comments: list[str], clients: int, per_client: int, setti
 def main() -> None:
     import app as app_module
     from inference.default_model import DEFAULT_BASE_MODEL
-    from inference.generate import adapter_held_out, load_replier
-    from inference.settings import DEFAULT_ADAPTER, pane_labels
+    from inference.adapter_files import adapter_held_out
+    from inference.generate import load_replier
+    from inference.default_model import DEFAULT_ADAPTER
+    from inference.settings import pane_labels
     from training.report import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from inference.settings import ROOT
+from inference.default_model import ROOT
 
 SMOL = "embedded:SmolLM2-135M-Instruct"
 # recipe, what runs it, extra flags; models stay small so a CPU can run them all in minutes.

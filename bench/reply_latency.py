@@ -18,7 +18,7 @@ from pathlib import Path
 from inference.compare import read_comments
 from inference.default_model import DEFAULT_BASE_MODEL
 from inference.generate import GenerationSettings, StreamingReplier, load_replier
-from inference.settings import DEFAULT_ADAPTER, ROOT
+from inference.default_model import DEFAULT_ADAPTER, ROOT
 from training.report import environment
 
 MODES = {

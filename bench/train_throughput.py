@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.config import ROOT
+from inference.default_model import ROOT
 
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from inference.generate import GenerationSettings, Reply, StreamingReplier
-from inference.loading import BACKENDS
+from inference.jsonl import Problem, jsonl_rows
+from inference.loading import BACKENDS, QUANTIZATIONS
+from prompts.render import is_signed
 
 MAX_COMMENTS = 500
 
@@ -24,20 +26,16 @@ MAX_COMMENTS = 500
 def read_comments(path: Path) -> list[str]:
     """One comment per line of a text file, or the ``comment`` field of each row of a .jsonl file."""
     text = path.read_text(encoding="utf-8-sig")
-    comments = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        if path.suffix.lower() == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+    if path.suffix.lower() == ".jsonl":
+        comments = []
+        for where, row in jsonl_rows(path, text):
+            if isinstance(row, Problem):
+                raise ValueError(f"{where}: {row}")
             if not isinstance(row, dict) or not isinstance(row.get("comment"), str):
-                raise ValueError(f"{path}:{number}: field 'comment': missing or not text")
-            line = row["comment"]
-        comments.append(line)
+                raise ValueError(f"{where}: field 'comment': missing or not text")
+            comments.append(row["comment"])
+    else:
+        comments = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not comments:
         raise ValueError(f"{path}: no comments")
     if len(comments) > MAX_COMMENTS:
@@ -52,7 +50,7 @@ def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
         "seconds": round(reply.seconds, 3),
         "stopped": reply.stopped,
         "words": len(reply.text.split()),
-        "signature": bool(signature) and reply.text.rstrip().endswith(signature),
+        "signature": is_signed(reply.text, signature),
     }
 
 
@@ -96,7 +94,8 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_BASE_MODEL
     from inference.generate import load_replier
-    from inference.settings import DEFAULT_ADAPTER, pane_labels
+    from inference.default_model import DEFAULT_ADAPTER
+    from inference.settings import pane_labels
 
     parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--comments", type=Path, required=True, help="a text file (one comment per line) or a .jsonl file with a 'comment' field")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
-    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     args = parser.parse_args(argv)

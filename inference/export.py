@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID
+from inference.default_model import from_hub_id
 from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir, is_gptq
 from prompts.render import PromptRenderer
 
@@ -39,7 +39,7 @@ def base_model_of(adapter: Path) -> str:
     name = check_adapter_dir(adapter).get("base_model_name_or_path")
     if not name:
         raise ExportError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; pass --base-model")
-    return DEFAULT_BASE_MODEL if name == DEFAULT_BASE_MODEL_HUB_ID else name
+    return from_hub_id(name)
 
 
 def go_template_text(text: str) -> str:

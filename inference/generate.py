@@ -27,17 +27,14 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
 
-from inference.loading import Backend, resolve_backend, unwrapped
+from inference.internals.peft import routed, rows_can_have_different_adapters
+from inference.loading import Backend, Quantization, resolve_backend, unwrapped
 from prompts.render import Prompt, PromptRenderer
-
-if TYPE_CHECKING:
-    from prompts.render import Persona
 
 Row = Literal["base", "adapter"]
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -230,18 +227,8 @@ class Replier(StreamingReplier):
 
     @functools.cached_property
     def mixed_batches(self) -> bool:
-        """Whether base and adapter rows can share one batch (peft's ``adapter_names``).
-
-        peft implements it for its plain and bitsandbytes LoRA layers; a layer whose forward takes
-        no keyword arguments (GPTQ's) cannot, and the two replies are then generated in turn.
-        """
-        from peft.tuners.lora import LoraLayer
-
-        def takes_adapter_names(module) -> bool:
-            params = inspect.signature(module.forward).parameters.values()
-            return any(p.name == "adapter_names" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-        return all(takes_adapter_names(m) for m in self.model.modules() if isinstance(m, LoraLayer))
+        """Whether base and adapter rows share one batch (else the two replies decode in turn)."""
+        return rows_can_have_different_adapters(self.model)
 
     def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
         prompt_ids, rows = jobs[0][0], tuple(row for _, row in jobs)
@@ -271,7 +258,7 @@ class Replier(StreamingReplier):
         stops = set(self.renderer.stop_ids)
         warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature), TopPLogitsWarper(settings.top_p)]) if settings.temperature > 0 else None
         with contextlib.ExitStack() as routing:
-            routing.enter_context(self._routed(names))
+            routing.enter_context(routed(self.model, names))
             cache = self._prefix_cache(rows, prompt_ids, device)
             done = cache.get_seq_length() if cache is not None else 0
             ids = torch.tensor([prompt_ids[done:]] * len(rows), device=device)
@@ -295,16 +282,8 @@ class Replier(StreamingReplier):
                     if names:
                         names = [names[i] for i in keep]
                         routing.close()
-                        routing.enter_context(self._routed(names))
+                        routing.enter_context(routed(self.model, names))
                 ids = tokens[:, None]
-
-    def _routed(self, adapter_names: list[str] | None) -> contextlib.AbstractContextManager:
-        """peft's per-row adapter routing, held for as long as the batch keeps its rows.
-
-        Passing ``adapter_names`` to every forward instead makes peft walk all modules twice per
-        step to add and remove its hooks: measured 2-3 ms of a ~33 ms decoding step.
-        """
-        return self.model._enable_peft_forward_hooks(adapter_names=adapter_names) if adapter_names else contextlib.nullcontext()
 
     @functools.cached_property
     def _causal_lm(self) -> PreTrainedModel:
@@ -334,7 +313,7 @@ class Replier(StreamingReplier):
 def load_replier(
     base_model: str,
     adapter: str | None,
-    quantization: Literal["nf4", "none"] = "nf4",
+    quantization: Quantization = "nf4",
     trust_remote_code: bool = False,
     backend: Backend = "auto",
 ) -> StreamingReplier:
@@ -351,7 +330,8 @@ def load_replier(
         return pool.submit(_load_replier, base_model, adapter, quantization, trust_remote_code, backend).result()
 
 
-def _load_replier(base_model: str, adapter: str | None, quantization: Literal["nf4", "none"], trust_remote_code: bool, backend: Backend) -> StreamingReplier:
+def _load_replier(base_model: str, adapter: str | None, quantization: Quantization, trust_remote_code: bool, backend: Backend) -> StreamingReplier:
+    from inference.adapter_files import adapter_persona
     from inference.loading import load_adapter, load_base_model, load_tokenizer
     from prompts.render import Persona
 
@@ -368,49 +348,3 @@ def _load_replier(base_model: str, adapter: str | None, quantization: Literal["n
     if adapter:
         model = load_adapter(model, adapter)
     return Replier(model, tokenizer, renderer, has_adapter=adapter is not None)
-
-
-HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
-
-
-def adapter_file(adapter: str, name: str) -> Path | None:
-    """A file that travelled with an adapter (its folder, or its Hub repo), or None if it has none."""
-    if Path(adapter).exists():
-        local = Path(adapter) / name
-        return local if local.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(adapter, name))
-    except EntryNotFoundError:
-        return None
-
-
-def adapter_persona(adapter: str) -> Persona | None:
-    """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
-    from prompts.render import Persona
-
-    path = adapter_file(adapter, "persona.txt")
-    return Persona.from_file(path) if path else None
-
-
-def adapter_held_out(adapter: str | None) -> list[tuple[str, str]]:
-    """(comment, the creator's real reply) pairs the adapter was evaluated on and not trained on,
-    as its training run saved them (handles already anonymised); [] for an adapter without them."""
-    import json
-
-    path = adapter_file(adapter, HELD_OUT_FILE) if adapter else None
-    if path is None:
-        return []
-    pairs = []
-    # "\n" only: str.splitlines() would also split inside a JSON string at U+2028.
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs.append((row["comment"], row["response"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: not a {{'comment', 'response'}} row ({exc})") from None
-    return pairs

@@ -7,13 +7,15 @@ quantized (a GPTQ model, say) keeps its own quantization; it needs the optional 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from inference.default_model import DEFAULT_BASE_MODEL, default_model_dir
+from inference.internals.bitsandbytes import use_cpu_inference_layout
+from inference.internals.gptqmodel import keep_gptq_layers_trainable
+from inference.internals.torch import cpu_computes_bf16
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +84,7 @@ def compute_dtype() -> torch.dtype:
 
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_computes_bf16() else torch.float32
 
 
 def unwrapped(model: PreTrainedModel) -> PreTrainedModel:
@@ -112,6 +114,7 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     for_training: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM for training or generation.
 
@@ -155,22 +158,14 @@ def load_base_model(
             kwargs["device_map"] = {"": 0}
     elif quantization != "none":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if for_training and not torch.cuda.is_available():
-        from inference.attention import training_attention
-
-        # The plain softmax(QK^T)V path, in the fewest passes (see inference.attention).
-        kwargs["attn_implementation"] = training_attention(config)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = auto.from_pretrained(path, **kwargs)
     own_memory(model)
     use_cpu_inference_layout(model, not for_training)
     if for_training:
-        # gptqmodel's CPU kernel picks its path on the first forward: in eval mode it switches for
-        # good to a fused no-grad path, so a model evaluated before training (as every run is)
-        # never trains its LoRA. Pin the training path.
-        for module in model.modules():
-            if hasattr(module, "linear_mode") and module.linear_mode is None:
-                module.linear_mode = "train"
+        keep_gptq_layers_trainable(model)
     return model
 
 
@@ -185,70 +180,6 @@ def own_memory(model: PreTrainedModel) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
             tensor.data = tensor.data.clone()
-
-
-def use_cpu_inference_layout(model: PreTrainedModel, allowed: bool) -> None:
-    """Whether bitsandbytes may repack NF4 weights into its CPU inference layout.
-
-    On its first no-grad forward in eval mode, a CPU Linear4bit repacks its weight for a fast AVX-512
-    kernel (decoding ~2.5x faster) that has no backward. A training run evaluates the base model
-    before its first step, and every later step then silently lost the gradient through the frozen
-    weights (found by comparing gradients before and after an evaluation). Training turns the
-    repacking off; a trained model turns it back on before it generates.
-    """
-    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    if not layers:
-        return
-    from bitsandbytes.functional import has_avx512bf16
-    from bitsandbytes.nn import Linear4bit
-
-    for module in layers:
-        module.support_avx512bf16_for_cpu = allowed and has_avx512bf16()
-        module.__class__ = _prefill_linear4bit() if module.support_avx512bf16_for_cpu else Linear4bit
-
-
-PREFILL_ROWS = 128  # from this many input rows on, dequantizing beats the CPU kernel (measured crossover ~100 rows)
-
-
-@functools.cache
-def _prefill_linear4bit() -> type:
-    """bitsandbytes' Linear4bit, with prompts (many rows at once) computed as one bf16 matmul.
-
-    The AVX-512 kernel of the CPU inference layout is fast for decoding (1-2 rows) but computes a
-    140-token prompt at ~115 GFLOP/s, 3x slower than dequantizing the weight and using torch's
-    matmul; the prompt is what the first token waits for.
-    """
-    import torch
-    from bitsandbytes.nn import Linear4bit
-
-    class PrefillLinear4bit(Linear4bit):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            state = self.weight.quant_state
-            if x.requires_grad or not getattr(state, "packing_format_for_cpu", False) or x.numel() < PREFILL_ROWS * x.shape[-1]:
-                return super().forward(x)
-            weight = dequantize_cpu_layout(self.weight.data, state)
-            bias = None if self.bias is None else self.bias.to(weight.dtype)
-            return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-
-    return PrefillLinear4bit
-
-
-def dequantize_cpu_layout(packed: torch.Tensor, state) -> torch.Tensor:
-    """The bf16 weight [N, K] of a 4-bit weight in bitsandbytes' CPU inference layout.
-
-    That layout (``_convert_weight_packed_for_cpu``) stores tiles of 32 output rows x 2 inputs in 32
-    bytes: byte j holds row j // 2 in its low nibble and row 16 + j // 2 in its high one, input
-    j % 2 of the pair; the absmax is transposed to [K / blocksize, N] in bf16.
-    """
-    import torch
-
-    n, k = state.shape
-    code = state.code.to(torch.bfloat16)
-    byte = torch.arange(256, device=packed.device)
-    table = torch.stack([code[byte & 0xF], code[byte >> 4]], dim=1)  # byte -> (low value, high value)
-    values = torch.nn.functional.embedding(packed.view(torch.uint8).reshape(-1).long(), table)  # [n * k / 2, 2]
-    weight = values.view(n // 32, k // 2, 16, 2, 2).permute(0, 4, 2, 1, 3).reshape(n, k // state.blocksize, state.blocksize)
-    return (weight * state.absmax.t().reshape(n, k // state.blocksize, 1)).view(n, k)
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:

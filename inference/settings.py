@@ -10,12 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.default_model import DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL_HUB_ID
-from inference.loading import BACKENDS, Backend
-from inference.loading import QUANTIZATIONS, Quantization
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ADAPTER = ROOT / "adapters" / "default"  # trained by this project on data/, shipped in git
+from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT, hub_id
+from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 NO_ADAPTER = "none"
 
 
@@ -36,7 +32,7 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
     parser = argparse.ArgumentParser(prog="python app.py", description="Side-by-side replies: base model + prompt vs fine-tuned adapter.")
     parser.add_argument("--base-model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL), help="local folder or Hub id [env BASE_MODEL]")
     parser.add_argument("--adapter", default=env.get("ADAPTER", str(DEFAULT_ADAPTER)), help=f"adapter folder or Hub id, '{NO_ADAPTER}' for the base alone [env ADAPTER]")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=env.get("QUANTIZATION", "nf4"), help="nf4 (4-bit) or none (full precision) [env QUANTIZATION]")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=env.get("QUANTIZATION", "nf4"), help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none [env QUANTIZATION]")
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -67,7 +63,7 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
 
 def pane_labels(base_model: str, adapter: str | None, backend: str) -> dict[str, str]:
     """Names for the two panes that say which model each one is, and which engine runs it."""
-    base = f"{DEFAULT_BASE_MODEL_HUB_ID} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
+    base = f"{hub_id(base_model)} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
     labels = {"base": f"{base} · prompt only · {backend}"}
     if adapter:
         path = Path(adapter).resolve()

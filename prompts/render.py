@@ -80,6 +80,12 @@ class Persona:
         return self.template.format(**{SLOT: comment})
 
 
+def is_signed(text: str, signature: str | None) -> bool:
+    """Whether a reply ends with the sign-off (trailing spaces aside): the one test of "signed" that
+    the data, the doctor and the evaluations share."""
+    return bool(signature and signature.strip()) and text.rstrip().endswith(signature.strip())
+
+
 @dataclass(frozen=True)
 class Prompt:
     """What is sent to the model for one comment."""

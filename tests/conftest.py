@@ -18,7 +18,8 @@ import torch
 
 from inference.default_model import DEFAULT_BASE_MODEL
 from inference.loading import load_tokenizer
-from tests.helpers import ROOT, build_tiny_model
+from inference.default_model import ROOT
+from tests.helpers import build_tiny_model
 
 # The chat template of mistralai/Mistral-7B-Instruct-v0.2 (no system role; BOS in the template).
 MISTRAL_TEMPLATE = (

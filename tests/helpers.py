@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def build_tiny_model(tokenizer, folder: Path, seed: int = 0) -> Path:
     """A 2-layer Llama with SmolLM2's vocabulary, saved with its tokenizer so the real loader runs."""

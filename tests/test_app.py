@@ -11,8 +11,9 @@ import pytest
 from gradio_client import Client
 
 import app as app_module
-from inference.generate import adapter_held_out, load_replier
-from tests.helpers import ROOT
+from inference.adapter_files import adapter_held_out
+from inference.generate import load_replier
+from inference.default_model import ROOT
 from inference.settings import pane_labels, parse_app_settings
 from training.data import load_pairs
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, pairs_jsonl
+from inference.default_model import ROOT
+from tests.helpers import pairs_jsonl
 from training.checkpoints import checkpoint_folders
 from training.config import TrainConfig
 from training.run import TrainingStopped, train

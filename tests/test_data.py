@@ -27,7 +27,7 @@ def test_jsonl_loads_every_row_with_its_line(write):
 
 
 def test_shipped_data_is_valid_and_split_without_overlap():
-    from training.config import ROOT
+    from inference.default_model import ROOT
 
     train = load_pairs(ROOT / "data" / "train.jsonl")
     held = load_pairs(ROOT / "data" / "heldout.jsonl")

@@ -8,7 +8,7 @@ from transformers import DataCollatorForLanguageModeling
 from prompts.render import Persona, PromptRenderer
 from training.data import Pair, tokenize_pairs
 from training.doctor import diagnose
-from training.trainer import ReplyCollator
+from training.collate import ReplyCollator
 
 PERSONA = Persona.from_file()
 

@@ -23,7 +23,7 @@ def test_mistral_7b_is_estimated_offline_from_its_shipped_config(capsys):
 
 def test_counts_match_a_real_lora_model(tiny_model_dir):
     from inference.loading import load_base_model
-    from training.trainer import count_parameters, lora_model
+    from training.model import count_parameters, lora_model
 
     train_config = TrainConfig(base_model=str(tiny_model_dir), target_modules=["q_proj", "v_proj", "down_proj"], lora_r=4)
     model = lora_model(load_base_model(str(tiny_model_dir), "nf4"), train_config, 0)

@@ -89,7 +89,7 @@ def test_modelfile_template_renders_the_renderers_prompt_byte_for_byte(default_m
 
 
 def test_gguf_and_ollama_export_of_the_shipped_adapter_replies_signed(default_model_dir, tmp_path):
-    from inference.settings import DEFAULT_ADAPTER
+    from inference.default_model import DEFAULT_ADAPTER
 
     assert main(["--adapter", str(DEFAULT_ADAPTER), "--out", str(tmp_path), "--targets", "gguf", "ollama"]) == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"base.gguf", "adapter.gguf", "Modelfile"}

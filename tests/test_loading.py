@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inference.loading import load_adapter, load_base_model
-from inference.settings import ROOT
+from inference.default_model import ROOT
 
 
 def test_a_pickle_only_model_is_refused(tiny_model_dir, tmp_path):
@@ -60,9 +60,9 @@ def test_prompts_on_the_cpu_inference_layout_match_bitsandbytes_kernel(tiny_mode
     from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
     from bitsandbytes.nn import Linear4bit
 
-    from inference.loading import PREFILL_ROWS, dequantize_cpu_layout
+    from inference.internals.bitsandbytes import PREFILL_ROWS, dequantize_cpu_layout
 
-    if not has_avx512bf16():
+    if not has_avx512bf16():  # the layout itself is checked on every CPU in test_internals
         pytest.skip("this CPU has no AVX-512 BF16, so bitsandbytes keeps the standard layout")
     model = load_base_model(str(tiny_model_dir), "nf4").eval()
     layer = model.model.layers[0].mlp.down_proj
@@ -136,7 +136,7 @@ def test_a_loaded_model_keeps_no_view_of_the_checkpoint_file(tiny_model_dir, tmp
 HEAP_PROBE = """
 import os, sys
 import torch
-from training.trainer import return_large_blocks_to_the_system
+from training.cpu import return_large_blocks_to_the_system
 
 return_large_blocks_to_the_system()  # as training.run does before it loads the model
 page = os.sysconf("SC_PAGE_SIZE")
@@ -178,9 +178,10 @@ def test_training_attention_on_a_cpu_gives_eager_attentions_outputs_and_gradient
     gradients as transformers' eager attention, padding included."""
     from transformers import AutoModelForCausalLM
 
-    from inference.attention import GROUPED
+    from training.attention import GROUPED
+    from training.model import load_training_base
 
-    grouped = load_base_model(str(tiny_model_dir), "none", for_training=True)
+    grouped = load_training_base(str(tiny_model_dir), "none")
     assert grouped.config._attn_implementation == GROUPED
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
     assert eager.config.num_key_value_heads < eager.config.num_attention_heads  # grouped-query attention

@@ -72,7 +72,7 @@ def test_seq2seq_recipe_trains_an_8bit_t5_on_input_target_pairs(mistral_tokenize
     from prompts.render import Persona, Seq2SeqRenderer
     from tests.helpers import pairs_jsonl
     from training.data import load_pairs, tokenize_pairs
-    from training.trainer import ReplyCollator
+    from training.collate import ReplyCollator
 
     t5 = T5Config(vocab_size=len(mistral_tokenizer), d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16,
                   feed_forward_proj="gated-gelu", pad_token_id=mistral_tokenizer.pad_token_id, eos_token_id=mistral_tokenizer.eos_token_id,

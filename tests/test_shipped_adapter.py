@@ -9,8 +9,8 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from inference.settings import DEFAULT_ADAPTER
-from training.config import ROOT, TrainConfig
+from inference.default_model import DEFAULT_ADAPTER, ROOT
+from training.config import TrainConfig
 from training.data import file_hash
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from training.config import TrainConfig
 from training.run import ResumeError, train
-from training.trainer import RunStats, count_parameters
+from training.model import count_parameters
+from training.trainer import RunStats
 
 
 def style_pairs(n: int, start: int = 0) -> str:
@@ -67,7 +68,7 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert "## Voice fidelity" in (folder / "README.md").read_text()
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "loss_curve.png", "README.md"):
         assert (folder / name).is_file(), name
-    from inference.generate import adapter_held_out
+    from inference.adapter_files import adapter_held_out
     from training.data import load_pairs
 
     assert adapter_held_out(str(folder)) == [(p.comment, p.response) for p in load_pairs(config.eval_data)]  # the held-out set travels
@@ -80,7 +81,7 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     from inference.loading import load_base_model, load_tokenizer
     from prompts.render import Persona, PromptRenderer
     from training.data import load_pairs, tokenize_pairs
-    from training.trainer import ReplyCollator
+    from training.collate import ReplyCollator
 
     base = load_base_model(config.base_model, "nf4")
     model = PeftModel.from_pretrained(base, str(folder)).eval()
@@ -187,13 +188,14 @@ def lora_gradients(trainer, batch) -> dict[str, torch.Tensor]:
 def trainer_and_batch(config: TrainConfig):
     """A run's trainer on the tiny model, its LoRA B matrices non-zero (fresh ones are zero, which
     would hide the gradient through A), and a batch of four training examples."""
-    from inference.loading import compute_dtype, load_base_model
-    from training.run import prepare_examples
-    from training.trainer import build_trainer, trainable_model
+    from inference.loading import compute_dtype
+    from training.examples import prepare_examples
+    from training.model import load_training_base, trainable_model
+    from training.trainer import build_trainer
 
     prepared = prepare_examples(config)
     torch.manual_seed(0)
-    model = trainable_model(load_base_model(config.base_model, "nf4", compute_dtype(), for_training=True), config, 0)
+    model = trainable_model(load_training_base(config.base_model, "nf4", compute_dtype()), config, 0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -215,7 +217,7 @@ def test_evaluation_before_training_leaves_the_gradients_intact(tiny_config):
 
 
 def test_fast_dropout_drops_p_of_the_inputs_and_rescales_the_rest():
-    from training.trainer import FastDropout
+    from training.cpu import FastDropout
 
     dropout = FastDropout(0.05).train()
     x = torch.ones(1000, 1000, dtype=torch.bfloat16)
@@ -234,10 +236,10 @@ def test_fast_dropout_drops_p_of_the_inputs_and_rescales_the_rest():
 
 
 def test_lora_model_uses_fast_dropout_on_every_lora_input(tiny_config):
-    from inference.loading import load_base_model
-    from training.trainer import FastDropout, lora_model
+    from training.cpu import FastDropout
+    from training.model import load_training_base, lora_model
 
-    model = lora_model(load_base_model(tiny_config().base_model, "nf4", for_training=True), tiny_config(lora_dropout=0.1), 0)
+    model = lora_model(load_training_base(tiny_config().base_model, "nf4"), tiny_config(lora_dropout=0.1), 0)
     dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
     assert dropouts and all(isinstance(d, FastDropout) and d.p == 0.1 for d in dropouts)
 
@@ -245,7 +247,7 @@ def test_lora_model_uses_fast_dropout_on_every_lora_input(tiny_config):
 def test_checkpointing_some_layers_recomputes_only_those_with_the_same_gradients(tiny_config, monkeypatch):
     """k of the layers are recomputed in the backward pass (their MLP runs twice), fewer activations
     are kept, and the LoRA gradients are those of the run without checkpointing (dropout included)."""
-    from training.trainer import enable_checkpointing
+    from inference.internals.transformers import checkpoint_first_layers
 
     trainer, batch = trainer_and_batch(tiny_config(lora_dropout=0.1))
     model = trainer.model
@@ -273,10 +275,10 @@ def test_checkpointing_some_layers_recomputes_only_those_with_the_same_gradients
     model.train()
     plain, plain_bytes = step()
     assert calls == [1, 1]
-    enable_checkpointing(model, 1)
+    checkpoint_first_layers(model, 1)
     one, one_bytes = step()
     assert calls == [2, 1]  # only the first layer is recomputed
-    enable_checkpointing(model, 2)
+    checkpoint_first_layers(model, 2)
     both, both_bytes = step()
     assert calls == [2, 2]
     assert both_bytes < one_bytes < plain_bytes
@@ -302,7 +304,7 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
 
     # In a run, the limit applies to batches of the data's longest example (sharing the prompt's
     # prefix: smaller than padded rows), and the plan is printed.
-    from training.run import prepare_examples
+    from training.examples import prepare_examples
 
     prepared = prepare_examples(config)
     assert prepared.shared_prefix() > 0
@@ -317,7 +319,7 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
 
 def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_it_saves_work():
     from prompts.render import IGNORE_INDEX, Example
-    from training.trainer import shared_prefix_length
+    from training.collate import shared_prefix_length
 
     def example(ids, learned_from):
         return Example(ids, [IGNORE_INDEX] * learned_from + ids[learned_from:], 0)
@@ -338,9 +340,10 @@ def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_
 def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_padded_rows(tiny_config, tmp_path, attention):
     """The chat template and persona that every example starts with are computed once per batch;
     the examples' own tokens see them and their own earlier tokens only, at their own positions."""
-    from inference.loading import load_base_model
-    from training.run import prepare_examples
-    from training.trainer import TrainingCollator, build_trainer, trainable_model
+    from training.collate import TrainingCollator
+    from training.examples import prepare_examples
+    from training.model import load_training_base, trainable_model
+    from training.trainer import build_trainer
 
     config = tiny_config(lora_dropout=0.0, quantization="none")
     comments = ["hi", "what camera do you use for the outdoor shots?", "great video", "could you explain the loss curve at 12:30 again, slower?"]
@@ -351,7 +354,7 @@ def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_
     assert prefix > 0 and len(set(lengths)) == 4
 
     torch.manual_seed(0)
-    model = trainable_model(load_base_model(config.base_model, "none", torch.float32, for_training=True), config, 0)
+    model = trainable_model(load_training_base(config.base_model, "none", torch.float32), config, 0)
     model.set_attn_implementation(attention)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -383,16 +386,17 @@ def test_the_evaluation_loss_is_the_mean_over_held_out_reply_tokens_however_they
     reply token weighs the same in it whether the held-out examples come 1, 4 or 5 to a batch."""
     from dataclasses import replace
 
-    from inference.loading import load_base_model
-    from training.run import prepare_examples
-    from training.trainer import ReplyCollator, build_trainer, trainable_model
+    from training.collate import ReplyCollator
+    from training.examples import prepare_examples
+    from training.model import load_training_base, trainable_model
+    from training.trainer import build_trainer
 
     config = tiny_config(quantization="none")
     replies = ["Thanks!", "Glad it helped, and thanks for watching the whole series –Maya", "Yes", "I use a small mirrorless camera and one prime lens for all of it –Maya", "Noted, fixed in the description –Maya"]
     Path(config.eval_data).write_text("".join(json.dumps({"comment": f"comment {i}", "response": r}) + "\n" for i, r in enumerate(replies)))
     prepared = prepare_examples(config)
     torch.manual_seed(0)
-    model = trainable_model(load_base_model(config.base_model, "none", torch.float32, for_training=True), config, 0)
+    model = trainable_model(load_training_base(config.base_model, "none", torch.float32), config, 0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)

@@ -23,6 +23,13 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
 CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
 
 
+RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
+
+
+class ResumeError(RuntimeError):
+    """--resume cannot continue: no unfinished run, or the data or settings changed since."""
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); the message says how to go on."""
 
@@ -115,3 +122,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def prepare_output(output: Path, resume: bool, run_info: dict) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0), after checking it matches this run.
+
+    ``run.json`` records what the checkpoints are trained from; it is written before the first step,
+    so a run killed before its first complete checkpoint still resumes (from the beginning).
+    """
+    checkpoints = output / CHECKPOINTS
+    run_file = checkpoints / RUN_FILE
+    if not resume:
+        if checkpoint_folders(output):
+            raise ResumeError(
+                f"{checkpoints} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                "or delete that folder to start over"
+            )
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, run_info)
+        return None
+    if not run_file.is_file():
+        raise ResumeError(f"--resume: no unfinished run in {checkpoints}; run without --resume to start one")
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = [k for k in ("data_hash", "config_hash") if saved.get(k) != run_info[k]]
+    if changed:
+        what = " and ".join({"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed)
+        raise ResumeError(f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume")
+    checkpoint = last_complete_checkpoint(output)
+    remove_incomplete_after(output, checkpoint)
+    if checkpoint is None:
+        print(f"--resume: no complete checkpoint in {checkpoints} yet; starting from the first step")
+    return checkpoint

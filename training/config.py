@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from inference.default_model import DEFAULT_BASE_MODEL
+from inference.default_model import DEFAULT_BASE_MODEL, ROOT
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "training" / "configs"
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prompts.render import Example, PromptError, PromptRenderer
+from inference.jsonl import Problem, jsonl_rows
+from prompts.render import IGNORE_INDEX, Example, PromptError, PromptRenderer, is_signed
 
 FIELDS = ("comment", "response")
 # @handles of commenters (YouTube's reply mentions) become this placeholder before they reach the
@@ -126,7 +127,7 @@ def read_pairs(source: str | Path, comment_field: str | None = None, response_fi
     if suffix == ".csv":
         rows = _csv_rows(path, text, comment_field, response_field)
     else:
-        rows = {".jsonl": _jsonl_rows, ".json": _json_rows}[suffix](path, text)
+        rows = {".jsonl": jsonl_rows, ".json": _json_rows}[suffix](path, text)
     return _validate(rows, str(path), comment_field, response_field)
 
 
@@ -162,7 +163,7 @@ def add_signature(pairs: list[Pair], signature: str) -> tuple[list[Pair], int]:
     """Every reply that does not already end with ``signature`` gets it appended (the original
     article added " -ShawGPT" to every reply in code); nothing else changes. Returns the pairs and
     how many were signed."""
-    signed = [p if p.response.rstrip().endswith(signature.strip()) else Pair(p.comment, p.response.rstrip() + signature, p.where) for p in pairs]
+    signed = [p if is_signed(p.response, signature) else Pair(p.comment, p.response.rstrip() + signature, p.where) for p in pairs]
     return signed, sum(a is not b for a, b in zip(pairs, signed))
 
 
@@ -256,12 +257,12 @@ def tokenize_pairs(pairs: Iterable[Pair], renderer: PromptRenderer, max_length: 
 
 def summarize_tokens(summary: DataSummary, examples: list[Example], truncated: int) -> None:
     summary.tokens += sum(len(e.input_ids) for e in examples)
-    summary.reply_tokens += sum(sum(label != -100 for label in e.labels) for e in examples)
+    summary.reply_tokens += sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     summary.truncated += truncated
     summary.longest = max([summary.longest, *(len(e.input_ids) for e in examples)])
 
 
-# --- readers: each yields (where, row) with row a dict or a problem string
+# --- readers: each yields (where, row) with row a dict or a Problem
 
 
 def _read_text(path: Path) -> str:
@@ -274,19 +275,6 @@ def _read_text(path: Path) -> str:
             f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); "
             "save the file as UTF-8"
         ) from None
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
-    # Split on "\n" only: str.splitlines() would also split on U+2028 and other characters that are
-    # legal inside a JSON string.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{number}", f"invalid JSON ({exc.msg} at column {exc.colno})"
 
 
 def _json_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
@@ -323,7 +311,7 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
                 replies = (thread.get("replies") or {}).get("comments") or []
                 owner_replies = [r["snippet"]["textOriginal"] for r in replies if (r["snippet"].get("authorChannelId") or {}).get("value") == owner]
             except (KeyError, TypeError) as exc:
-                yield where, f"not a commentThread in the YouTube Data API format (missing {exc})"
+                yield where, Problem(f"not a commentThread in the YouTube Data API format (missing {exc})")
                 continue
             if owner_replies:
                 # The API lists replies oldest first: the owner's first answer is the reply to learn.
@@ -355,7 +343,7 @@ def _csv_rows(path: Path, text: str, comment_field: str | None = None, response_
             if not row:
                 continue
             if len(row) != len(header):
-                yield where, (
+                yield where, Problem(
                     f"{len(row)} fields, but the header has {len(header)}; quote any field that "
                     'contains a comma, e.g. "Thanks, great video"'
                 )
@@ -385,7 +373,7 @@ def row_fields(keys) -> tuple[str, ...]:
 def _validate(rows: Iterable[tuple[str, Any]], source: str, comment_field: str | None = None, response_field: str | None = None) -> tuple[list[Pair], list[str]]:
     pairs, problems, mappings = [], [], {}
     for where, row in rows:
-        if isinstance(row, str):
+        if isinstance(row, Problem):
             problems.append(f"{where}: {row}")
             continue
         if not isinstance(row, dict):

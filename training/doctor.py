@@ -23,10 +23,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prompts.render import IGNORE_INDEX, Example, PromptRenderer
+from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_signed
 from training.data import DataError, Pair, check_no_overlap
+
+if TYPE_CHECKING:
+    from training.examples import Prepared
 
 DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212-~"
 MAX_NAMED = 5
@@ -113,7 +116,7 @@ def check_signature(pairs: Sequence[Pair], signature: str | None) -> Finding:
     def norm(text: str) -> str:
         return re.sub(f"[{re.escape(DASHES)}]", "-", text)
 
-    exact = [i for i, p in enumerate(pairs) if p.response.rstrip().endswith(signature)]
+    exact = [i for i, p in enumerate(pairs) if is_signed(p.response, signature)]
     variant = [i for i, p in enumerate(pairs) if i not in set(exact) and norm(p.response.rstrip()).endswith(norm(signature))]
     if variant:
         found = Counter(pairs[i].response.rstrip()[-len(signature):] for i in variant).most_common(1)[0][0]
@@ -172,13 +175,24 @@ def format_report(findings: list[Finding], example: str) -> str:
     return "\n".join([head, *(f.line() for f in findings), "  one example, learned tokens in [brackets]:", "    " + example])
 
 
+def diagnose_prepared(prepared: Prepared) -> tuple[list[Finding], str]:
+    """The checks on a run's prepared examples, against the prompt the app will send."""
+    from inference.loading import load_tokenizer
+    from training.collate import ReplyCollator
+
+    config = prepared.config
+    # The app loads the tokenizer afresh and reads the persona copied into the adapter.
+    app = PromptRenderer(load_tokenizer(config.base_model, config.trust_remote_code), Persona.from_file(config.persona))
+    collate = ReplyCollator(prepared.tokenizer.pad_token_id)
+    return diagnose(prepared.train_pairs, prepared.train_examples, prepared.eval_pairs, prepared.renderer, app, collate)
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
-    from training.run import prepare_examples
+    from training.examples import prepare_examples
 
     config, _ = load_config(argv)
-    prepared = prepare_examples(config)
-    findings, example = prepared.diagnose()
+    findings, example = diagnose_prepared(prepare_examples(config))
     print(format_report(findings, example))
     return 0 if all(f.ok for f in findings) else 1
 

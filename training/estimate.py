@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-ROOT = Path(__file__).resolve().parents[1]
+from inference.default_model import ROOT
+
 MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
 
 Storage = Literal["nf4", "gptq", "int8", "bf16", "fp32"]
@@ -163,11 +164,11 @@ def estimate(
 ) -> Estimate:
     """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
     the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
-    computes once for all its rows, packed into one row (training.trainer.shared_prefix_length)."""
+    computes once for all its rows, packed into one row (training.collate.shared_prefix_length)."""
     import torch
 
-    from inference.attention import GROUPED, training_attention
-    from training.trainer import packed_row_length
+    from training.attention import GROUPED, training_attention
+    from training.collate import packed_row_length
 
     model = meta_model(config)
     head = model.get_output_embeddings()

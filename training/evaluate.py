@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from inference.generate import GenerationSettings, Replier, StreamingReplier
-from inference.loading import BACKENDS
+from inference.loading import BACKENDS, QUANTIZATIONS
+from prompts.render import IGNORE_INDEX, is_signed
 from training.data import Pair
 
 EVAL_SETTINGS = GenerationSettings(max_new_tokens=120)
@@ -52,7 +53,7 @@ def reply_stats(replies: Sequence[str], pairs: Sequence[Pair], signature: str | 
     comparable = [(c, r) for c, r in languages if c is not None]
     return {
         "length_ratio": statistics.median(ratios),
-        "signature_rate": sum(bool(signature) and r.rstrip().endswith(signature) for r in replies) / len(replies),
+        "signature_rate": sum(is_signed(r, signature) for r in replies) / len(replies),
         "emoji_rate": sum(bool(EMOJI.search(r)) for r in replies) / len(replies),
         "same_language_rate": sum(c == r for c, r in comparable) / len(comparable) if comparable else None,
         "memorized_rate": sum(r.strip() in trained_replies for r in replies) / len(replies),
@@ -64,7 +65,7 @@ def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) ->
     import torch
 
     from training.data import tokenize_pairs
-    from training.trainer import ReplyCollator
+    from training.collate import ReplyCollator
 
     examples, _ = tokenize_pairs(pairs, replier.renderer, max_length)
     collate = ReplyCollator(replier.tokenizer.pad_token_id)
@@ -75,7 +76,7 @@ def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) ->
         total = count = 0
         with torch.inference_mode():
             for e in examples:
-                n = sum(label != -100 for label in e.labels)
+                n = sum(label != IGNORE_INDEX for label in e.labels)
                 batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
                 total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
                 count += n
@@ -151,10 +152,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from inference.default_model import DEFAULT_BASE_MODEL
+    from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
     from inference.generate import load_replier
-    from inference.settings import DEFAULT_ADAPTER
-    from training.config import ROOT
     from training.data import load_pairs
 
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--eval-data", default=str(ROOT / "data" / "heldout.jsonl"), help="held-out pairs with the creator's real replies")
     parser.add_argument("--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)")
-    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses come from transformers")
     parser.add_argument("--json", type=Path, help="also write the full result (with every reply) here")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from inference.loading import resolve_base_model
-from training.config import ROOT
+from inference.default_model import ROOT
 from training.data import load_pairs
 
 
@@ -23,12 +23,11 @@ def calibration_texts(data: Path, limit: int) -> list[str]:
 
 
 def quantize(base_model: str, out: Path, bits: int, group_size: int, texts: list[str]) -> Path:
-    import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    # gptqmodel 7.7 asks for 2 model-loader workers but gives its CPU pool (cores + 1) // 2 workers,
-    # which on a 2-core machine is 1 and fails with "only has 1"; 2 is what it needs.
-    gptqmodel._default_cpu_workers = lambda: 2
+    from inference.internals.gptqmodel import two_loader_workers
+
+    two_loader_workers()
     model = GPTQModel.load(resolve_base_model(base_model), QuantizeConfig(bits=bits, group_size=group_size))
     model.quantize(texts, batch_size=4)
     model.save(str(out))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.config import ROOT
+from inference.default_model import ROOT, hub_id
+
+if TYPE_CHECKING:
+    from transformers import TrainerState
+
+    from training.examples import Prepared
 
 SUMMARY_FILE = "training_summary.json"
 PLOT_FILE = "loss_curve.png"
@@ -88,6 +94,56 @@ def display_path(path: str | None) -> str | None:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return path
+
+
+def run_record(
+    prepared: Prepared,
+    run_info: dict[str, Any],
+    base_eval: float,
+    final_eval: float,
+    state: TrainerState,
+    trainable: int,
+    total: int,
+    peak_memory_gib: float,
+    tokens_per_second: float,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """training_summary.json of a finished run, before its voice evaluation is added."""
+    config, summary = prepared.config, prepared.summary
+    return {
+        "name": Path(config.output_dir).name,
+        "base_model": config.base_model,
+        "base_model_hub_id": hub_id(config.base_model),
+        "seq2seq": prepared.seq2seq,
+        "data": {
+            "train": [display_path(source) for source in summary.files],
+            "eval": display_path(config.eval_data),
+            "hash": run_info["data_hash"],
+            "train_rows": summary.train_rows,
+            "eval_rows": summary.eval_rows,
+            "duplicates_removed": len(summary.duplicates_removed),
+            "columns": summary.columns,
+            "signatures_added": summary.signatures_added,
+            "truncated": summary.truncated,
+            "tokens": summary.tokens,
+        },
+        "config": {
+            k: [display_path(s) for s in v] if k == "data" else display_path(v) if k in ("eval_data", "persona", "output_dir") else v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("resume", "check_data", "push_to_hub", "private")
+        },
+        "config_hash": run_info["config_hash"],
+        "base_eval_loss": base_eval,
+        "eval_loss": final_eval,
+        "epochs": epoch_losses(state.log_history),
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "peak_memory_gib": round(peak_memory_gib, 3),
+        "tokens_per_second": round(tokens_per_second, 1),
+        "wall_seconds": round(wall_seconds, 1),  # data to saved adapter; evaluation_seconds is extra
+        "environment": environment(),
+    }
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> Path:

@@ -1,15 +1,11 @@
-"""Maps a TrainConfig onto transformers' Trainer with a LoRA model, reply-only loss and per-epoch eval."""
+"""Maps a TrainConfig onto transformers' Trainer: reply-only loss, per-epoch eval, one line per epoch."""
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 import resource
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
@@ -23,32 +19,13 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
+from inference.internals.transformers import attention_implementation, checkpoint_errors_named
 from prompts.render import IGNORE_INDEX, Example
 from training.checkpoints import CHECKPOINTS, write_failure
+from training.collate import ReplyCollator, TrainingCollator, shared_prefix_mask
 from training.config import TrainConfig
 
 RUNS = "runs"
-# glibc serves an allocation from its heap once an mmapped one of that size has been freed (its
-# mmap threshold rises, up to 32 MiB); a step's activations then land between longer-lived
-# allocations, and the heap cannot give the freed space back: a default run's resident memory grew
-# ~0.1 GiB per epoch, ~0.2 GiB above what it used. A fixed 1 MiB threshold returns each large
-# tensor to the system when it is freed; replytune's bf16 steps ran at the same speed, while the
-# article's recipe (float32 activations, recomputed) ran 30% slower with it, so it is set for
-# training runs only (bench/RESULTS.md).
-MMAP_THRESHOLD = 1 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-
-
-def return_large_blocks_to_the_system() -> None:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (glibc's own
-    MALLOC_MMAP_THRESHOLD_ variable, when set, wins)."""
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):  # glibc; other C libraries manage large blocks their own way
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops before the update that would spread it."""
 
@@ -58,229 +35,7 @@ class NonFiniteLoss(RuntimeError):
         self.value = value
 
 
-def lora_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers: int) -> PreTrainedModel:
-    """Wrap the (quantized) base with fresh LoRA adapters; only those are trained.
-
-    peft's prepare_model_for_kbit_training is not used: it casts every non-quantized weight to
-    float32, which on a CPU made steps about 20% slower and activations larger, while the compute
-    dtype (bfloat16 where native) already keeps the frozen norms and embeddings stable.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    enable_checkpointing(model, checkpointed_layers)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)  # target_modules were checked by the memory estimate, which runs first
-    from peft.tuners.lora.bnb import Linear4bit
-
-    on_cpu = next(model.parameters()).device.type == "cpu"  # a GPU's dropout is one fused kernel already
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            # peft copies every LoRA input to float32 (the adapter's dtype) and back; under the
-            # autocast of ReplyTrainer the adapter's matmuls run in the compute dtype on the input as
-            # it is, while its weights and optimizer state stay float32.
-            module.cast_input_dtype_enabled = False
-        if on_cpu and getattr(module, "lora_dropout", None) is not None:
-            for name, dropout in module.lora_dropout.items():
-                if isinstance(dropout, torch.nn.Dropout):
-                    module.lora_dropout[name] = FastDropout(dropout.p)
-    return model
-
-
-def ready_for_generation(model: PreTrainedModel) -> None:
-    """Undo the training-only settings of lora_model and load_base_model, before the trained model
-    generates (outside the trainer's autocast)."""
-    from inference.loading import use_cpu_inference_layout
-
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = True
-    use_cpu_inference_layout(model, True)
-
-
-class FastDropout(torch.nn.Module):
-    """Dropout whose mask comes from 16 random bits per element: keep with probability 1 - p.
-
-    torch's CPU dropout draws one Bernoulli sample at a time; with a dropout on each of the 120 LoRA
-    inputs of SmolLM2 that was a sixth of a training step. Sixteen bits of a 64-bit random word
-    per element give p to within 1/65,536 (0.05 -> 0.050003) at a third of the cost.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        self.threshold = round(p * 65536) - 32768  # int16 values below it are dropped
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        words = torch.empty(x.numel() // 4 + 1, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        bits = words.view(torch.int16)[: x.numel()].view(x.shape)
-        return torch.where(bits >= self.threshold, x * (1 / (1 - self.p)), 0)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def enable_checkpointing(model: PreTrainedModel, layers: int) -> None:
-    """Recompute the first ``layers`` decoder layers in the backward pass instead of keeping their
-    activations (training.estimate picks how many a memory limit needs)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if not layers:
-        return
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
-    # A model whose blocks are not GradientCheckpointingLayers checkpoints them all, by its own flag.
-    for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][layers:]:
-        block.gradient_checkpointing = False
-
-
-def trainable_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers: int) -> PreTrainedModel:
-    """The model the optimizer updates: LoRA adapters on a frozen base, or (method full) every weight."""
-    if config.method == "lora":
-        return lora_model(model, config, checkpointed_layers)
-    enable_checkpointing(model, checkpointed_layers)
-    model.requires_grad_(True)
-    return model
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, counting each packed 4-bit weight as the values it holds.
-
-    bitsandbytes packs two 4-bit values per byte, so ``numel()`` of a Params4bit is half the real
-    count; that is why peft's printout showed "264M" for a 7B model in the original article.
-    """
-    trainable = total = 0
-    for param in model.parameters():
-        n = math.prod(param.quant_state.shape) if getattr(param, "quant_state", None) is not None else param.numel()
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total
-
-
-class ReplyCollator:
-    """Pads a batch to its longest example; padding is masked from attention and from the loss.
-
-    Labels come from the renderer (prompt already masked), so padding never touches the end-of-turn
-    token even when the pad id equals the EOS id.
-    """
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        # Labels are padded to their own width: for a causal LM they are as long as the inputs, for
-        # a seq2seq model they are the decoder's targets.
-        width = max(len(r["input_ids"]) for r in rows)
-        label_width = max(len(r["labels"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), label_width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def packed_row_length(prefix: int, batch_size: int, length: int) -> int:
-    """Tokens of one packed row: the shared prefix once, then each example's own tokens."""
-    return prefix + batch_size * (length - prefix)
-
-
-def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int) -> int:
-    """How many leading tokens a batch computes once for all its examples (0: each row computes its own).
-
-    Every example opens with the same chat template and persona: 143 of the default data's ~181
-    tokens. Within a step the weights are the same for every row, so those positions' activations
-    are too: a batch packs into one row, the shared prefix once, then each example's own tokens,
-    which attend to the prefix and to their own earlier tokens only, at the positions they have in
-    the example. Logits, loss and gradients are the same as with padded rows (the prefix's gradient
-    is the sum of the rows' contributions, as before), for about 2.5x fewer token computations on
-    the default data. One thing differs: LoRA dropout on a prefix position draws one mask for the
-    batch rather than one per row (same expectation, rows correlated at those positions).
-
-    The prefix stops before the first position that predicts a learned token, since a shared
-    position has one hidden state. The one packed row has more attention scores than each padded
-    row: it is used when it costs less for a batch of the longest examples, counting a token's
-    layer work (~24 hidden^2 FLOPs) as 6 hidden attention scores (4 hidden FLOPs each).
-    """
-    if batch_size < 2 or not examples:
-        return 0
-    prefix = len(os.path.commonprefix([e.input_ids for e in examples]))
-    first_learned = min(next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples)
-    prefix = min(prefix, first_learned - 1, min(len(e.input_ids) for e in examples) - 1)
-    longest = max(len(e.input_ids) for e in examples)
-    packed = packed_row_length(prefix, batch_size, longest)
-    scores_per_token = 6 * hidden_size
-    packed_cost = packed + packed**2 / scores_per_token
-    padded_cost = batch_size * (longest + longest**2 / scores_per_token)
-    return prefix if prefix > 0 and packed_cost < padded_cost else 0
-
-
-class TrainingCollator(ReplyCollator):
-    """Batches for ReplyTrainer's causal-LM loss: ``shift_labels``, the token each position predicts
-    (IGNORE_INDEX where none is learned; the Trainer counts the learned tokens from it), and
-    ``learned_positions``, their flat indices, found here on the CPU: selecting them on a GPU with a
-    boolean mask would make the host wait for the GPU once per forward pass.
-
-    With ``prefix`` (see shared_prefix_length) a batch is packed into one row: the prefix, then each
-    example's remaining tokens, with ``position_ids`` and ``segments`` (-1 on the prefix, the row's
-    index on its own tokens) from which ReplyTrainer builds the attention mask.
-    """
-
-    def __init__(self, pad_token_id: int, prefix: int = 0) -> None:
-        super().__init__(pad_token_id)
-        self.prefix = prefix
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.prefix:
-            batch = self._packed(rows)
-        else:
-            batch = super().__call__(rows)
-            labels = batch["labels"]
-            batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        batch["learned_positions"] = (batch["shift_labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        return batch
-
-    def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        p = self.prefix
-        ids, labels, shift, positions, segments = [rows[0]["input_ids"][:p]], [[IGNORE_INDEX] * p], [[IGNORE_INDEX] * p], [range(p)], [[-1] * p]
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids.append(r["input_ids"][p:])
-            labels.append(r["labels"][p:])
-            shift.append([*r["labels"][p + 1 :], IGNORE_INDEX])  # the last token predicts nothing
-            positions.append(range(p, n))
-            segments.append([i] * (n - p))
-        row = lambda parts: torch.tensor([[x for part in parts for x in part]], dtype=torch.long)  # noqa: E731
-        return {"input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions), "segments": row(segments)}
-
-
-def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (1, 1, T, T) attention mask of a packed batch (TrainingCollator): a token sees the shared
-    prefix and the earlier tokens of its own example. Boolean for SDPA; additive for eager-style
-    attention, as transformers builds them."""
-    from inference.attention import GROUPED
-
-    segment = segments[0]
-    allowed = torch.ones(segment.numel(), segment.numel(), dtype=torch.bool, device=segment.device).tril_()
-    allowed &= (segment[None, :] < 0) | (segment[None, :] == segment[:, None])
-    if implementation == "sdpa":
-        return allowed[None, None]
-    if implementation not in ("eager", GROUPED):
-        raise NotImplementedError(f"packed batches need eager or sdpa attention, not {implementation}")
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-
-
-class ReplyTrainer(Trainer):
+class _ReplyTrainer(Trainer):
     """A Trainer whose loss computes the LM head only where a label is learned.
 
     Only the reply tokens (about 13% of the default data) carry a loss, yet a plain causal-LM
@@ -339,7 +94,7 @@ class ReplyTrainer(Trainer):
         forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would copy every key and value
         if "segments" in inputs:
             mask_dtype = dtype or causal.get_input_embeddings().weight.dtype
-            forward["attention_mask"] = shared_prefix_mask(inputs["segments"], config._attn_implementation, mask_dtype)
+            forward["attention_mask"] = shared_prefix_mask(inputs["segments"], attention_implementation(config), mask_dtype)
             forward["position_ids"] = inputs["position_ids"]
         else:
             forward["attention_mask"] = inputs["attention_mask"]
@@ -360,15 +115,15 @@ class ReplyTrainer(Trainer):
                 raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
         return loss
 
-    def _save_checkpoint(self, model, trial):
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as exc:
-            # Disk full surfaces as torch's "unexpected pos", a safetensors IoError or a tokenizers
-            # error, depending on which file hit it; the user gets one message and a resumable state
-            # (the torn folder lacks trainer_state.json, so resume skips it).
-            folder = Path(self.args.output_dir)
-            raise write_failure(folder.parent, f"checkpoint-{self.state.global_step} in {folder}", exc) from exc
+    def checkpoint_failed(self, exc: Exception) -> Exception:
+        # Disk full surfaces as torch's "unexpected pos", a safetensors IoError or a tokenizers
+        # error, depending on which file hit it; the user gets one message and a resumable state
+        # (the torn folder lacks trainer_state.json, so resume skips it).
+        folder = Path(self.args.output_dir)
+        return write_failure(folder.parent, f"checkpoint-{self.state.global_step} in {folder}", exc)
+
+
+ReplyTrainer = checkpoint_errors_named(_ReplyTrainer)
 
 
 def to_dataset(examples: list[Example]):

@@ -1,0 +1,45 @@
+"""The files that travel with an adapter, beside its weights: the persona it was trained with and
+the held-out pairs it was evaluated on (the app's blind test and examples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inference.jsonl import Problem, jsonl_rows
+from prompts.render import Persona
+
+HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
+
+
+def adapter_file(adapter: str, name: str) -> Path | None:
+    """A file that travelled with an adapter (its folder, or its Hub repo), or None if it has none."""
+    if Path(adapter).exists():
+        local = Path(adapter) / name
+        return local if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(adapter, name))
+    except EntryNotFoundError:
+        return None
+
+
+def adapter_persona(adapter: str) -> Persona | None:
+    """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
+    path = adapter_file(adapter, "persona.txt")
+    return Persona.from_file(path) if path else None
+
+
+def adapter_held_out(adapter: str | None) -> list[tuple[str, str]]:
+    """(comment, the creator's real reply) pairs the adapter was evaluated on and not trained on,
+    as its training run saved them (handles already anonymised); [] for an adapter without them."""
+    path = adapter_file(adapter, HELD_OUT_FILE) if adapter else None
+    if path is None:
+        return []
+    pairs = []
+    for where, row in jsonl_rows(path, path.read_text(encoding="utf-8")):
+        if isinstance(row, Problem) or not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("comment", "response")):
+            raise ValueError(f"{where}: not a {{'comment', 'response'}} row ({row if isinstance(row, Problem) else repr(row)[:80]})")
+        pairs.append((row["comment"], row["response"]))
+    return pairs

@@ -1,0 +1,64 @@
+"""transformers from the inside: which layers recompute in the backward pass, the attention a
+loaded model runs, and the Trainer's checkpoint writer.
+
+On another transformers version: every layer is checkpointed when any is asked for (least memory,
+slower), batches are padded rather than packed, and a failed checkpoint write surfaces as the
+library raised it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from inference.internals import written_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+WRITTEN_FOR = "==5.23.*"
+
+
+def checkpoint_first_layers(model: PreTrainedModel, layers: int) -> None:
+    """Recompute the first ``layers`` decoder layers in the backward pass instead of keeping their
+    activations (training.estimate picks how many a memory limit needs)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not layers:
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings would give checkpointed blocks no grad input
+    if not written_for("transformers", WRITTEN_FOR, "GradientCheckpointingLayer.gradient_checkpointing per layer"):
+        return
+    # A model whose blocks are not GradientCheckpointingLayers checkpoints them all, by its own flag.
+    for block in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][layers:]:
+        block.gradient_checkpointing = False
+
+
+def attention_known() -> bool:
+    """Whether attention_implementation can answer: packed batches need it for their mask."""
+    return written_for("transformers", WRITTEN_FOR, "PretrainedConfig._attn_implementation")
+
+
+def attention_implementation(config: Any) -> str:
+    """The attention a loaded model runs (``config._attn_implementation``); only where attention_known."""
+    if not attention_known():
+        raise RuntimeError("the attention implementation of a model is unknown on this transformers version; batches must not be packed")
+    return config._attn_implementation
+
+
+def checkpoint_errors_named(trainer_class: type) -> type:
+    """``trainer_class`` with its checkpoint writer's failures passed to ``self.checkpoint_failed(exc)``,
+    which returns the exception to raise in their place."""
+    if not written_for("transformers", WRITTEN_FOR, "Trainer._save_checkpoint"):
+        return trainer_class
+
+    class Named(trainer_class):
+        def _save_checkpoint(self, model, trial):
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as exc:
+                raise self.checkpoint_failed(exc) from exc
+
+    Named.__name__ = Named.__qualname__ = trainer_class.__name__
+    Named.__doc__ = trainer_class.__doc__
+    return Named
