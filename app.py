@@ -7,6 +7,7 @@ UI only: the model is loaded once in ``main()``, never at import, and everything
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Iterator
@@ -15,9 +16,9 @@ from pathlib import Path
 import gradio as gr
 
 from inference.compare import compare, to_html
-from inference.flywheel import save_correction, save_preference
-from inference.generate import GenerationSettings, Reply, StreamingReplier
+from inference.generate import LIMITS, GenerationSettings, Reply, StreamingReplier
 from inference.settings import AppSettings, pane_labels, parse_app_settings
+from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
 
 logger = logging.getLogger("replytune.app")
 
@@ -81,169 +82,171 @@ def tally_text(tally: dict[str, int]) -> str:
     )
 
 
+def respond(replier: StreamingReplier, comment: str, max_new_tokens: float, temperature: float, top_p: float) -> Iterator[tuple[str, ...]]:
+    """The Reply tab: (notice, base reply, its stats, fine-tuned reply, its stats, prompt), streamed."""
+    comment, notice = clean_comment(comment)
+    if not comment:
+        yield notice, "", "", "" if replier.has_adapter else NO_ADAPTER_TEXT, "", ""
+        return
+    try:
+        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
+    prompt = replier.prompt(comment).text
+    for replies in replier.stream(comment, settings):
+        base = replies[0]
+        tuned = replies[1] if replier.has_adapter else None
+        yield notice, base.text, stats_line(base), tuned.text if tuned else NO_ADAPTER_TEXT, stats_line(tuned) if tuned else "", prompt
+
+
+def save_reply(flywheel_dir: Path | None, comment: str, better: str | None, edited: str, base_reply: str, tuned_reply: str) -> str:
+    """The flywheel: the reply the creator would post, and which pane was better, saved as training data."""
+    if flywheel_dir is None:
+        raise gr.Error("Saving is turned off on this app (set FLYWHEEL_DIR to turn it on).")
+    comment, _ = clean_comment(comment)
+    if not comment:
+        raise gr.Error("Generate replies for a comment first.")
+    saved = []
+    if edited and edited.strip():
+        saved.append(str(save_correction(flywheel_dir, comment, edited.strip())))
+    if better in ("prompt only", "fine-tuned") and base_reply and tuned_reply:
+        chosen, rejected = (base_reply, tuned_reply) if better == "prompt only" else (tuned_reply, base_reply)
+        saved.append(str(save_preference(flywheel_dir, comment, chosen, rejected)))
+    if not saved:
+        raise gr.Error("Pick the better reply or write your own reply, then save.")
+    return (
+        "Saved to " + " and ".join(f"`{s}`" for s in saved) + ". Train on your data and the corrections together with "
+        f"`python -m training.run --data YOUR_DATA.jsonl {flywheel_dir / PAIRS_FILE}`."
+    )
+
+
+def compare_batch(replier: StreamingReplier, labels: dict[str, str], text: str, max_new_tokens: float) -> Iterator[str]:
+    """The Batch compare tab: the table, a row more as each comment is done."""
+    comments = [c for c in (clean_comment(line.rstrip("\r"))[0] for line in (text or "").split("\n")) if c]
+    if not comments:
+        raise gr.Error("Paste one comment per line.")
+    if len(comments) > MAX_BATCH_COMMENTS:
+        raise gr.Error(f"At most {MAX_BATCH_COMMENTS} comments at a time (got {len(comments)}); use `python -m inference.compare` for more.")
+    rows = []
+    for row in compare(replier, comments, GenerationSettings(int(max_new_tokens)), replier.renderer.persona.signature):
+        rows.append(row)
+        yield to_html(rows, labels) + f"<p>{len(rows)} of {len(comments)} done</p>"
+
+
+def next_round(replier: StreamingReplier, pairs: list[tuple[str, str]], rng: random.Random, state: dict | None) -> tuple:
+    """The Blind test tab: a held-out comment and its three replies, shuffled."""
+    if not pairs:
+        raise gr.Error(NO_HELD_OUT_TEXT)
+    comment, real = rng.choice(pairs)
+    options = blind_round(replier, comment, real, rng)
+    state = {**(state or {}), "comment": comment, "options": options, "picked": False}
+    return (state, comment, *[text for _, text in options], "Which reply sounds most like you?")
+
+
+def pick(flywheel_dir: Path | None, choice: str, state: dict | None) -> tuple:
+    """A pick in the blind test: reveal the sources, count it, and save it as preference pairs."""
+    if not state or "options" not in state:
+        raise gr.Error("Start a round first.")
+    if state["picked"]:
+        raise gr.Error("This round is decided; start the next one.")
+    index = "ABC".index(choice)
+    sources = [source for source, _ in state["options"]]
+    tally = dict(state.get("tally") or dict.fromkeys(BLIND_SOURCES, 0))
+    tally[sources[index]] += 1
+    state = {**state, "picked": True, "tally": tally}
+    reveal = " · ".join(f"**{letter}**: {BLIND_SOURCES[source]}" for letter, source in zip("ABC", sources))
+    stored = ""
+    if flywheel_dir is not None:
+        chosen = state["options"][index][1]
+        for i, (_, text) in enumerate(state["options"]):
+            if i != index:
+                save_preference(flywheel_dir, state["comment"], chosen, text)
+        stored = f" Saved as preference pairs in `{flywheel_dir / PREFERENCES_FILE}`."
+    return state, f"You picked **{choice}**: {BLIND_SOURCES[sources[index]]}. {reveal}.{stored}", tally_text(tally)
+
+
 def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, held_out: list[tuple[str, str]]) -> gr.Blocks:
     """The page. ``held_out``: the (comment, real reply) pairs that travelled with the adapter, for
     the blind test and the example comments."""
-    has_adapter = "adapter" in labels
-    signature = replier.renderer.persona.signature
-
-    def respond(comment: str, max_new_tokens: float, temperature: float, top_p: float) -> Iterator[tuple[str, ...]]:
-        comment, notice = clean_comment(comment)
-        if not comment:
-            yield notice, "", "", "" if has_adapter else NO_ADAPTER_TEXT, "", ""
-            return
-        try:
-            settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        prompt = replier.prompt(comment).text
-        for replies in replier.stream(comment, settings):
-            base = replies[0]
-            tuned = replies[1] if has_adapter else None
-            yield (
-                notice,
-                base.text,
-                stats_line(base),
-                tuned.text if tuned else NO_ADAPTER_TEXT,
-                stats_line(tuned) if tuned else "",
-                prompt,
-            )
-
-    def save(comment: str, better: str | None, edited: str, base_reply: str, tuned_reply: str) -> str:
-        if flywheel_dir is None:
-            raise gr.Error("Saving is turned off on this app (set FLYWHEEL_DIR to turn it on).")
-        comment, _ = clean_comment(comment)
-        if not comment:
-            raise gr.Error("Generate replies for a comment first.")
-        saved = []
-        if edited and edited.strip():
-            saved.append(str(save_correction(flywheel_dir, comment, edited.strip())))
-        if better in ("prompt only", "fine-tuned") and base_reply and tuned_reply:
-            chosen, rejected = (base_reply, tuned_reply) if better == "prompt only" else (tuned_reply, base_reply)
-            saved.append(str(save_preference(flywheel_dir, comment, chosen, rejected)))
-        if not saved:
-            raise gr.Error("Pick the better reply or write your own reply, then save.")
-        return (
-            "Saved to " + " and ".join(f"`{s}`" for s in saved) + ". Train on your data and the corrections together with "
-            f"`python -m training.run --data YOUR_DATA.jsonl {flywheel_dir / 'pairs.jsonl'}`."
-        )
-
-    def batch(text: str, max_new_tokens: float) -> Iterator[str]:
-        comments = [c for c in (clean_comment(line)[0] for line in (text or "").splitlines()) if c]
-        if not comments:
-            raise gr.Error("Paste one comment per line.")
-        if len(comments) > MAX_BATCH_COMMENTS:
-            raise gr.Error(f"At most {MAX_BATCH_COMMENTS} comments at a time (got {len(comments)}); use `python -m inference.compare` for more.")
-        rows = []
-        for row in compare(replier, comments, GenerationSettings(int(max_new_tokens)), signature):
-            rows.append(row)
-            yield to_html(rows, labels) + f"<p>{len(rows)} of {len(comments)} done</p>"
-
-    pairs = held_out
-    rng = random.Random()
-
-    def next_round(state: dict | None) -> tuple:
-        if not pairs:
-            raise gr.Error(NO_HELD_OUT_TEXT)
-        comment, real = rng.choice(pairs)
-        options = blind_round(replier, comment, real, rng)
-        state = {**(state or {}), "comment": comment, "options": options, "picked": False}
-        return (state, comment, *[text for _, text in options], "Which reply sounds most like you?")
-
-    def pick(choice: str, state: dict | None) -> tuple:
-        if not state or "options" not in state:
-            raise gr.Error("Start a round first.")
-        if state["picked"]:
-            raise gr.Error("This round is decided; start the next one.")
-        index = "ABC".index(choice)
-        sources = [source for source, _ in state["options"]]
-        tally = dict(state.get("tally") or dict.fromkeys(BLIND_SOURCES, 0))
-        tally[sources[index]] += 1
-        state = {**state, "picked": True, "tally": tally}
-        reveal = " · ".join(f"**{letter}**: {BLIND_SOURCES[source]}" for letter, source in zip("ABC", sources))
-        stored = ""
-        if flywheel_dir is not None:
-            chosen = state["options"][index][1]
-            for i, (_, text) in enumerate(state["options"]):
-                if i != index:
-                    save_preference(flywheel_dir, state["comment"], chosen, text)
-            stored = f" Saved as preference pairs in `{flywheel_dir / 'preferences.jsonl'}`."
-        return state, f"You picked **{choice}**: {BLIND_SOURCES[sources[index]]}. {reveal}.{stored}", tally_text(tally)
-
+    examples = [comment for comment, _ in held_out[:12]]
     with gr.Blocks(title="replytune: prompt only vs fine-tuned") as demo:
         gr.Markdown(
             "# replytune\nType a YouTube comment and compare two replies from the same base model: "
             "one steered only by the persona prompt, one with the fine-tuned LoRA adapter."
         )
         with gr.Tab("Reply"):
-            comment = gr.Textbox(
-                label=f"YouTube comment (up to {MAX_COMMENT_CHARS:,} characters)",
-                placeholder="Great video! How do I pick the number of clusters?",
-                info="Enter sends, Shift+Enter starts a new line",
-                lines=1,  # with one line, Gradio submits on Enter; the box grows up to max_lines
-                max_lines=8,
-                max_length=MAX_COMMENT_CHARS,
-                elem_id="comment",
-            )
-            reply_button = gr.Button("Reply", variant="primary", elem_id="reply")
-            notice = gr.Markdown(elem_id="notice")
-            with gr.Row():
-                with gr.Column():
-                    base_box = gr.Textbox(label=labels["base"], lines=6, interactive=False, elem_id="base-reply")
-                    base_stats = gr.Markdown(elem_id="base-stats")
-                with gr.Column():
-                    tuned_box = gr.Textbox(
-                        label=labels.get("adapter", "fine-tuned · no adapter loaded"),
-                        lines=6,
-                        interactive=False,
-                        value="" if has_adapter else NO_ADAPTER_TEXT,
-                        elem_id="tuned-reply",
-                    )
-                    tuned_stats = gr.Markdown(elem_id="tuned-stats")
-            with gr.Accordion("Generation settings", open=False):
-                max_new_tokens = gr.Slider(8, 512, value=GenerationSettings.max_new_tokens, step=8, label="Max new tokens")
-                temperature = gr.Slider(0, 1.5, value=GenerationSettings.temperature, step=0.05, label="Temperature", info="0 = greedy: the same comment always gets the same replies")
-                top_p = gr.Slider(0.05, 1, value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
-            with gr.Accordion("Exact prompt sent to the model", open=False):
-                prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
-            if examples := [comment for comment, _ in pairs[:12]]:
-                gr.Examples(examples=[[c] for c in examples], inputs=[comment], label="Held-out comments (not trained on)")
-            with gr.Accordion("Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and has_adapter):
-                better = gr.Radio(["prompt only", "fine-tuned"], label="Which reply is better?")
-                edited = gr.Textbox(label="The reply you would really post (saved as training data)", lines=3)
-                save_button = gr.Button("Save")
-                saved = gr.Markdown()
-
-            outputs = [notice, base_box, base_stats, tuned_box, tuned_stats, prompt_view]
-            inputs = [comment, max_new_tokens, temperature, top_p]
-            gr.on([reply_button.click, comment.submit], respond, inputs, outputs, api_name="reply")
-            save_button.click(save, [comment, better, edited, base_box, tuned_box], saved, api_name="save")
-        if has_adapter:
+            max_new_tokens = reply_tab(replier, labels, flywheel_dir, examples)
+        if replier.has_adapter:
             with gr.Tab("Blind test"):
-                gr.Markdown(
-                    "A held-out comment, three replies in a random order: the base model's, the fine-tuned model's and the one you really wrote. Pick the one that sounds most like you."
-                    if pairs
-                    else NO_HELD_OUT_TEXT,
-                    elem_id="blind-intro",
-                )
-                blind_state = gr.State(None)
-                start = gr.Button("Next comment", variant="primary")
-                blind_comment = gr.Textbox(label="Comment", interactive=False)
-                with gr.Row():
-                    blind_replies = [gr.Textbox(label=f"Reply {letter}", lines=5, interactive=False) for letter in "ABC"]
-                with gr.Row():
-                    pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in "ABC"]
-                verdict = gr.Markdown()
-                tally = gr.Markdown("No picks yet.")
-                start.click(next_round, blind_state, [blind_state, blind_comment, *blind_replies, verdict], api_name="blind_round")
-                for letter, button in zip("ABC", pick_buttons):
-                    button.click(pick, [gr.State(letter), blind_state], [blind_state, verdict, tally], api_name=f"blind_pick_{letter}")
+                blind_tab(replier, held_out, flywheel_dir)
         with gr.Tab("Batch compare"):
-            batch_input = gr.Textbox(label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5]))
-            batch_button = gr.Button("Compare", variant="primary")
-            batch_output = gr.HTML()
-            batch_button.click(batch, [batch_input, max_new_tokens], batch_output, api_name="compare")
+            batch_tab(replier, labels, max_new_tokens, examples)
     return demo
+
+
+def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, examples: list[str]) -> gr.Slider:
+    """The comment box, both panes, settings, prompt and flywheel; its max-new-tokens slider."""
+    comment = gr.Textbox(
+        label=f"YouTube comment (up to {MAX_COMMENT_CHARS:,} characters)",
+        placeholder="Great video! How do I pick the number of clusters?",
+        info="Enter sends, Shift+Enter starts a new line",
+        lines=1,  # with one line, Gradio submits on Enter; the box grows up to max_lines
+        max_lines=8,
+        max_length=MAX_COMMENT_CHARS,
+        elem_id="comment",
+    )
+    reply_button = gr.Button("Reply", variant="primary", elem_id="reply")
+    notice = gr.Markdown(elem_id="notice")
+    with gr.Row():
+        with gr.Column():
+            base_box = gr.Textbox(label=labels["base"], lines=6, interactive=False, elem_id="base-reply")
+            base_stats = gr.Markdown(elem_id="base-stats")
+        with gr.Column():
+            tuned_label = labels.get("adapter", "fine-tuned · no adapter loaded")
+            tuned_box = gr.Textbox(label=tuned_label, lines=6, interactive=False, value="" if replier.has_adapter else NO_ADAPTER_TEXT, elem_id="tuned-reply")
+            tuned_stats = gr.Markdown(elem_id="tuned-stats")
+    with gr.Accordion("Generation settings", open=False):
+        max_new_tokens = gr.Slider(*LIMITS["max_new_tokens"], value=GenerationSettings.max_new_tokens, step=1, label="Max new tokens")
+        temperature = gr.Slider(*LIMITS["temperature"], value=GenerationSettings.temperature, step=0.05, label="Temperature", info="0 = greedy: the same comment always gets the same replies")
+        top_p = gr.Slider(*LIMITS["top_p"], value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
+    with gr.Accordion("Exact prompt sent to the model", open=False):
+        prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
+    if examples:
+        gr.Examples(examples=[[c] for c in examples], inputs=[comment], label="Held-out comments (not trained on)")
+    with gr.Accordion("Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and replier.has_adapter):
+        better = gr.Radio(["prompt only", "fine-tuned"], label="Which reply is better?")
+        edited = gr.Textbox(label="The reply you would really post (saved as training data)", lines=3)
+        save_button = gr.Button("Save")
+        saved = gr.Markdown()
+    outputs = [notice, base_box, base_stats, tuned_box, tuned_stats, prompt_view]
+    gr.on([reply_button.click, comment.submit], functools.partial(respond, replier), [comment, max_new_tokens, temperature, top_p], outputs, api_name="reply")
+    save_button.click(functools.partial(save_reply, flywheel_dir), [comment, better, edited, base_box, tuned_box], saved, api_name="save")
+    return max_new_tokens
+
+
+def blind_tab(replier: StreamingReplier, pairs: list[tuple[str, str]], flywheel_dir: Path | None) -> None:
+    """Three replies to a held-out comment in a random order; which one sounds like the creator?"""
+    intro = "A held-out comment, three replies in a random order: the base model's, the fine-tuned model's and the one you really wrote. Pick the one that sounds most like you."
+    gr.Markdown(intro if pairs else NO_HELD_OUT_TEXT, elem_id="blind-intro")
+    blind_state = gr.State(None)
+    start = gr.Button("Next comment", variant="primary")
+    blind_comment = gr.Textbox(label="Comment", interactive=False)
+    with gr.Row():
+        blind_replies = [gr.Textbox(label=f"Reply {letter}", lines=5, interactive=False) for letter in "ABC"]
+    with gr.Row():
+        pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in "ABC"]
+    verdict = gr.Markdown()
+    tally = gr.Markdown("No picks yet.")
+    start.click(functools.partial(next_round, replier, pairs, random.Random()), blind_state, [blind_state, blind_comment, *blind_replies, verdict], api_name="blind_round")
+    for letter, button in zip("ABC", pick_buttons):
+        button.click(functools.partial(pick, flywheel_dir), [gr.State(letter), blind_state], [blind_state, verdict, tally], api_name=f"blind_pick_{letter}")
+
+
+def batch_tab(replier: StreamingReplier, labels: dict[str, str], max_new_tokens: gr.Slider, examples: list[str]) -> None:
+    batch_input = gr.Textbox(label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5]))
+    batch_button = gr.Button("Compare", variant="primary")
+    batch_output = gr.HTML()
+    batch_button.click(functools.partial(compare_batch, replier, labels), [batch_input, max_new_tokens], batch_output, api_name="compare")
 
 
 def main(argv: list[str] | None = None) -> None:

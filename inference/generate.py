@@ -46,19 +46,22 @@ _DONE = object()
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Greedy by default, so the same comment always gets the same replies."""
+    """Greedy by default, so the same comment always gets the same replies. The limits are the app's
+    slider ranges too."""
 
     max_new_tokens: int = 160
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 2048:
-            raise ValueError(f"max_new_tokens must be between 1 and 2048, got {self.max_new_tokens}")
-        if not 0 <= self.temperature <= 5:
-            raise ValueError(f"temperature must be between 0 and 5, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name, (low, high) in LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {getattr(self, name)}")
+
+
+# (lowest, highest) of each setting. A reply past 512 tokens is no YouTube reply; above 1.5 the
+# temperature gives noise; below 0.05 top-p is greedy decoding by another name.
+LIMITS: dict[str, tuple[float, float]] = {"max_new_tokens": (1, 512), "temperature": (0.0, 1.5), "top_p": (0.05, 1.0)}
 
 
 @dataclass

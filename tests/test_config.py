@@ -65,3 +65,13 @@ def test_training_hash_ignores_where_output_goes():
 
 def test_eval_data_none_means_split():
     assert TrainConfig(eval_data="none").eval_data is None
+
+
+def test_the_default_recipe_says_what_a_plain_run_does():
+    """training/configs/default.yaml documents the defaults; TrainConfig holds them. Every value the
+    recipe names is the dataclass default, so the two never drift apart."""
+    from training.config import read_yaml
+
+    recipe = read_yaml(CONFIGS_DIR / "default.yaml")
+    defaults = dataclasses.asdict(TrainConfig())
+    assert {key: defaults[key] for key in recipe} == recipe

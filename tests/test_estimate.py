@@ -42,3 +42,19 @@ def test_full_fine_tune_trains_every_parameter(tiny_model_dir):
 def test_unknown_target_module_is_named(tiny_model_dir):
     with pytest.raises(EstimateError, match="query_key_value.*its linear layers: .*q_proj"):
         estimate_for_config(TrainConfig(base_model=str(tiny_model_dir), target_modules=["query_key_value"]))
+
+
+@pytest.mark.parametrize("checkpointed, on_cpu", [(0, True), (7, True), (32, True), (32, False)])
+def test_the_table_adds_up_to_the_total_it_prints(checkpointed, on_cpu):
+    """The rows marked * sum to the training line, and the peak is the larger of training and loading."""
+    config = read_model_config("TheBloke/Mistral-7B-Instruct-v0.2-GPTQ")
+    result = estimate(config, storage="gptq", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=4, seq_len=512,
+                      checkpointed_layers=checkpointed, on_cpu=on_cpu)
+    lines = result.table().splitlines()
+    value = lambda line: float(line.split()[-1])  # noqa: E731
+    marked = sum(value(line) for line in lines if line.split()[-2] == "*")
+    training = value(next(line for line in lines if line.startswith("training")))
+    peak = value(next(line for line in lines if line.startswith("peak")))
+    assert marked == pytest.approx(training, abs=0.002 * 8)
+    assert peak == pytest.approx(result.total / GiB, abs=0.001) == pytest.approx(max(training, result.while_loading / GiB), abs=0.001)
+    assert sum(line.split()[-2] == "*" for line in lines if line.startswith("activations")) == 1

@@ -6,7 +6,7 @@ import json
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
-from inference.flywheel import PAIRS_FILE, save_correction, save_preference
+from training.flywheel import PAIRS_FILE, save_correction, save_preference
 from training.data import load_pairs
 
 

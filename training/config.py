@@ -187,32 +187,23 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """transformers' HfArgumentParser over TrainConfig (a flag per field, ``--no-doctor`` for a
+    setting that is on by default), with every default suppressed so that only the flags given
+    come back, and shown in the help instead."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        TrainConfig,
         prog="python -m training.run",
         description="Fine-tune a LoRA adapter so a model answers comments in a creator's voice.",
-        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML recipe (a path, or a name from training/configs/); flags override it")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        hint = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        help_text = (f.metadata["help"] + f" (default: {default})").replace("%", "%%")  # argparse %-formats help
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, nargs="+", metavar="NAME", help=help_text)
-        elif typing.get_origin(hint) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), help=help_text)
-        else:
-            parser.add_argument(flag, type=_scalar_type(hint), help=help_text)
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML recipe (a path, or a name from training/configs/); flags override it")
+    for action in parser._actions:
+        if action.dest in TrainConfig.__dataclass_fields__ and action.default is not argparse.SUPPRESS:
+            if action.help is not None and action.const is not False:  # --no-X shares its field's default
+                action.help = (action.help + f" (default: {action.default})").replace("%", "%%")  # argparse %-formats help
+            action.default = argparse.SUPPRESS
     return parser
-
-
-def _scalar_type(hint: Any) -> type:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
 
 
 def _matches(value: Any, hint: Any) -> bool:

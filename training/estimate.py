@@ -72,10 +72,18 @@ class Estimate:
         kept = (self.layers - checkpointed) * self.layer_activations + checkpointed * self.layer_input
         return max(kept, checkpointed * self.layer_input + (self.layer_activations if checkpointed else 0))
 
-    def total_with(self, checkpointed: int) -> float:
-        training = self.weights + self.trainable_weights + self.gradients + self.optimizer + self.logits + self.runtime + self.activations(checkpointed)
+    def training_with(self, checkpointed: int) -> float:
+        """Memory while training: every part counted once, the activations for ``checkpointed`` layers."""
+        return self.weights + self.trainable_weights + self.gradients + self.optimizer + self.logits + self.runtime + self.activations(checkpointed)
+
+    @property
+    def while_loading(self) -> float:
         # The mapped checkpoint file is let go once the model is loaded (see inference.loading.own_memory).
-        return max(training, self.runtime + self.weights + self.loading)
+        return self.runtime + self.weights + self.loading
+
+    def total_with(self, checkpointed: int) -> float:
+        """The peak: training, or loading when the mapped checkpoint file weighs more."""
+        return max(self.training_with(checkpointed), self.while_loading)
 
     @property
     def total(self) -> float:
@@ -96,25 +104,26 @@ class Estimate:
         )
 
     def table(self) -> str:
+        """Every part; the rows marked * add up to the training total, and the peak is the larger of
+        that and the memory while loading."""
         k = self.checkpointed_layers
+        activations = {0: "activations, no checkpointing", self.layers: "activations, gradient checkpointing"}
+        activations.setdefault(k, f"activations, {k} of {self.layers} layers checkpointed")
         rows = [
-            ("weights (frozen base)", self.weights),
-            ("trainable parameters", self.trainable_weights),
-            ("gradients", self.gradients),
-            ("optimizer states", self.optimizer),
-            ("activations, no checkpointing" + (" " if k else " *"), self.activations(0)),
-            ("activations, gradient checkpointing" + (" *" if k == self.layers else " "), self.activations(self.layers)),
+            ("weights (frozen base)", self.weights, True),
+            ("trainable parameters", self.trainable_weights, True),
+            ("gradients", self.gradients, True),
+            ("optimizer states", self.optimizer, True),
+            *((name, self.activations(layers), layers == k) for layers, name in activations.items()),
+            ("output-head logits", self.logits, True),
+            ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime, True),
         ]
-        if 0 < k < self.layers:
-            rows.append((f"activations, {k} of {self.layers} layers checkpointed *", self.activations(k)))
-        rows += [
-            ("output-head logits", self.logits),
-            ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime),
-        ]
-        lines = [f"{'part':44} {'GiB':>8}"] + [f"{name:44} {value / GiB:8.3f}" for name, value in rows]
-        lines.append(f"{'total (* = the activations counted)':44} {self.total / GiB:8.3f}")
+        lines = [f"{'part':46} {'GiB':>8}"] + [f"{name + (' *' if counted else ''):46} {value / GiB:8.3f}" for name, value, counted in rows]
+        training = self.training_with(k)
+        lines.append(f"{'training (the rows marked *)':46} {training / GiB:8.3f}")
         if self.loading:
-            lines.append(f"(while loading, before training: {(self.runtime + self.weights + self.loading) / GiB:.3f} GiB with the checkpoint file mapped)")
+            lines.append(f"{'loading (weights + runtime + the mapped file)':46} {self.while_loading / GiB:8.3f}")
+        lines.append(f"{'peak, ' + ('while loading' if self.while_loading > training else 'while training'):46} {self.total / GiB:8.3f}")
         return "\n".join(lines)
 
 
