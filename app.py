@@ -1,23 +1,28 @@
 """`python app.py`: type a YouTube comment, watch the base model (prompt only) and the fine-tuned
 adapter reply side by side, streamed from one model in memory.
 
-UI only: the model is loaded once in ``main()``, never at import, and everything else lives in
-``inference/``.
+UI only: the model is loaded once in ``main()``, never at import; what it serves comes from flags
+or the environment (what Hugging Face Spaces sets as Space variables and secrets; flags win).
+Replies, comparison and model loading live in ``inference/``, the flywheel's files in ``training/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
+import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from inference.compare import compare, to_html
+from inference.compare import compare, pane_labels, to_html
+from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
 from inference.generate import LIMITS, GenerationSettings, Reply, StreamingReplier
-from inference.settings import AppSettings, pane_labels, parse_app_settings
+from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
 
 logger = logging.getLogger("replytune.app")
@@ -32,6 +37,7 @@ NO_HELD_OUT_TEXT = (
     "This adapter carries no held-out comments (`heldout.jsonl` beside its weights), so there is no real reply "
     "of yours to compare with. An adapter trained by `python -m training.run` carries the ones it was evaluated on."
 )
+NO_ADAPTER = "none"  # --adapter none: the base model alone
 NO_ADAPTER_TEXT = (
     "No adapter is loaded, so there is no fine-tuned reply. Train one with `python -m training.run`, "
     "then start the app with `ADAPTER=outputs/adapter python app.py`."
@@ -247,6 +253,52 @@ def batch_tab(replier: StreamingReplier, labels: dict[str, str], max_new_tokens:
     batch_button = gr.Button("Compare", variant="primary")
     batch_output = gr.HTML()
     batch_button.click(functools.partial(compare_batch, replier, labels), [batch_input, max_new_tokens], batch_output, api_name="compare")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    base_model: str
+    adapter: str | None
+    quantization: Quantization
+    backend: Backend
+    host: str | None
+    port: int | None
+    flywheel_dir: Path | None
+
+
+def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
+    env = os.environ
+    on_space = bool(env.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(prog="python app.py", description="Side-by-side replies: base model + prompt vs fine-tuned adapter.")
+    parser.add_argument("--base-model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL), help="local folder or Hub id [env BASE_MODEL]")
+    parser.add_argument("--adapter", default=env.get("ADAPTER", str(DEFAULT_ADAPTER)), help=f"adapter folder or Hub id, '{NO_ADAPTER}' for the base alone [env ADAPTER]")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=env.get("QUANTIZATION", "nf4"), help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none [env QUANTIZATION]")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env.get("BACKEND", "auto"),
+        help="auto: llama.cpp on a CPU, transformers on a GPU (and for GPTQ) [env BACKEND]",
+    )
+    parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME"), help="address to listen on [env GRADIO_SERVER_NAME]")
+    parser.add_argument("--port", type=int, default=int(env["GRADIO_SERVER_PORT"]) if env.get("GRADIO_SERVER_PORT") else None, help="port [env GRADIO_SERVER_PORT]")
+    parser.add_argument(
+        "--flywheel-dir",
+        default=env.get("FLYWHEEL_DIR", "" if on_space else str(ROOT / "flywheel")),
+        help="folder for saved corrections and preferences; empty turns saving off (off on a public Space unless set) [env FLYWHEEL_DIR]",
+    )
+    args = parser.parse_args(argv)
+    adapter = None if args.adapter.strip().lower() in (NO_ADAPTER, "") else args.adapter
+    if adapter and not Path(adapter).exists() and Path(adapter) == DEFAULT_ADAPTER:
+        adapter = None  # no shipped adapter in this checkout: run with the base alone and say so
+    return AppSettings(
+        base_model=args.base_model,
+        adapter=adapter,
+        quantization=args.quantization,
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        flywheel_dir=Path(args.flywheel_dir) if args.flywheel_dir else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,7 +90,7 @@ def main() -> None:
     from inference.adapter_files import adapter_held_out
     from inference.generate import load_replier
     from inference.default_model import DEFAULT_ADAPTER
-    from inference.settings import pane_labels
+    from inference.compare import pane_labels
     from training.report import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from inference.default_model import DEFAULT_BASE_MODEL, ROOT, hub_id
 from inference.generate import GenerationSettings, Reply, StreamingReplier
 from inference.jsonl import Problem, jsonl_rows
 from inference.loading import BACKENDS, QUANTIZATIONS
@@ -41,6 +42,17 @@ def read_comments(path: Path) -> list[str]:
     if len(comments) > MAX_COMMENTS:
         raise ValueError(f"{path}: {len(comments)} comments; compare at most {MAX_COMMENTS} at a time")
     return comments
+
+
+def pane_labels(base_model: str, adapter: str | None, backend: str) -> dict[str, str]:
+    """Names for the two panes that say which model each one is, and which engine runs it."""
+    base = f"{hub_id(base_model)} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
+    labels = {"base": f"{base} · prompt only · {backend}"}
+    if adapter:
+        path = Path(adapter).resolve()
+        name = (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)) if path.exists() else adapter
+        labels["adapter"] = f"{name} · fine-tuned · {backend}"
+    return labels
 
 
 def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
@@ -95,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_BASE_MODEL
     from inference.generate import load_replier
     from inference.default_model import DEFAULT_ADAPTER
-    from inference.settings import pane_labels
 
     parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--comments", type=Path, required=True, help="a text file (one comment per line) or a .jsonl file with a 'comment' field")

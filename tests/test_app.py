@@ -12,9 +12,9 @@ from gradio_client import Client
 
 import app as app_module
 from inference.adapter_files import adapter_held_out
-from inference.generate import load_replier
+from inference.compare import pane_labels
 from inference.default_model import ROOT
-from inference.settings import pane_labels, parse_app_settings
+from inference.generate import load_replier
 from training.data import load_pairs
 
 SETTINGS = (24, 0.0, 1.0)  # max_new_tokens, temperature, top_p
@@ -99,12 +99,12 @@ def test_batch_compare_tab_escapes_html(client):
 def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
     for name in ("BASE_MODEL", "ADAPTER", "SPACE_ID", "FLYWHEEL_DIR"):
         monkeypatch.delenv(name, raising=False)
-    settings = parse_app_settings([])
+    settings = app_module.parse_app_settings([])
     assert settings.base_model == "embedded:SmolLM2-135M-Instruct"
     assert settings.adapter and settings.adapter.endswith("adapters/default")
     monkeypatch.setenv("ADAPTER", "none")
     monkeypatch.setenv("SPACE_ID", "maya/replytune")
-    settings = parse_app_settings([])
+    settings = app_module.parse_app_settings([])
     assert settings.adapter is None and settings.flywheel_dir is None
 
 

@@ -75,3 +75,10 @@ def test_the_default_recipe_says_what_a_plain_run_does():
     recipe = read_yaml(CONFIGS_DIR / "default.yaml")
     defaults = dataclasses.asdict(TrainConfig())
     assert {key: defaults[key] for key in recipe} == recipe
+
+
+def test_every_on_off_setting_can_be_turned_off_by_flag():
+    """--no-X for every yes/no setting, whatever its default (HfArgumentParser's own for doctor)."""
+    config, sources = load_config(["--no-doctor", "--no-resume", "--no-gradient-checkpointing", "--no-check-data"])
+    assert not (config.doctor or config.resume or config.gradient_checkpointing or config.check_data)
+    assert {sources[k] for k in ("doctor", "resume", "gradient_checkpointing", "check_data")} == {"flag"}

@@ -8,15 +8,8 @@ import pytest
 
 from prompts.render import Persona, PromptRenderer
 from tests.helpers import pairs_jsonl
-from training.data import (
-    DataError,
-    Pair,
-    check_no_overlap,
-    load_pairs,
-    remove_duplicates,
-    split_pairs,
-    tokenize_pairs,
-)
+from training.data import DataError, Pair, check_no_overlap, load_pairs, tokenize_pairs
+from training.examples import remove_duplicates, split_pairs
 
 
 def test_jsonl_loads_every_row_with_its_line(write):
@@ -285,7 +278,7 @@ def test_a_mapped_field_is_named_as_the_file_names_it_in_errors(write):
 
 
 def test_signature_is_appended_where_missing_and_checked_against_the_persona():
-    from training.data import add_signature, check_signature
+    from training.examples import add_signature, check_signature
 
     pairs = [Pair("a", "Thanks!", "f:1"), Pair("b", "Glad it helped –Maya", "f:2"), Pair("c", "Sure thing  ", "f:3")]
     signed, added = add_signature(pairs, " –Maya")

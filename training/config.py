@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a LoRA adapter so a model answers comments in a creator's voice.",
     )
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML recipe (a path, or a name from training/configs/); flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("bool", bool) and f.default is False:  # HfArgumentParser adds --no-X only for a default of True
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for action in parser._actions:
         if action.dest in TrainConfig.__dataclass_fields__ and action.default is not argparse.SUPPRESS:
             if action.help is not None and action.const is not False:  # --no-X shares its field's default

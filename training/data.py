@@ -1,4 +1,6 @@
-"""Loading and validating comment/reply pairs, the train/eval split, and tokenization.
+"""Reading and validating comment/reply pairs (JSONL, JSON, CSV, YouTube exports, a Hub dataset), and
+tokenizing them with the one renderer; what a run does with them next (signing, de-duplicating,
+splitting) is training.examples.
 
 Every row is checked; a problem is reported as ``path:line: field 'name': what is wrong`` and all
 problems of a file are reported together. Nothing is dropped without being counted and named.
@@ -10,24 +12,20 @@ import csv
 import hashlib
 import io
 import json
-import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inference.jsonl import Problem, jsonl_rows
-from prompts.render import IGNORE_INDEX, Example, PromptError, PromptRenderer, is_signed
+from prompts.render import Example, PromptError, PromptRenderer
 
 FIELDS = ("comment", "response")
 # @handles of commenters (YouTube's reply mentions) become this placeholder before they reach the
 # training data, a model card or the Hub; an e-mail address is left alone.
 HANDLE = re.compile(r"(?<![\w@.])@\w(?:[\w.\-]*\w)?")
 HANDLE_PLACEHOLDER = "@user"
-MIN_ROWS_TO_SPLIT = 10
-MIN_TRAIN_ROWS = 2  # fewer cannot train at all
-RECOMMENDED_TRAIN_ROWS = 50  # what the original article trained on; fewer is a warning
 # Header names (CSV) and keys (JSON) that real exports give the comment and the reply, compared after
 # lower-casing and dropping spaces, dashes and underscores: "Comment", "comment_text" and
 # "Comment Text" are all "commenttext" or "comment". --comment-field / --response-field choose
@@ -47,64 +45,6 @@ class Pair:
     comment: str
     response: str
     where: str  # "path:line" (or "path: item N" for JSON arrays), for messages
-
-
-@dataclass
-class DataSummary:
-    rows: int = 0
-    duplicates_removed: list[str] = field(default_factory=list)
-    train_rows: int = 0
-    eval_rows: int = 0
-    tokens: int = 0
-    reply_tokens: int = 0
-    truncated: int = 0
-    longest: int = 0
-    subset: str = ""
-    files: list[str] = field(default_factory=list)  # the training files, globs expanded
-    columns: list[str] = field(default_factory=list)  # "file: Comment -> comment, Reply -> response"
-    signatures_added: int = 0
-    signature: str = ""
-    warnings: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        out = [
-            f"rows: {self.rows} read, {len(self.duplicates_removed)} exact duplicates removed",
-            f"split: {self.train_rows} train, {self.eval_rows} eval",
-        ]
-        if len(self.files) > 1:
-            out.append(f"files: {len(self.files)} merged in order ({', '.join(self.files)})")
-        out += [f"columns: {mapping}" for mapping in self.columns]
-        if self.signature:
-            out.append(f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it")
-        out += [f"warning: {w}" for w in self.warnings]
-        if self.subset:
-            out.append(f"subset: {self.subset}")
-        if self.duplicates_removed:
-            shown = ", ".join(self.duplicates_removed[:5]) + (" ..." if len(self.duplicates_removed) > 5 else "")
-            out.append(f"duplicates removed at: {shown}")
-        if self.tokens:
-            out.append(
-                f"tokens: {self.tokens} in all, {self.reply_tokens} learned (reply + end of turn, "
-                f"{self.reply_tokens / self.tokens:.0%}), longest example {self.longest}"
-            )
-            out.append(f"truncated: {self.truncated} example(s) had their comment cut to fit max_length")
-        return out
-
-
-def expand_sources(sources: list[str]) -> list[str]:
-    """Files in the order given, each glob replaced by the files it matches (sorted); a Hub id as it is."""
-    import glob
-
-    expanded = []
-    for source in sources:
-        if any(c in source for c in "*?[") and not Path(source).exists():
-            matches = sorted(glob.glob(source))
-            if not matches:
-                raise DataError(f"{source}: no file matches this pattern")
-            expanded += matches
-        else:
-            expanded.append(source)
-    return expanded
 
 
 def load_pairs(source: str | Path, comment_field: str | None = None, response_field: str | None = None) -> list[Pair]:
@@ -159,33 +99,6 @@ def column_mapping(names, comment_field: str | None = None, response_field: str 
     return found
 
 
-def add_signature(pairs: list[Pair], signature: str) -> tuple[list[Pair], int]:
-    """Every reply that does not already end with ``signature`` gets it appended (the original
-    article added " -ShawGPT" to every reply in code); nothing else changes. Returns the pairs and
-    how many were signed."""
-    signed = [p if is_signed(p.response, signature) else Pair(p.comment, p.response.rstrip() + signature, p.where) for p in pairs]
-    return signed, sum(a is not b for a, b in zip(pairs, signed))
-
-
-def check_signature(signature: str, persona_signature: str | None, persona_source: str) -> None:
-    """--signature must be written with the very characters the persona asks for (an en dash is not a hyphen)."""
-    if persona_signature is not None and signature.strip() != persona_signature:
-        raise DataError(
-            f"--signature {signature!r} is not the persona's signature {persona_signature!r} ({persona_source}); "
-            "use the same characters in both, or edit the persona"
-        )
-
-
-def check_enough_rows(train: list[Pair], source: str, summary: DataSummary) -> None:
-    if len(train) < MIN_TRAIN_ROWS:
-        raise DataError(f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})")
-    if len(train) < RECOMMENDED_TRAIN_ROWS:
-        summary.warnings.append(
-            f"only {len(train)} training rows; a voice is learned from about {RECOMMENDED_TRAIN_ROWS} or more "
-            "(the original article's count): expect a weak adapter"
-        )
-
-
 def file_hash(*paths: str | Path | None) -> str:
     """sha256 over the bytes of the given files (a Hub id is hashed by name)."""
     digest = hashlib.sha256()
@@ -197,43 +110,10 @@ def file_hash(*paths: str | Path | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def remove_duplicates(pairs: list[Pair]) -> tuple[list[Pair], list[str]]:
-    """Drop exact repeats of a (comment, reply) pair; returns the kept pairs and where the repeats were."""
-    seen: dict[tuple[str, str], str] = {}
-    kept, removed = [], []
-    for pair in pairs:
-        key = (_key(pair.comment), pair.response.strip())
-        if key in seen:
-            removed.append(f"{pair.where} (repeats {seen[key]})")
-        else:
-            seen[key] = pair.where
-            kept.append(pair)
-    return kept, removed
-
-
-def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Seeded split by comment: every reply to the same comment lands on the same side."""
-    groups: dict[str, list[Pair]] = {}
-    for pair in pairs:
-        groups.setdefault(_key(pair.comment), []).append(pair)
-    if len(groups) < MIN_ROWS_TO_SPLIT:
-        raise DataError(
-            f"{pairs[0].where.rsplit(':', 1)[0] if pairs else 'data'}: only {len(groups)} distinct comments; "
-            f"at least {MIN_ROWS_TO_SPLIT} are needed to hold some out for evaluation (or pass --eval-data)"
-        )
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    n_eval = max(1, round(len(keys) * eval_fraction))
-    held = set(keys[:n_eval])
-    train = [p for k in keys if k not in held for p in groups[k]]
-    evals = [p for k in keys if k in held for p in groups[k]]
-    return train, evals
-
-
 def check_no_overlap(train: list[Pair], evals: list[Pair]) -> None:
     """A held-out comment that is also trained on makes the eval loss meaningless."""
-    train_at = {_key(p.comment): p.where for p in train}
-    clashes = [f"{p.where} (also at {train_at[_key(p.comment)]})" for p in evals if _key(p.comment) in train_at]
+    train_at = {comment_key(p.comment): p.where for p in train}
+    clashes = [f"{p.where} (also at {train_at[comment_key(p.comment)]})" for p in evals if comment_key(p.comment) in train_at]
     if clashes:
         raise DataError(
             f"{len(clashes)} held-out comment(s) also appear in the training data: "
@@ -253,13 +133,6 @@ def tokenize_pairs(pairs: Iterable[Pair], renderer: PromptRenderer, max_length: 
         truncated += example.comment_tokens_cut > 0
         examples.append(example)
     return examples, truncated
-
-
-def summarize_tokens(summary: DataSummary, examples: list[Example], truncated: int) -> None:
-    summary.tokens += sum(len(e.input_ids) for e in examples)
-    summary.reply_tokens += sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
-    summary.truncated += truncated
-    summary.longest = max([summary.longest, *(len(e.input_ids) for e in examples)])
 
 
 # --- readers: each yields (where, row) with row a dict or a Problem
@@ -445,7 +318,8 @@ def anonymize(text: str) -> str:
     return HANDLE.sub(HANDLE_PLACEHOLDER, text)
 
 
-def _key(comment: str) -> str:
+def comment_key(comment: str) -> str:
+    """A comment as duplicates and overlaps are found: spacing and case aside."""
     return " ".join(comment.split()).casefold()
 
 

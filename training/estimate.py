@@ -174,37 +174,11 @@ def estimate(
     """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
     the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
     computes once for all its rows, packed into one row (training.collate.shared_prefix_length)."""
-    import torch
-
     from training.attention import GROUPED, training_attention
     from training.collate import packed_row_length
 
     model = meta_model(config)
-    head = model.get_output_embeddings()
-    head_weight = head.weight if head is not None else None
-    total = frozen = trainable = 0.0
-    quantized_bytes = WEIGHT_BYTES[storage]
-    targets = set(target_modules or [])
-    matched = set()
-    for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            n = param.numel()
-            total += n
-            if lora_r is None:
-                continue
-            is_block_linear = isinstance(module, torch.nn.Linear) and param is not head_weight and pname == "weight"
-            frozen += n * (quantized_bytes if is_block_linear else compute_bytes)
-        leaf = name.rsplit(".", 1)[-1]
-        if lora_r is not None and isinstance(module, torch.nn.Linear) and leaf in targets:
-            trainable += lora_r * (module.in_features + module.out_features)
-            matched.add(leaf)
-    if lora_r is not None and targets - matched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
-    tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
-    total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
-    if lora_r is None:
-        trainable = total
+    total, frozen, trainable = _weights(model, WEIGHT_BYTES[storage], compute_bytes, lora_r, target_modules)
 
     trained_bytes = 4 if lora_r is not None else compute_bytes
     # On a CPU the process maps the checkpoint file while it loads (quantizing it, for NF4), and
@@ -243,6 +217,37 @@ def estimate(
         loading=loading,
         checkpointed_layers=checkpointed_layers,
     )
+
+
+def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float]:
+    """(parameters, bytes of the frozen weights, trainable parameters) of a meta model: its block
+    linear layers stored at ``quantized_bytes`` per weight, the rest in the compute dtype, LoRA of
+    rank ``lora_r`` on ``target_modules`` (None: every weight trained)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    total = frozen = trainable = 0.0
+    targets = set(target_modules or [])
+    matched = set()
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            n = param.numel()
+            total += n
+            if lora_r is None:
+                continue
+            is_block_linear = isinstance(module, torch.nn.Linear) and param is not head_weight and pname == "weight"
+            frozen += n * (quantized_bytes if is_block_linear else compute_bytes)
+        leaf = name.rsplit(".", 1)[-1]
+        if lora_r is not None and isinstance(module, torch.nn.Linear) and leaf in targets:
+            trainable += lora_r * (module.in_features + module.out_features)
+            matched.add(leaf)
+    if lora_r is not None and targets - matched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
+    tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
+    total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
+    return total, frozen, total if lora_r is None else trainable
 
 
 def model_widths(config) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ calibration text is the training data's comments and replies, so no dataset is d
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -43,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "train.jsonl", help="calibration pairs (a training data file)")
     parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args(argv)
-    try:
-        import gptqmodel  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gptqmodel") is None:
         print("error: gptqmodel is not installed; install requirements-gptq.txt in its own environment (see README)", file=sys.stderr)
         return 2
     print(f"quantized model saved to {quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}")

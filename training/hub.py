@@ -36,25 +36,12 @@ UPLOAD_PATTERNS = [
 ]
 
 
-def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
-    config = summary["config"]
-    epochs = "\n".join(
-        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |" for e in summary["epochs"] if e.get("train_loss") is not None
-    )
-    lora = config.get("method", "lora") == "lora"
-    keys = ("method", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules") if lora else ("method", "quantization")
-    hyper = {k: config[k] for k in (*keys, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed") if k in config}
-    auto = "AutoModelForSeq2SeqLM" if summary.get("seq2seq") else "AutoModelForCausalLM"
-    what = "A LoRA adapter" if lora else "A fully fine-tuned model"
-    load = (
-        f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\nmodel = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
-        if lora
-        else f'model = {auto}.from_pretrained("THIS_REPO_OR_FOLDER")'
-    )
-    content = f"""---
-base_model: {summary["base_model_hub_id"]}
-library_name: {"peft" if lora else "transformers"}
-pipeline_tag: {"text2text-generation" if summary.get("seq2seq") else "text-generation"}
+# The card a run writes beside its adapter; str.format fills it (values are not re-parsed, so a
+# persona's braces stay text).
+CARD_TEMPLATE = """---
+base_model: {hub_id}
+library_name: {library}
+pipeline_tag: {pipeline}
 license: apache-2.0
 tags:
 - lora
@@ -63,29 +50,29 @@ tags:
 - youtube-comments
 ---
 
-# {summary.get("name", "replytune adapter")}
+# {name}
 
 {what} that answers YouTube comments in a creator's voice, trained with
-replytune on `{summary["base_model"]}` ({config["quantization"]} base).
+replytune on `{base_model}` ({quantization} base).
 
 ## Results
 
 | | held-out loss (reply tokens) |
 |---|---|
-| base model + persona prompt | {summary["base_eval_loss"]:.4f} |
-| fine-tuned | {summary["eval_loss"]:.4f} |
+| base model + persona prompt | {base_eval_loss:.4f} |
+| fine-tuned | {eval_loss:.4f} |
 
 | epoch | train loss | held-out loss |
 |---|---|---|
 {epochs}
 
-![loss curve]({PLOT_FILE})
+![loss curve]({plot})
 
-{voice_section(summary)}
+{voice}
 ## Data
 
-- training pairs: {summary["data"]["train_rows"]}, held-out pairs: {summary["data"]["eval_rows"]}
-- data hash: `{summary["data"]["hash"]}`, config hash: `{summary["config_hash"]}`
+- training pairs: {train_rows}, held-out pairs: {eval_rows}
+- data hash: `{data_hash}`, config hash: `{config_hash}`
 
 ## Prompt
 
@@ -99,11 +86,11 @@ model's chat template; the same file is in this repo as `persona.txt`.
 ## Hyperparameters
 
 ```json
-{json.dumps(hyper, indent=2)}
+{hyperparameters}
 ```
 
-Peak memory {summary["peak_memory_gib"]:.2f} GiB, {summary["tokens_per_second"]:.0f} tokens/s,
-{summary["wall_seconds"] / 60:.1f} minutes on {summary["environment"]["gpu"] or summary["environment"]["cpu"]}.
+Peak memory {peak_memory_gib:.2f} GiB, {tokens_per_second:.0f} tokens/s,
+{minutes:.1f} minutes on {machine}.
 
 ## How to use
 
@@ -117,7 +104,48 @@ tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
 
 or, with replytune's app: `ADAPTER=THIS_REPO_OR_FOLDER python app.py`.
 """
-    return ModelCard(content)
+
+
+def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
+    config = summary["config"]
+    epochs = "\n".join(
+        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |" for e in summary["epochs"] if e.get("train_loss") is not None
+    )
+    lora = config.get("method", "lora") == "lora"
+    keys = ("method", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules") if lora else ("method", "quantization")
+    hyper = {k: config[k] for k in (*keys, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed") if k in config}
+    auto = "AutoModelForSeq2SeqLM" if summary.get("seq2seq") else "AutoModelForCausalLM"
+    load = (
+        f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\nmodel = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
+        if lora
+        else f'model = {auto}.from_pretrained("THIS_REPO_OR_FOLDER")'
+    )
+    return ModelCard(CARD_TEMPLATE.format(
+        hub_id=summary["base_model_hub_id"],
+        library="peft" if lora else "transformers",
+        pipeline="text2text-generation" if summary.get("seq2seq") else "text-generation",
+        name=summary.get("name", "replytune adapter"),
+        what="A LoRA adapter" if lora else "A fully fine-tuned model",
+        base_model=summary["base_model"],
+        quantization=config["quantization"],
+        base_eval_loss=summary["base_eval_loss"],
+        eval_loss=summary["eval_loss"],
+        epochs=epochs,
+        plot=PLOT_FILE,
+        voice=voice_section(summary),
+        train_rows=summary["data"]["train_rows"],
+        eval_rows=summary["data"]["eval_rows"],
+        data_hash=summary["data"]["hash"],
+        config_hash=summary["config_hash"],
+        persona=persona,
+        hyperparameters=json.dumps(hyper, indent=2),
+        peak_memory_gib=summary["peak_memory_gib"],
+        tokens_per_second=summary["tokens_per_second"],
+        minutes=summary["wall_seconds"] / 60,
+        machine=summary["environment"]["gpu"] or summary["environment"]["cpu"],
+        auto=auto,
+        load=load,
+    ))
 
 
 def voice_section(summary: dict[str, Any]) -> str:
