@@ -58,3 +58,29 @@ def test_the_table_adds_up_to_the_total_it_prints(checkpointed, on_cpu):
     assert marked == pytest.approx(training, abs=0.002 * 8)
     assert peak == pytest.approx(result.total / GiB, abs=0.001) == pytest.approx(max(training, result.while_loading / GiB), abs=0.001)
     assert sum(line.split()[-2] == "*" for line in lines if line.startswith("activations")) == 1
+
+
+@pytest.mark.parametrize("available_gib, checkpointed", [(2.0, "some"), (20.0, "none")])
+def test_on_a_cpu_the_memory_limit_is_half_of_what_the_machine_has_available(default_model_dir, monkeypatch, available_gib, checkpointed):
+    """A low-memory machine still recomputes layers; a roomy one does not pay for it."""
+    import training.estimate as estimate_module
+    from training.estimate import checkpointing_plan, memory_limit
+
+    monkeypatch.setattr(estimate_module, "available_memory", lambda: available_gib * GiB)
+    config = TrainConfig()
+    limit, source = memory_limit(config)
+    assert limit == pytest.approx(available_gib / 2 * GiB)
+    assert source == f"50% of the {available_gib:.1f} GiB available when the run started"
+    result = estimate_for_config(config, 512, on_cpu=True, limit=limit, learned_tokens=config.batch_size * 100)
+    assert (result.checkpointed_layers > 0) == (checkpointed == "some")
+    assert result.total <= limit or result.checkpointed_layers == result.layers
+    assert "gradient checkpointing: off" in checkpointing_plan(result, limit, False) or checkpointed == "some"
+    assert memory_limit(TrainConfig(memory_limit_gib=3.0)) == (3.0 * GiB, "--memory-limit-gib")
+
+
+def test_the_logits_are_counted_at_the_learned_positions_only(default_model_dir):
+    config = read_model_config("embedded:SmolLM2-135M-Instruct")
+    every = estimate(config, storage="nf4", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=8, seq_len=400)
+    learned = estimate(config, storage="nf4", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=8, seq_len=400, learned_tokens=8 * 60)
+    assert learned.logits == pytest.approx(every.logits * 60 / 400)
+    assert learned.total < every.total

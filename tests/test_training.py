@@ -308,12 +308,14 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
 
     prepared = prepare_examples(config)
     assert prepared.shared_prefix() > 0
-    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prepared.shared_prefix())
+    learned = config.batch_size * prepared.summary.longest_reply  # the loss projects only these positions
+    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prepared.shared_prefix(), learned_tokens=learned)
     assert longest.total_with(0) < estimate_for_config(config, prepared.summary.longest, limit=None).total_with(0)
     with_limit = tiny_config(epochs=1, memory_limit_gib=(longest.total_with(0) - 1) / GiB)
     assert train(with_limit) == 0
     out = capsys.readouterr().out
     assert "gradient checkpointing: 1 of 2 layers, the fewest that keep the estimate under the memory limit" in out
+    assert "memory limit: " in out and "(--memory-limit-gib)" in out
     assert json.loads((Path(with_limit.output_dir) / "training_summary.json").read_text())["config"]["memory_limit_gib"] == with_limit.memory_limit_gib
 
 
@@ -334,6 +336,9 @@ def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_
     rows = [example([*range(100), *range(1000 * i, 1000 * i + 300)], 100) for i in range(1, 9)]
     assert shared_prefix_length(rows, 8, 64) == 0
     assert shared_prefix_length(rows, 8, 4096) == 99
+    # Attending example by example (the CPU's packed attention), the row never has more scores
+    # than the padded rows: the prefix always pays.
+    assert shared_prefix_length(rows, 8, 64, linear_attention=True) == 99
 
 
 @pytest.mark.parametrize("attention", ["replytune_grouped", "eager", "sdpa"])

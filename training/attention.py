@@ -58,7 +58,10 @@ def grouped_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' attention-interface signature: query (batch, heads, q, d), key and value
     (batch, kv_heads, k, d), an additive mask (batch, 1, q, k); returns (batch, q, heads, d) and the
-    probabilities (batch, heads, q, k)."""
+    probabilities (batch, heads, q, k). A packed row (``segment_index`` among the keyword arguments,
+    see packed_attention) is computed segment by segment."""
+    if "segment_index" in kwargs:
+        return packed_attention(module, query, key, value, scaling, dropout, kwargs["packed_prefix"], kwargs["segment_index"], kwargs["segment_valid"])
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads  # query head h reads key/value head h // group, as repeat_kv arranges
@@ -69,3 +72,45 @@ def grouped_attention(
     probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
     out = (probs @ value).view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
     return out, probs.view(batch, heads, q_len, -1)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    dropout: float,
+    prefix: int,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one packed row (training.collate.TrainingCollator): the shared prefix, then each
+    example's own tokens, which see the prefix and their own earlier tokens only.
+
+    Computed as the prefix's causal attention plus, for the B examples together, their tokens
+    against the prefix's keys and their own: B x S x (P + S) scores for B examples of S own tokens
+    after a P-token prefix, instead of (P + B x S)^2 over the whole row, so the packed row costs no
+    more attention than padded rows do and the prefix's saving holds at any length. ``index``
+    (B, S) holds each example's positions in the row (padding where ``valid`` is False); the
+    output keeps the row's order, since the valid entries of ``index``, read row by row, are the
+    positions after the prefix in turn.
+    """
+    _, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    batch, own = index.shape
+    causal = torch.full((prefix, prefix), torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device).triu_(1)
+    head, _ = grouped_attention(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], causal[None, None], scaling, dropout)
+
+    def segments(states: torch.Tensor, n_heads: int) -> torch.Tensor:  # (1, h, T, d) -> (B, h, S, d)
+        return states[0].index_select(1, index.flatten()).view(n_heads, batch, own, dim).transpose(0, 1)
+
+    def with_prefix(states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([states[:, :, :prefix].expand(batch, -1, -1, -1), segments(states, kv_heads)], dim=2)
+
+    # An example's token sees every prefix key, and its own keys up to itself that are not padding.
+    sees = torch.ones(own, own, dtype=torch.bool, device=query.device).tril_()[None] & valid[:, None, :]
+    mask = torch.zeros(batch, 1, own, prefix + own, dtype=query.dtype, device=query.device)
+    mask[:, 0, :, prefix:].masked_fill_(~sees, torch.finfo(query.dtype).min)
+    tail, _ = grouped_attention(module, segments(query, heads), with_prefix(key), with_prefix(value), mask, scaling, dropout)
+    return torch.cat([head[0], tail[valid]], dim=0)[None], None

@@ -45,7 +45,7 @@ def packed_row_length(prefix: int, batch_size: int, length: int) -> int:
     return prefix + batch_size * (length - prefix)
 
 
-def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int) -> int:
+def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int, linear_attention: bool = False) -> int:
     """How many leading tokens a batch computes once for all its examples (0: each row computes its own).
 
     Every example opens with the same chat template and persona: 143 of the default data's ~181
@@ -58,15 +58,20 @@ def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: 
     batch rather than one per row (same expectation, rows correlated at those positions).
 
     The prefix stops before the first position that predicts a learned token, since a shared
-    position has one hidden state. The one packed row has more attention scores than each padded
-    row: it is used when it costs less for a batch of the longest examples, counting a token's
-    layer work (~24 hidden^2 FLOPs) as 6 hidden attention scores (4 hidden FLOPs each).
+    position has one hidden state. With ``linear_attention`` (training.attention.packed_attention,
+    the CPU's) the row's attention is computed example by example, never more scores than padded
+    rows, so a prefix always pays. Otherwise the row's attention covers all of it, with more scores
+    than the padded rows have: it is used when it costs less for a batch of the longest examples,
+    counting a token's layer work (~24 hidden^2 FLOPs) as 6 hidden attention scores (4 hidden
+    FLOPs each).
     """
     if batch_size < 2 or not examples:
         return 0
     prefix = len(os.path.commonprefix([e.input_ids for e in examples]))
     first_learned = min(next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples)
     prefix = min(prefix, first_learned - 1, min(len(e.input_ids) for e in examples) - 1)
+    if linear_attention:
+        return max(prefix, 0)
     longest = max(len(e.input_ids) for e in examples)
     packed = packed_row_length(prefix, batch_size, longest)
     scores_per_token = 6 * hidden_size
@@ -111,7 +116,16 @@ class TrainingCollator(ReplyCollator):
             positions.append(range(p, n))
             segments.append([i] * (n - p))
         row = lambda parts: torch.tensor([[x for part in parts for x in part]], dtype=torch.long)  # noqa: E731
-        return {"input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions), "segments": row(segments)}
+        own = [len(r["input_ids"]) - p for r in rows]
+        # Where each example's own tokens sit in the row, padded to the longest (training.attention.packed_attention).
+        starts = torch.tensor([p + sum(own[:i]) for i in range(len(rows))])
+        width = torch.arange(max(own))
+        valid = width[None, :] < torch.tensor(own)[:, None]
+        index = torch.where(valid, starts[:, None] + width[None, :], 0)
+        return {
+            "input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions),
+            "segments": row(segments), "packed_prefix": torch.tensor(p), "segment_index": index, "segment_valid": valid,
+        }
 
 
 def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:

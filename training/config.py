@@ -61,7 +61,7 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
     optim: Literal["adamw_torch", "paged_adamw_8bit"] = field(default="adamw_torch", metadata={"help": "optimizer; paged_adamw_8bit (bitsandbytes, GPU) keeps its states in 8 bits"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute every layer's activations in the backward pass: least memory, about 30% slower"})
-    memory_limit_gib: float | None = field(default=None, metadata={"help": "checkpoint only as many layers as keep the memory estimate under this many GiB (unset: 90% of the GPU; on a CPU 1.7, which keeps a default run under 2 GiB)"})
+    memory_limit_gib: float | None = field(default=None, metadata={"help": "checkpoint only as many layers as keep the memory estimate under this many GiB (unset: 90% of the GPU; on a CPU half the memory available when the run starts)"})
     early_stopping_patience: int = field(default=1, metadata={"help": "epochs without a better eval loss before training stops"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk, the best and the latest among them; never more"})
     seed: int = field(default=42, metadata={"help": "seed for the split, LoRA init and data order"})

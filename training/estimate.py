@@ -167,13 +167,16 @@ def estimate(
     batch_size: int,
     seq_len: int,
     shared_prefix: int = 0,
+    learned_tokens: int | None = None,
     checkpointed_layers: int = 0,
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
 ) -> Estimate:
     """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
     the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
-    computes once for all its rows, packed into one row (training.collate.shared_prefix_length)."""
+    computes once for all its rows, packed into one row (training.collate.shared_prefix_length).
+    ``learned_tokens``: the positions of a batch whose logits the loss computes (ReplyTrainer
+    projects only the learned ones); None counts every position, an upper bound."""
     from training.attention import GROUPED, training_attention
     from training.collate import packed_row_length
 
@@ -196,11 +199,18 @@ def estimate(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     score_bytes = compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
-    per_layer_scores = rows * heads * row_len**2 * score_bytes if on_cpu else 0
+    if shared_prefix and on_cpu and training_attention(text) == GROUPED:
+        # Packed rows attend example by example (training.attention.packed_attention): the prefix
+        # causally, each example's own tokens against the prefix and themselves.
+        own = seq_len - shared_prefix
+        scores = shared_prefix**2 + batch_size * own * (shared_prefix + own)
+    else:
+        scores = rows * row_len**2
+    per_layer_scores = heads * scores * score_bytes if on_cpu else 0
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    logits = tokens * vocab * 4 * 2  # float32 logits and their gradient
+    logits = (tokens if learned_tokens is None else min(learned_tokens, tokens)) * vocab * 4 * 2  # float32 logits and their gradient
     return Estimate(
         parameters=int(total),
         trainable=int(trainable),
@@ -250,6 +260,17 @@ def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | No
     return total, frozen, total if lora_r is None else trainable
 
 
+def linear_packing(config) -> bool:
+    """Whether packed rows attend example by example on this machine (a CPU training the model with
+    training.attention's grouped attention), rather than over the whole row."""
+    import torch
+
+    from training.attention import GROUPED, training_attention
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not torch.cuda.is_available() and training_attention(text) == GROUPED
+
+
 def model_widths(config) -> tuple[int, int, int]:
     """(hidden size, MLP width, layers that keep activations) of a decoder or encoder-decoder config."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -261,25 +282,41 @@ def model_widths(config) -> tuple[int, int, int]:
     return hidden, inner, layers
 
 
-# On a CPU with no limit given: a default run of the embedded model stays under 2 GiB. The estimate
-# is of one step; a run's heap grows ~0.05-0.1 GiB per epoch past it (bench/RESULTS.md).
-CPU_MEMORY_LIMIT_GIB = 1.7
+# On a CPU with no limit given: this share of the memory available when the run starts. The
+# estimate is within ~20% of measured peaks, a run's heap grows ~0.05-0.1 GiB per epoch past it
+# (bench/RESULTS.md), and the rest of the machine (the app, a browser) keeps running beside it.
+CPU_MEMORY_SHARE = 0.5
 
 
-def memory_limit(train_config) -> float:
-    """Bytes a run may use: ``memory_limit_gib``, else on a GPU 90% of the card (the rest is the
-    CUDA context and the allocator's slack), else CPU_MEMORY_LIMIT_GIB."""
+def available_memory() -> float:
+    """Bytes the OS can give this process now without swapping (psutil: MemAvailable on Linux)."""
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def memory_limit(train_config) -> tuple[float, str]:
+    """Bytes a run may use, and where that number came from: ``memory_limit_gib``, else on a GPU 90%
+    of the card (the rest is the CUDA context and the allocator's slack), else CPU_MEMORY_SHARE of
+    the memory available now."""
     import torch
 
     if train_config.memory_limit_gib is not None:
-        return train_config.memory_limit_gib * GiB
+        return train_config.memory_limit_gib * GiB, "--memory-limit-gib"
     if torch.cuda.is_available():
-        return 0.9 * torch.cuda.get_device_properties(0).total_memory
-    return CPU_MEMORY_LIMIT_GIB * GiB
+        total = torch.cuda.get_device_properties(0).total_memory
+        return 0.9 * total, f"90% of the GPU's {total / GiB:.1f} GiB"
+    available = available_memory()
+    return CPU_MEMORY_SHARE * available, f"{CPU_MEMORY_SHARE:.0%} of the {available / GiB:.1f} GiB available when the run started"
 
 
 def estimate_for_config(
-    train_config, seq_len: int | None = None, on_cpu: bool | None = None, limit: float | None = None, shared_prefix: int = 0
+    train_config,
+    seq_len: int | None = None,
+    on_cpu: bool | None = None,
+    limit: float | None = None,
+    shared_prefix: int = 0,
+    learned_tokens: int | None = None,
 ) -> Estimate:
     """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
     machine's device unless ``on_cpu`` says which, with the layers it checkpoints: every layer with
@@ -304,6 +341,7 @@ def estimate_for_config(
         shared_prefix=shared_prefix,
         optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
         on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
+        learned_tokens=learned_tokens,
     )
     if train_config.gradient_checkpointing:
         result.checkpointed_layers = result.layers
@@ -337,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_config, _ = load_config(flags)
         # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
-        limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)
+        limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
         result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit)
     except (ConfigError, EstimateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -355,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def checkpointing_plan(result: Estimate, limit: float, forced: bool) -> str:
-    """One line: how many layers are checkpointed, and why."""
+    """One line: how many layers are checkpointed, and why (the limit's source is printed before it)."""
     k, layers = result.checkpointed_layers, result.layers
     if forced:
         return f"gradient checkpointing: all {layers} layers (gradient_checkpointing is on)"
     if result.total > limit:
         return (f"gradient checkpointing: all {layers} layers, and the estimate ({result.total / GiB:.2f} GiB) is still above the "
-                f"memory limit ({limit / GiB:.2f} GiB, --memory-limit-gib): if memory runs out, lower --batch-size or --max-length")
+                f"memory limit ({limit / GiB:.2f} GiB): if memory runs out, lower --batch-size or --max-length")
     if k == 0:
         return f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
     return f"gradient checkpointing: {k} of {layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"

@@ -28,6 +28,7 @@ class DataSummary:
     reply_tokens: int = 0
     truncated: int = 0
     longest: int = 0
+    longest_reply: int = 0  # learned tokens (reply + end of turn) of the example with the most
     subset: str = ""
     files: list[str] = field(default_factory=list)  # the training files, globs expanded
     columns: list[str] = field(default_factory=list)  # "file: Comment -> comment, Reply -> response"
@@ -141,6 +142,7 @@ def summarize_tokens(summary: DataSummary, examples: list[Example], truncated: i
     summary.reply_tokens += sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     summary.truncated += truncated
     summary.longest = max([summary.longest, *(len(e.input_ids) for e in examples)])
+    summary.longest_reply = max([summary.longest_reply, *(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)])
 
 
 def load_data(config: TrainConfig, summary: DataSummary, persona: Persona):
@@ -199,15 +201,15 @@ class Prepared:
 
     def shared_prefix(self) -> int:
         """The tokens a training batch computes once for all its rows (training.collate.shared_prefix_length)."""
-        from training.estimate import model_widths, read_model_config
-        from training.collate import shared_prefix_length
-
         from inference.internals.transformers import attention_known
+        from training.collate import shared_prefix_length
+        from training.estimate import linear_packing, model_widths, read_model_config
 
         if self.seq2seq or not attention_known():
             return 0
-        hidden = model_widths(read_model_config(self.config.base_model))[0]
-        return shared_prefix_length(self.train_examples + self.eval_examples, self.config.batch_size, hidden)
+        model_config = read_model_config(self.config.base_model)
+        examples = self.train_examples + self.eval_examples
+        return shared_prefix_length(examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config))
 
 
 def prepare_examples(config: TrainConfig) -> Prepared:

@@ -157,7 +157,7 @@ def set_up(prepared: Prepared) -> Run:
     from inference.loading import compute_dtype
     from training.collate import packed_row_length
     from training.cpu import return_large_blocks_to_the_system
-    from training.estimate import checkpointing_plan, estimate_for_config, memory_limit
+    from training.estimate import GiB, checkpointing_plan, estimate_for_config, memory_limit
     from training.model import count_parameters, load_training_base, trainable_model
     from training.trainer import build_trainer
 
@@ -166,9 +166,11 @@ def set_up(prepared: Prepared) -> Run:
     set_seed(config.seed)  # before the LoRA weights are initialised, so --seed fixes them too
     dtype = compute_dtype()
     # Batches are grouped by length, so the longest example's batch is the run's peak.
-    limit = memory_limit(config)
+    limit, limit_source = memory_limit(config)
     prefix = prepared.shared_prefix()
-    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix)
+    # The loss projects only the learned positions: at most a batch of the longest replies.
+    learned = None if prepared.seq2seq else config.batch_size * summary.longest_reply
+    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix, learned_tokens=learned)
     base = load_training_base(config.base_model, config.quantization, dtype, config.trust_remote_code)
     model = trainable_model(base, config, estimate.checkpointed_layers)
     trainable, total = count_parameters(model)
@@ -179,6 +181,7 @@ def set_up(prepared: Prepared) -> Run:
         packed = packed_row_length(prefix, config.batch_size, summary.longest)
         print(f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
               f"the longest batch is {packed} tokens instead of {config.batch_size} x {summary.longest}")
+    print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
     trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix)

@@ -22,6 +22,7 @@ from transformers.trainer_callback import ProgressCallback
 from inference.internals.transformers import attention_implementation, checkpoint_errors_named
 from prompts.render import IGNORE_INDEX, Example
 from training.checkpoints import CHECKPOINTS, write_failure
+from training.attention import GROUPED
 from training.collate import ReplyCollator, TrainingCollator, shared_prefix_mask
 from training.config import TrainConfig
 
@@ -94,8 +95,14 @@ class _ReplyTrainer(Trainer):
         forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would copy every key and value
         if "segments" in inputs:
             mask_dtype = dtype or causal.get_input_embeddings().weight.dtype
-            forward["attention_mask"] = shared_prefix_mask(inputs["segments"], attention_implementation(config), mask_dtype)
             forward["position_ids"] = inputs["position_ids"]
+            if attention_implementation(config) == GROUPED:
+                # Masked segment by segment inside the attention; a 4D mask passes transformers'
+                # mask building as it is, so no (row x row) mask is made.
+                forward["attention_mask"] = torch.zeros(1, 1, 1, 1, dtype=mask_dtype, device=inputs["input_ids"].device)
+                forward.update(packed_prefix=int(inputs["packed_prefix"]), segment_index=inputs["segment_index"], segment_valid=inputs["segment_valid"])
+            else:
+                forward["attention_mask"] = shared_prefix_mask(inputs["segments"], attention_implementation(config), mask_dtype)
         else:
             forward["attention_mask"] = inputs["attention_mask"]
         with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
