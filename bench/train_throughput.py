@@ -1,13 +1,19 @@
 """Training throughput: the original article's recipe vs `python -m training.run`, same data, model
 and epochs, each in its own process, plus the machine's bf16 matmul ceiling.
 
-    python -m bench.train_throughput [--epochs 2]
+    python -m bench.train_throughput [--epochs 2] [--data realistic short]
     python -m bench.train_throughput --mistral-7b     # on a GPU: a random-weight Mistral-7B
+
+``--data``: the sample at realistic lengths (data/, comments median ~150 characters with a tail
+past 600) and the short sample it grew from (data/short/, comments median ~30), each compared in
+the same run on the same machine.
 
 The reference is the article's recipe as written, on the embedded default with NF4: transformers
 ``Trainer`` + ``DataCollatorForLanguageModeling`` (dynamic padding, loss on every token, pad = EOS),
-gradient checkpointing, LoRA r=8 alpha=32 on q_proj, batch 4, grad. acc. 4, lr 2e-4. Both runs
-are scored the same way afterwards: the held-out loss on reply tokens, with replytune's renderer.
+gradient checkpointing, LoRA r=8 alpha=32 on q_proj, batch 4, grad. acc. 4, lr 2e-4, computing in
+bfloat16 where the CPU has it natively and in float32 elsewhere (as the article's recipe would run
+there). Both runs are scored the same way afterwards: the held-out loss on reply tokens, with
+replytune's renderer.
 
 ``--mistral-7b`` runs the same comparison on Mistral-7B-Instruct-v0.2's architecture (its shipped
 config.json, random weights: memory and speed do not depend on the values, and nothing is
@@ -31,6 +37,7 @@ from pathlib import Path
 from inference.default_model import ROOT
 
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
+DATA_SETS = {"realistic": ROOT / "data", "short": ROOT / "data" / "short"}  # each holds train.jsonl and heldout.jsonl
 
 
 @dataclass
@@ -99,19 +106,20 @@ def random_mistral(folder: Path, tokenizer_path: str) -> Path:
     return folder
 
 
-def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape) -> dict:
+def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, train_file: Path) -> dict:
     """The article's recipe (runs in a child process; see main)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
-    from inference.loading import load_base_model, load_tokenizer
+    from inference.loading import compute_dtype, load_base_model, load_tokenizer
     from prompts.render import Persona
     from training.data import load_pairs
     from training.trainer import peak_memory_gib
 
     set_seed(42)
+    dtype = compute_dtype()
     tokenizer = load_tokenizer(base_model)
     tokenizer.pad_token = tokenizer.eos_token  # as in the article
     persona = Persona.from_file()
@@ -119,19 +127,19 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape) ->
         tokenizer.apply_chat_template(
             [{"role": "user", "content": persona.fill(p.comment)}, {"role": "assistant", "content": p.response}], tokenize=False
         )
-        for p in load_pairs(ROOT / "data" / "train.jsonl")
+        for p in load_pairs(train_file)
     ]
     # The article truncates at 512 tokens; no example here is that long.
     tokenize = lambda b: tokenizer(b["text"], add_special_tokens=False, truncation=True, max_length=512)  # noqa: E731
     data = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
-    model = load_base_model(base_model, "nf4", torch.bfloat16)
+    model = load_base_model(base_model, "nf4", dtype)
     model = prepare_model_for_kbit_training(model)  # enables gradient checkpointing, as the article
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules=lora.targets, task_type="CAUSAL_LM"))
     args = TrainingArguments(
         output_dir=str(out / "ref-checkpoints"), num_train_epochs=epochs, learning_rate=2e-4,
         per_device_train_batch_size=4, gradient_accumulation_steps=4, gradient_checkpointing=True,
         warmup_steps=2, weight_decay=0.01, logging_strategy="epoch", save_strategy="no", eval_strategy="no",
-        bf16=True, use_cpu=not torch.cuda.is_available(), report_to="none", optim="adamw_torch", disable_tqdm=True,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(), report_to="none", optim="adamw_torch", disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     started = time.perf_counter()
@@ -142,33 +150,78 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape) ->
     return {"tokens_per_s": real_tokens / seconds, "seconds": seconds, "peak_gib": peak_memory_gib()}
 
 
-def held_out_loss(base_model: str, adapter: Path) -> float:
-    """Reply-token loss on data/heldout.jsonl, measured the same way for every adapter."""
+def held_out_loss(base_model: str, adapter: Path, heldout_file: Path) -> float:
+    """Reply-token loss on a held-out file, measured the same way for every adapter."""
     from inference.generate import load_replier
     from training.data import load_pairs
     from training.evaluate import held_out_losses
 
     replier = load_replier(base_model, str(adapter), backend="transformers")  # the NF4 model that was trained
-    return held_out_losses(replier, load_pairs(ROOT / "data" / "heldout.jsonl"), 512)["adapter"]
+    return held_out_losses(replier, load_pairs(heldout_file), 512)["adapter"]
+
+
+def compare(out: Path, epochs: float, base_model: str, lora: LoraShape, ours: dict[str, list[str]], common: list[str], folder: Path, score: bool) -> dict[str, dict]:
+    """The reference and each of ``ours`` on one data set (``folder``'s train.jsonl and heldout.jsonl),
+    each in its own process, so that peak memory is each run's own."""
+    train_file, heldout_file = folder / "train.jsonl", folder / "heldout.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    ref = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", "reference", "--out", str(out), "--epochs", str(epochs),
+                          "--base-model", base_model, "--lora", json.dumps(asdict(lora)), "--train-file", str(train_file)], cwd=ROOT, capture_output=True, text=True)
+    if ref.returncode:
+        raise SystemExit(f"the reference run failed:\n{ref.stderr[-3000:]}")
+    rows["reference (article recipe)"] = {**json.loads(ref.stdout.strip().splitlines()[-1]), "adapter": out / "reference"}
+    print(rows["reference (article recipe)"], flush=True)
+    for name, flags in ours.items():
+        run_dir = out / name.replace(" ", "_").replace(",", "")
+        cmd = [sys.executable, "-m", "training.run", *flags, *common, "--data", str(train_file), "--early-stopping-patience", "0",
+               "--epochs", str(epochs), "--output-dir", str(run_dir)]
+        if "--eval-data" not in common:
+            cmd += ["--eval-data", str(heldout_file)]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
+        summary = json.loads((run_dir / "training_summary.json").read_text())
+        plan = [line for line in run.stdout.splitlines() if line.startswith(("memory limit:", "gradient checkpointing:", "batches:"))]
+        rows[name] = {"tokens_per_s": summary["tokens_per_second"], "seconds": summary["wall_seconds"], "peak_gib": summary["peak_memory_gib"], "adapter": run_dir, "plan": plan}
+        print(rows[name], flush=True)
+    for r in rows.values():
+        r["loss"] = held_out_loss(base_model, r["adapter"], heldout_file) if score else None
+    return rows
+
+
+def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None:
+    base = rows["reference (article recipe)"]["tokens_per_s"]
+    print("| run | real tokens/s | x reference | share of the bf16 ceiling | peak memory | held-out loss (reply tokens) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
+        loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |")
+    for name, r in rows.items():
+        for line in r.get("plan", []):
+            print(f"{name}: {line}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--data", nargs="+", choices=tuple(DATA_SETS), default=list(DATA_SETS), help="the data sets to compare on (default: both)")
     parser.add_argument("--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)")
     parser.add_argument("--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)")
     parser.add_argument("--child", choices=("reference",), help=argparse.SUPPRESS)
     parser.add_argument("--base-model", help=argparse.SUPPRESS)
     parser.add_argument("--lora", help=argparse.SUPPRESS)
+    parser.add_argument("--train-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "reference":
-        print(json.dumps(run_reference(args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)))))
+        print(json.dumps(run_reference(args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)), args.train_file)))
         return
 
     from inference.default_model import DEFAULT_BASE_MODEL
     from training.estimate import read_model_config
-    from training.report import environment
+    from training.report import cpu_flags, environment
 
     out = Path(tempfile.mkdtemp(prefix="replytune-bench-"))
     if args.mistral_7b:
@@ -186,51 +239,22 @@ def main() -> None:
         common = ["--base-model", base_model, "--eval-data", str(eval_data), *lora.flags(), "--batch-size", "4", "--grad-accum", "4",
                   "--learning-rate", "2e-4", "--max-length", "512", "--no-doctor"]
     else:
-        base_model, lora = DEFAULT_BASE_MODEL, LoraShape()
+        base_model, lora, common = DEFAULT_BASE_MODEL, LoraShape(), []
         ours = {
-            "training.run, article hyperparameters, no checkpointing": ["--config", "article", "--no-gradient-checkpointing", "--memory-limit-gib", "24"],
-            "training.run, default (memory limit 1.7 GiB: the layers it needs checkpointed)": [],
-            "training.run, default with the machine's 24 GiB as the limit (no checkpointing)": ["--memory-limit-gib", "24"],
+            "training.run, article hyperparameters, no checkpointing": ["--config", "article", "--no-gradient-checkpointing"],
+            "training.run, default (memory limit from the machine)": [],
         }
-        common = []
     ceiling = matmul_ceiling_gflops()
-    rows = {}
-    # Each run in its own process, so peak memory is each run's own.
-    ref = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", "reference", "--out", str(out), "--epochs", str(args.epochs),
-                          "--base-model", base_model, "--lora", json.dumps(asdict(lora))], cwd=ROOT, capture_output=True, text=True)
-    if ref.returncode:
-        raise SystemExit(f"the reference run failed:\n{ref.stderr[-3000:]}")
-    rows["reference (article recipe)"] = {**json.loads(ref.stdout.strip().splitlines()[-1]), "adapter": out / "reference"}
-    print(rows["reference (article recipe)"], flush=True)
-    for name, flags in ours.items():
-        folder = out / name.replace(" ", "_").replace(",", "")
-        cmd = [sys.executable, "-m", "training.run", *flags, *common, "--early-stopping-patience", "0", "--epochs", str(args.epochs), "--output-dir", str(folder)]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
-        summary = json.loads((folder / "training_summary.json").read_text())
-        plan = next(line for line in run.stdout.splitlines() if line.startswith("gradient checkpointing:"))
-        rows[name] = {"tokens_per_s": summary["tokens_per_second"], "seconds": summary["wall_seconds"], "peak_gib": summary["peak_memory_gib"], "adapter": folder, "plan": plan}
-        print(rows[name], flush=True)
-    for r in rows.values():
-        r["loss"] = None if args.mistral_7b else held_out_loss(base_model, r["adapter"])
-
+    per_token = flop_per_token(read_model_config(base_model))
+    results = {name: compare(out / name, args.epochs, base_model, lora, ours, common, DATA_SETS[name], score=not args.mistral_7b) for name in args.data}
     env = environment()
-    device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores"
+    device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores, CPU flags: {cpu_flags()}"
     print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
           f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}")
-    per_token = flop_per_token(read_model_config(base_model))
-    print(f"{args.epochs:g} epochs on data/train.jsonl; bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token\n")
-    base = rows["reference (article recipe)"]["tokens_per_s"]
-    print("| run | real tokens/s | x reference | share of the bf16 ceiling | peak memory | held-out loss (reply tokens) |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
-        loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |")
-    for name, r in rows.items():
-        if "plan" in r:
-            print(f"{name}: {r['plan']}")
+    print(f"{args.epochs:g} epochs; bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token")
+    for name, rows in results.items():
+        print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")
+        print_table(rows, per_token, ceiling)
 
 
 if __name__ == "__main__":
