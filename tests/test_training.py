@@ -308,8 +308,9 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
 
     prepared = prepare_examples(config)
     assert prepared.shared_prefix() > 0
-    learned = config.batch_size * prepared.summary.longest_reply  # the loss projects only these positions
-    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prepared.shared_prefix(), learned_tokens=learned)
+    prefix = prepared.shared_prefix()
+    packed, learned = prepared.largest_batch(prefix)  # what the run estimates: the largest batch the data can make
+    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prefix, learned_tokens=learned, packed_tokens=packed)
     assert longest.total_with(0) < estimate_for_config(config, prepared.summary.longest, limit=None).total_with(0)
     with_limit = tiny_config(epochs=1, memory_limit_gib=(longest.total_with(0) - 1) / GiB)
     assert train(with_limit) == 0

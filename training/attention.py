@@ -61,7 +61,7 @@ def grouped_attention(
     probabilities (batch, heads, q, k). A packed row (``segment_index`` among the keyword arguments,
     see packed_attention) is computed segment by segment."""
     if "segment_index" in kwargs:
-        return packed_attention(module, query, key, value, scaling, dropout, kwargs["packed_prefix"], kwargs["segment_index"], kwargs["segment_valid"])
+        return packed_attention(module, query, key, value, scaling, dropout, kwargs["packed_prefix"], kwargs["segment_index"], kwargs["segment_valid"], kwargs["segment_mask"])
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads  # query head h reads key/value head h // group, as repeat_kv arranges
@@ -84,6 +84,7 @@ def packed_attention(
     prefix: int,
     index: torch.Tensor,
     valid: torch.Tensor,
+    mask: torch.Tensor,
 ) -> tuple[torch.Tensor, None]:
     """Attention of one packed row (training.collate.TrainingCollator): the shared prefix, then each
     example's own tokens, which see the prefix and their own earlier tokens only.
@@ -92,9 +93,10 @@ def packed_attention(
     against the prefix's keys and their own: B x S x (P + S) scores for B examples of S own tokens
     after a P-token prefix, instead of (P + B x S)^2 over the whole row, so the packed row costs no
     more attention than padded rows do and the prefix's saving holds at any length. ``index``
-    (B, S) holds each example's positions in the row (padding where ``valid`` is False); the
-    output keeps the row's order, since the valid entries of ``index``, read row by row, are the
-    positions after the prefix in turn.
+    (B, S) holds each example's positions in the row (padding where ``valid`` is False); ``mask``
+    (B, 1, S, P + S) is additive, the same for every layer (ReplyTrainer builds it once per batch).
+    The output keeps the row's order, since the valid entries of ``index``, read row by row, are
+    the positions after the prefix in turn.
     """
     _, heads, _, dim = query.shape
     kv_heads = key.shape[1]
@@ -108,9 +110,5 @@ def packed_attention(
     def with_prefix(states: torch.Tensor) -> torch.Tensor:
         return torch.cat([states[:, :, :prefix].expand(batch, -1, -1, -1), segments(states, kv_heads)], dim=2)
 
-    # An example's token sees every prefix key, and its own keys up to itself that are not padding.
-    sees = torch.ones(own, own, dtype=torch.bool, device=query.device).tril_()[None] & valid[:, None, :]
-    mask = torch.zeros(batch, 1, own, prefix + own, dtype=query.dtype, device=query.device)
-    mask[:, 0, :, prefix:].masked_fill_(~sees, torch.finfo(query.dtype).min)
     tail, _ = grouped_attention(module, segments(query, heads), with_prefix(key), with_prefix(value), mask, scaling, dropout)
     return torch.cat([head[0], tail[valid]], dim=0)[None], None

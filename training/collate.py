@@ -122,9 +122,11 @@ class TrainingCollator(ReplyCollator):
         width = torch.arange(max(own))
         valid = width[None, :] < torch.tensor(own)[:, None]
         index = torch.where(valid, starts[:, None] + width[None, :], 0)
+        # What each example's token sees beyond the prefix: its own keys up to itself, not padding.
+        sees = torch.ones(len(width), len(width), dtype=torch.bool).tril_()[None] & valid[:, None, :]
         return {
             "input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions),
-            "segments": row(segments), "packed_prefix": torch.tensor(p), "segment_index": index, "segment_valid": valid,
+            "segments": row(segments), "packed_prefix": torch.tensor(p), "segment_index": index, "segment_valid": valid, "segment_sees": sees,
         }
 
 
@@ -140,3 +142,12 @@ def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch
     if implementation not in ("eager", GROUPED):
         raise NotImplementedError(f"packed batches need eager or sdpa attention, not {implementation}")
     return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def segment_attention_mask(sees: torch.Tensor, prefix: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (B, 1, S, prefix + S) mask of training.attention.packed_attention, built once per
+    batch for every layer: each example's tokens see the whole prefix, and of their own keys those
+    ``sees`` (B, S, S) allows."""
+    mask = torch.zeros(sees.shape[0], 1, sees.shape[1], prefix + sees.shape[2], dtype=dtype, device=sees.device)
+    mask[:, 0, :, prefix:].masked_fill_(~sees, torch.finfo(dtype).min)
+    return mask

@@ -168,6 +168,7 @@ def estimate(
     seq_len: int,
     shared_prefix: int = 0,
     learned_tokens: int | None = None,
+    packed_tokens: int | None = None,
     checkpointed_layers: int = 0,
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
@@ -176,7 +177,9 @@ def estimate(
     the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
     computes once for all its rows, packed into one row (training.collate.shared_prefix_length).
     ``learned_tokens``: the positions of a batch whose logits the loss computes (ReplyTrainer
-    projects only the learned ones); None counts every position, an upper bound."""
+    projects only the learned ones); None counts every position, an upper bound.
+    ``packed_tokens``: the longest packed row the data can make (the prefix plus the own tokens of
+    its ``batch_size`` longest examples); None: ``batch_size`` examples of ``seq_len`` tokens."""
     from training.attention import GROUPED, training_attention
     from training.collate import packed_row_length
 
@@ -190,7 +193,7 @@ def estimate(
     stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
     loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
     hidden, inner, layers = model_widths(config)
-    rows, row_len = (1, packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
+    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
     tokens = rows * row_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
     # On a CPU, training attention is the plain softmax(QK^T)V path (see load_base_model), which
@@ -317,6 +320,7 @@ def estimate_for_config(
     limit: float | None = None,
     shared_prefix: int = 0,
     learned_tokens: int | None = None,
+    packed_tokens: int | None = None,
 ) -> Estimate:
     """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
     machine's device unless ``on_cpu`` says which, with the layers it checkpoints: every layer with
@@ -342,6 +346,7 @@ def estimate_for_config(
         optimizer="adamw_8bit" if train_config.optim == "paged_adamw_8bit" else "adamw",
         on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
         learned_tokens=learned_tokens,
+        packed_tokens=packed_tokens,
     )
     if train_config.gradient_checkpointing:
         result.checkpointed_layers = result.layers

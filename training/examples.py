@@ -28,7 +28,6 @@ class DataSummary:
     reply_tokens: int = 0
     truncated: int = 0
     longest: int = 0
-    longest_reply: int = 0  # learned tokens (reply + end of turn) of the example with the most
     subset: str = ""
     files: list[str] = field(default_factory=list)  # the training files, globs expanded
     columns: list[str] = field(default_factory=list)  # "file: Comment -> comment, Reply -> response"
@@ -142,7 +141,6 @@ def summarize_tokens(summary: DataSummary, examples: list[Example], truncated: i
     summary.reply_tokens += sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     summary.truncated += truncated
     summary.longest = max([summary.longest, *(len(e.input_ids) for e in examples)])
-    summary.longest_reply = max([summary.longest_reply, *(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)])
 
 
 def load_data(config: TrainConfig, summary: DataSummary, persona: Persona):
@@ -210,6 +208,17 @@ class Prepared:
         model_config = read_model_config(self.config.base_model)
         examples = self.train_examples + self.eval_examples
         return shared_prefix_length(examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config))
+
+    def largest_batch(self, prefix: int) -> tuple[int, int]:
+        """(tokens of the longest packed row, learned tokens of the batch with the most) that any
+        batch of the training examples can make: the sums over the ``batch_size`` largest. Batches
+        are grouped by length but never all of the longest, so this is far below ``batch_size``
+        copies of the longest example at realistic lengths, and still an upper bound."""
+        k = self.config.batch_size
+        own = sorted((len(e.input_ids) - prefix for e in self.train_examples), reverse=True)[:k]
+        learned = sorted((sum(label != IGNORE_INDEX for label in e.labels) for e in self.train_examples), reverse=True)[:k]
+        return prefix + sum(own), sum(learned)
+
 
 
 def prepare_examples(config: TrainConfig) -> Prepared:

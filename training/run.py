@@ -155,7 +155,6 @@ def set_up(prepared: Prepared) -> Run:
     from transformers import set_seed
 
     from inference.loading import compute_dtype
-    from training.collate import packed_row_length
     from training.cpu import return_large_blocks_to_the_system
     from training.estimate import GiB, checkpointing_plan, estimate_for_config, memory_limit
     from training.model import count_parameters, load_training_base, trainable_model
@@ -168,9 +167,10 @@ def set_up(prepared: Prepared) -> Run:
     # Batches are grouped by length, so the longest example's batch is the run's peak.
     limit, limit_source = memory_limit(config)
     prefix = prepared.shared_prefix()
-    # The loss projects only the learned positions: at most a batch of the longest replies.
-    learned = None if prepared.seq2seq else config.batch_size * summary.longest_reply
-    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix, learned_tokens=learned)
+    # The loss projects only the learned positions; a packed row holds the prefix once.
+    packed, learned = prepared.largest_batch(prefix)
+    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix,
+                                   learned_tokens=None if prepared.seq2seq else learned, packed_tokens=packed if prefix else None)
     base = load_training_base(config.base_model, config.quantization, dtype, config.trust_remote_code)
     model = trainable_model(base, config, estimate.checkpointed_layers)
     trainable, total = count_parameters(model)
@@ -178,9 +178,8 @@ def set_up(prepared: Prepared) -> Run:
     print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     if prefix:
-        packed = packed_row_length(prefix, config.batch_size, summary.longest)
         print(f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
-              f"the longest batch is {packed} tokens instead of {config.batch_size} x {summary.longest}")
+              f"the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}")
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))

@@ -23,7 +23,7 @@ from inference.internals.transformers import attention_implementation, checkpoin
 from prompts.render import IGNORE_INDEX, Example
 from training.checkpoints import CHECKPOINTS, write_failure
 from training.attention import GROUPED
-from training.collate import ReplyCollator, TrainingCollator, shared_prefix_mask
+from training.collate import ReplyCollator, TrainingCollator, segment_attention_mask, shared_prefix_mask
 from training.config import TrainConfig
 
 RUNS = "runs"
@@ -100,7 +100,9 @@ class _ReplyTrainer(Trainer):
                 # Masked segment by segment inside the attention; a 4D mask passes transformers'
                 # mask building as it is, so no (row x row) mask is made.
                 forward["attention_mask"] = torch.zeros(1, 1, 1, 1, dtype=mask_dtype, device=inputs["input_ids"].device)
-                forward.update(packed_prefix=int(inputs["packed_prefix"]), segment_index=inputs["segment_index"], segment_valid=inputs["segment_valid"])
+                prefix = int(inputs["packed_prefix"])
+                forward.update(packed_prefix=prefix, segment_index=inputs["segment_index"], segment_valid=inputs["segment_valid"],
+                               segment_mask=segment_attention_mask(inputs["segment_sees"], prefix, mask_dtype))
             else:
                 forward["attention_mask"] = shared_prefix_mask(inputs["segments"], attention_implementation(config), mask_dtype)
         else:
