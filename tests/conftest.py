@@ -51,7 +51,7 @@ def mistral_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [line for path in (ROOT / "data").glob("*.jsonl") for row in map(json.loads, path.read_text().splitlines()) for line in row.values()]
+    corpus = [line for path in (ROOT / "data").glob("**/*.jsonl") for row in map(json.loads, path.read_text().splitlines()) for line in row.values()]
     corpus.append((ROOT / "prompts" / "persona.txt").read_text())
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

@@ -156,7 +156,7 @@ def test_check_data_cli_prints_summary_and_fails_on_bad_data(write, capsys, defa
 
     assert main(["--check-data"]) == 0
     out = capsys.readouterr().out
-    assert "split: 162 train, 23 eval" in out and "tokens:" in out and "truncated: 0" in out
+    assert "split: 225 train, 32 eval" in out and "tokens:" in out and "truncated: 0" in out
 
     bad = write("bad.jsonl", '{"comment": "hi", "response": ""}\n')
     assert main(["--check-data", "--data", str(bad)]) == 2
