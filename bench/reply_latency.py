@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from inference.compare import read_comments
-from inference.default_model import DEFAULT_BASE_MODEL
+from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
 from inference.generate import GenerationSettings, StreamingReplier, load_replier
-from inference.default_model import DEFAULT_ADAPTER, ROOT
 from training.report import environment
 
 MODES = {

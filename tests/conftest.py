@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.default_model import DEFAULT_BASE_MODEL
+from inference.default_model import DEFAULT_BASE_MODEL, ROOT
 from inference.loading import load_tokenizer
-from inference.default_model import ROOT
 from tests.helpers import build_tiny_model
 
 # The chat template of mistralai/Mistral-7B-Instruct-v0.2 (no system role; BOS in the template).
