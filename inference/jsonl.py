@@ -28,12 +28,3 @@ def jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as exc:
             yield f"{path}:{number}", Problem(f"invalid JSON ({exc.msg} at column {exc.colno})")
-
-
-def read_jsonl(path: Path, text: str | None = None) -> list[tuple[str, Any]]:
-    """Every row of a JSON Lines file; ValueError listing every line that is not JSON."""
-    rows = list(jsonl_rows(path, path.read_text(encoding="utf-8-sig") if text is None else text))
-    bad = [f"{where}: {row}" for where, row in rows if isinstance(row, Problem)]
-    if bad:
-        raise ValueError("\n".join(bad))
-    return rows

@@ -202,7 +202,7 @@ def estimate(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     score_bytes = compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
-    if shared_prefix and on_cpu and training_attention(text) == GROUPED:
+    if shared_prefix and linear_packing(config, on_cpu):
         # Packed rows attend example by example (training.attention.packed_attention): the prefix
         # causally, each example's own tokens against the prefix and themselves.
         own = seq_len - shared_prefix
@@ -263,15 +263,13 @@ def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | No
     return total, frozen, total if lora_r is None else trainable
 
 
-def linear_packing(config) -> bool:
-    """Whether packed rows attend example by example on this machine (a CPU training the model with
+def linear_packing(config, on_cpu: bool) -> bool:
+    """Whether packed rows attend example by example (a CPU training the model with
     training.attention's grouped attention), rather than over the whole row."""
-    import torch
-
     from training.attention import GROUPED, training_attention
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return not torch.cuda.is_available() and training_attention(text) == GROUPED
+    return on_cpu and training_attention(text) == GROUPED
 
 
 def model_widths(config) -> tuple[int, int, int]:

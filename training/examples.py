@@ -199,6 +199,8 @@ class Prepared:
 
     def shared_prefix(self) -> int:
         """The tokens a training batch computes once for all its rows (training.collate.shared_prefix_length)."""
+        import torch
+
         from inference.internals.transformers import attention_known
         from training.collate import shared_prefix_length
         from training.estimate import linear_packing, model_widths, read_model_config
@@ -207,7 +209,8 @@ class Prepared:
             return 0
         model_config = read_model_config(self.config.base_model)
         examples = self.train_examples + self.eval_examples
-        return shared_prefix_length(examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config))
+        on_cpu = not torch.cuda.is_available()
+        return shared_prefix_length(examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config, on_cpu))
 
     def largest_batch(self, prefix: int) -> tuple[int, int]:
         """(tokens of the longest packed row, learned tokens of the batch with the most) that any
