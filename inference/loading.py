@@ -133,6 +133,7 @@ def load_base_model(
     dtype = dtype or (torch.float32 if quantization == "none" else compute_dtype())
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    alone: str | dict[str, int] | None = None  # where a GPU puts it in a run of one process (None: transformers' default)
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?")
         logger.info("%s is already quantized (%s); keeping its quantization", name, method)
@@ -141,23 +142,25 @@ def load_base_model(
 
             # gptqmodel's default CPU kernel is inference-only (it refuses .train()); ask for one that trains.
             kwargs["quantization_config"] = GPTQConfig.from_dict({**config.quantization_config, "backend": "auto_trainable"})
-        if torch.cuda.is_available():
-            kwargs["device_map"] = "auto"
+        alone = "auto"
     elif quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP shards parameters of one dtype into flat buffers: the packed 4-bit weights are
+            # stored as that dtype too (the transformers/peft FSDP-QLoRA recipe).
+            **({"bnb_4bit_quant_storage": dtype} if fsdp_enabled() else {}),
         )
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": 0}
+        alone = {"": 0}
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": 0}
+        alone = {"": 0}
     elif quantization != "none":
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if torch.cuda.is_available() and alone is not None and (placement := device_map(alone)) is not None:
+        kwargs["device_map"] = placement
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -167,6 +170,24 @@ def load_base_model(
     if for_training:
         keep_gptq_layers_trainable(model)
     return model
+
+
+def fsdp_enabled() -> bool:
+    """Whether this process is one of an FSDP run: ``accelerate launch`` with an FSDP config sets
+    ACCELERATE_USE_FSDP for each process it starts."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def device_map(alone: str | dict[str, int]) -> str | dict[str, int] | None:
+    """Where a GPU process puts the model it loads: under FSDP nowhere yet (None: FSDP moves each
+    shard to its GPU, and with accelerate's cpu_ram_efficient_loading only the main process reads
+    the weights); in a run a launcher started (torchrun, accelerate launch) all of it on this
+    process's own GPU, the one LOCAL_RANK names; else ``alone``."""
+    if fsdp_enabled():
+        return None
+    if "LOCAL_RANK" in os.environ:
+        return {"": int(os.environ["LOCAL_RANK"])}
+    return alone
 
 
 def own_memory(model: PreTrainedModel) -> None:

@@ -11,6 +11,11 @@ POINT is one of
                     the next write past it fails with the kernel's own error (EFBIG)
   memory            when training begins, the address space is capped 48 MiB above its current size
                     (RLIMIT_AS), so the first step's allocations fail as on a machine out of memory
+  float32           no failure: compute in float32 even where the CPU has bfloat16 (its kernels
+                    round differently for each batch shape, which two launches compare across)
+
+POINT@R applies only in the process of rank R of a launched run (torchrun -m tests.crash_run ...);
+several points are joined with +.
 
 The kills are SIGKILL, which no handler can intercept: what the test checks afterwards is exactly
 what a power cut or the OOM killer would leave (files written so far, nothing flushed later).
@@ -40,7 +45,11 @@ def install(point: str) -> None:
     from training import run, trainer
 
     kind, _, rest = point.partition(":")
-    if kind == "step":
+    if kind == "float32":
+        import inference.loading
+
+        inference.loading.cpu_computes_bf16 = lambda: False
+    elif kind == "step":
         target = int(rest)
         original_step = trainer.ReplyTrainer.training_step
 
@@ -146,7 +155,10 @@ def _add_callback(trainer_module, callback) -> None:
 if __name__ == "__main__":
     point, separator, *flags = sys.argv[1:]
     assert separator == "--", __doc__
-    install(point)
+    for one in point.split("+"):
+        one, _, rank = one.partition("@")
+        if not rank or int(rank) == int(os.environ.get("RANK", "0")):
+            install(one)
     from training.run import main
 
     sys.exit(main(flags))

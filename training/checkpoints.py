@@ -16,8 +16,13 @@ from typing import Any
 
 CHECKPOINTS = "checkpoints"
 # What the Trainer writes into a checkpoint, after the weights and in this order; trainer_state.json
-# comes last, so a checkpoint whose trainer_state.json parses has all the others complete.
-CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# comes last, so a checkpoint whose trainer_state.json parses has all the others complete. In a run
+# of several processes each writes its own random state, and the main one need not be the last.
+CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def rng_state_files(processes: int) -> list[str]:
+    return ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # LoRA, full fine-tune
 # Room a checkpoint needs beyond its tensors: tokenizer files, configs, trainer state.
 CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
@@ -49,7 +54,11 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 
 def is_complete(path: Path) -> bool:
-    if not all((path / name).is_file() for name in CHECKPOINT_FILES) or not any((path / name).is_file() for name in WEIGHT_FILES):
+    """Whether every file of the checkpoint was written, by each process of this run."""
+    from training.distributed import world_size
+
+    needed = (*CHECKPOINT_FILES, *rng_state_files(world_size()))
+    if not all((path / name).is_file() for name in needed) or not any((path / name).is_file() for name in WEIGHT_FILES):
         return False
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -148,6 +157,13 @@ def prepare_output(output: Path, resume: bool, run_info: dict) -> Path | None:
     if changed:
         what = " and ".join({"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed)
         raise ResumeError(f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume")
+    # Runs before processes were recorded had one. Each process takes its share of every batch, so
+    # another count would train on other batches.
+    if saved.get("processes", 1) != run_info["processes"]:
+        raise ResumeError(
+            f"--resume: the run in {checkpoints} was started with {saved.get('processes', 1)} process(es), this one has {run_info['processes']}; "
+            "launch it with the same number (torchrun --nproc-per-node, accelerate launch --num-processes)"
+        )
     checkpoint = last_complete_checkpoint(output)
     remove_incomplete_after(output, checkpoint)
     if checkpoint is None:

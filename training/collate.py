@@ -82,9 +82,11 @@ def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: 
 
 class TrainingCollator(ReplyCollator):
     """Batches for ReplyTrainer's causal-LM loss: ``shift_labels``, the token each position predicts
-    (IGNORE_INDEX where none is learned; the Trainer counts the learned tokens from it), and
-    ``learned_positions``, their flat indices, found here on the CPU: selecting them on a GPU with a
-    boolean mask would make the host wait for the GPU once per forward pass.
+    (IGNORE_INDEX where none is learned; the Trainer counts the learned tokens from it), and where
+    the output head is needed, found here on the CPU (selecting on a GPU with a boolean mask would
+    make the host wait for the GPU once per forward pass): ``head_positions``, the sequence
+    positions where some row learns a token (the model's ``logits_to_keep``), ``learned_positions``,
+    the learned ones among the (rows x head_positions) logits, and ``learned_labels``, their tokens.
 
     With ``prefix`` (see shared_prefix_length) a batch is packed into one row: the prefix, then each
     example's remaining tokens, with ``position_ids`` and ``segments`` (-1 on the prefix, the row's
@@ -102,7 +104,12 @@ class TrainingCollator(ReplyCollator):
             batch = super().__call__(rows)
             labels = batch["labels"]
             batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        batch["learned_positions"] = (batch["shift_labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        shift = batch["shift_labels"]
+        learned = shift != IGNORE_INDEX
+        columns = learned.any(0)
+        batch["head_positions"] = columns.nonzero().squeeze(1)
+        batch["learned_positions"] = learned[:, columns].flatten().nonzero().squeeze(1)
+        batch["learned_labels"] = shift[learned]
         return batch
 
     def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

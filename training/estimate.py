@@ -305,10 +305,15 @@ def memory_limit(train_config) -> tuple[float, str]:
     if train_config.memory_limit_gib is not None:
         return train_config.memory_limit_gib * GiB, "--memory-limit-gib"
     if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         return 0.9 * total, f"90% of the GPU's {total / GiB:.1f} GiB"
-    available = available_memory()
-    return CPU_MEMORY_SHARE * available, f"{CPU_MEMORY_SHARE:.0%} of the {available / GiB:.1f} GiB available when the run started"
+    from training.distributed import local_processes
+
+    available, processes = available_memory(), local_processes()
+    share = f"{CPU_MEMORY_SHARE:.0%} of the {available / GiB:.1f} GiB available when the run started"
+    if processes == 1:
+        return CPU_MEMORY_SHARE * available, share
+    return CPU_MEMORY_SHARE * available / processes, f"{share}, shared by this machine's {processes} processes"
 
 
 def estimate_for_config(

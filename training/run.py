@@ -35,6 +35,7 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, Pair, file_hash
+from training.distributed import error_prefix, is_main, quiet_unless_main, wait_for_everyone, world_size
 from training.doctor import DoctorError, diagnose_prepared, format_report
 from training.estimate import EstimateError
 from training.examples import Prepared, prepare_examples
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from inference.generate import Replier, StreamingReplier
     from training.estimate import Estimate
-    from training.trainer import ReplyTrainer, RunStats
+    from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a diverging loss or out of memory; the message names the step and the way on."""
@@ -53,12 +54,16 @@ class TrainingStopped(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threading.excepthook = _quiet_when_disk_full
+    quiet_unless_main()
     try:
         config, sources = load_config(argv)
         print_settings(config, sources)
         return train(config)
     except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, EstimateError, PermissionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Every process of a launched run reads the same settings and files: the main one says
+        # what is wrong with them. Anything else may be one process's own (its GPU ran out of memory).
+        if is_main() or not isinstance(exc, (ConfigError, DataError, PromptError)):
+            print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -82,16 +87,25 @@ def train(config: TrainConfig) -> int:
     print("data:\n  " + "\n  ".join(prepared.summary.lines()))
     if config.check_data:
         return 0
-    run_doctor(prepared)
     output = Path(config.output_dir)
-    run_info = {"data_hash": file_hash(*prepared.summary.files, config.eval_data, config.persona), "config_hash": config.training_hash()}
-    checkpoint = prepare_output(output, config.resume, run_info)
+    run_info = {"data_hash": file_hash(*prepared.summary.files, config.eval_data, config.persona), "config_hash": config.training_hash(), "processes": world_size()}
+    # Under a launcher the main process checks and prepares the output folder; the others find the
+    # checkpoint it chose once it has.
+    if is_main():
+        run_doctor(prepared)
+        checkpoint = prepare_output(output, config.resume, run_info)
+    wait_for_everyone()
+    if not is_main():
+        checkpoint = last_complete_checkpoint(output) if config.resume else None
     run = set_up(prepared)
-    base_eval = evaluate_base(run.trainer, checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
+    base = base_evaluation(run.trainer, checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
     fit(run, checkpoint)
+    base_eval = base.loss
     final_eval = run.trainer.evaluate()["eval_loss"]
     if not math.isfinite(final_eval):
         raise TrainingStopped(f"held-out loss is {final_eval} after training; the adapter is not saved")
+    if not is_main():
+        return 0  # the adapter, its evaluation and the reports are the main process's
     model = run.trainer.model
     if config.method == "lora":
         model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
@@ -187,15 +201,28 @@ def set_up(prepared: Prepared) -> Run:
     return Run(config, trainer, stats, estimate, trainable, total)
 
 
-def evaluate_base(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> float:
-    """The base model's held-out loss: measured before the first step, read back on --resume."""
+def base_evaluation(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> BaseEvaluation:
+    """The base model's held-out loss: measured by the Trainer before its first step, read back on --resume.
+
+    Not with trainer.evaluate() before train(): in a run of several processes, the model that
+    evaluate() prepared is never wrapped in DDP afterwards (accelerate skips a model it has
+    prepared), and each process would train on its own gradients.
+    """
+    from training.trainer import BaseEvaluation
+
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
-        return json.loads(run_file.read_text(encoding="utf-8"))["base_eval_loss"]
-    base_eval = trainer.evaluate()["eval_loss"]
-    write_json_atomic(run_file, {**run_info, "base_eval_loss": base_eval})
-    print(f"base model held-out loss (before training): {base_eval:.4f}")
-    return base_eval
+        return BaseEvaluation(loss=json.loads(run_file.read_text(encoding="utf-8"))["base_eval_loss"])
+
+    def record(loss: float) -> None:
+        if is_main():
+            write_json_atomic(run_file, {**run_info, "base_eval_loss": loss})
+        print(f"base model held-out loss (before training): {loss:.4f}")
+
+    callback = BaseEvaluation(record)
+    trainer.add_callback(callback)
+    trainer.args.eval_on_start = True
+    return callback
 
 
 def fit(run: Run, checkpoint: Path | None) -> None:

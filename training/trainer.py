@@ -25,6 +25,7 @@ from training.checkpoints import CHECKPOINTS, write_failure
 from training.attention import GROUPED
 from training.collate import ReplyCollator, TrainingCollator, segment_attention_mask, shared_prefix_mask
 from training.config import TrainConfig
+from training.distributed import is_main, world_size
 
 RUNS = "runs"
 class NonFiniteLoss(RuntimeError):
@@ -54,9 +55,22 @@ class _ReplyTrainer(Trainer):
         self._pending_losses: list[torch.Tensor] = []  # of the forward passes since the last update
         self._held_out_losses: list[torch.Tensor] = []  # of each learned token, in the running evaluation
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Length grouping works in megabatches of some updates' examples: the Trainer sizes them by
+        # one process's share of an update, so each process count would group (and train on)
+        # other batches. Sized by the whole update, N processes see the batches one process does.
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size, lengths=list(dataset["length"]))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses = self.token_losses(model, inputs)
         loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else max(losses.numel(), 1))
+        # num_items_in_batch counts the learned tokens of every process's share of the batch, and
+        # DDP averages the processes' gradients: times their number, the update is the one a single
+        # process makes from the whole batch (as the Trainer's own loss does).
+        loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -65,21 +79,25 @@ class _ReplyTrainer(Trainer):
         # with 4 to a batch read 4.485 with 8). Here it is the mean over every held-out learned token.
         self._held_out_losses = []
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        output.metrics[f"{metric_key_prefix}_loss"] = torch.cat(self._held_out_losses).mean().item()
+        total, count = torch.cat(self._held_out_losses).sum(0).tolist()
+        output.metrics[f"{metric_key_prefix}_loss"] = total / count
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             losses = self.token_losses(model, inputs)
-        self._held_out_losses.append(losses)
+        # Each example's summed loss and learned tokens, gathered from every process: accelerate
+        # drops the examples it repeated to even out the processes' last batches, so the mean is
+        # over each held-out token once, however many processes evaluated.
+        self._held_out_losses.append(self.accelerator.gather_for_metrics(per_example_sums(inputs, losses)))
         return losses.mean(), None, None
 
     def token_losses(self, model, inputs) -> torch.Tensor:
         """The loss of each learned token of a batch, in batch order."""
         from inference.loading import unwrapped
 
-        causal = unwrapped(model)
+        causal = unwrapped(self.accelerator.unwrap_model(model))  # under DDP or FSDP, the model is theirs
         config = causal.config
         if config.is_encoder_decoder:  # every decoder position is a reply token: the plain head is right
             logits = model(**inputs).logits.float()
@@ -88,11 +106,10 @@ class _ReplyTrainer(Trainer):
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[learned], labels[learned], reduction="none")
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise NotImplementedError(f"{config.model_type}: logits are post-processed; the reply-only head does not apply")
-        positions = inputs["learned_positions"]
-        # The base model is called directly (the head comes below), past accelerate's autocast
-        # wrapper of the top-level forward; the LoRA layers rely on autocast (see lora_model).
+        # The model is called as the Trainer wraps it (DDP syncs the gradients of what its forward
+        # ran; FSDP gathers each layer's shards in it). The LoRA layers rely on autocast (see lora_model).
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        forward = {"input_ids": inputs["input_ids"], "use_cache": False}  # a cache would copy every key and value
+        forward = {"input_ids": inputs["input_ids"], "use_cache": False, "logits_to_keep": inputs["head_positions"]}  # a cache would copy every key and value
         if "segments" in inputs:
             mask_dtype = dtype or causal.get_input_embeddings().weight.dtype
             forward["position_ids"] = inputs["position_ids"]
@@ -108,9 +125,9 @@ class _ReplyTrainer(Trainer):
         else:
             forward["attention_mask"] = inputs["attention_mask"]
         with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
-            hidden = causal.base_model(**forward).last_hidden_state
-        logits = causal.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions)).float()
-        return torch.nn.functional.cross_entropy(logits, inputs["shift_labels"].flatten().index_select(0, positions), reduction="none")
+            logits = model(**forward).logits
+        logits = logits.flatten(0, 1).index_select(0, inputs["learned_positions"]).float()
+        return torch.nn.functional.cross_entropy(logits, inputs["learned_labels"], reduction="none")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -133,6 +150,21 @@ class _ReplyTrainer(Trainer):
 
 
 ReplyTrainer = checkpoint_errors_named(_ReplyTrainer)
+
+
+def per_example_sums(inputs: dict[str, torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
+    """(examples, 2): the summed loss and the count of each example's learned tokens, from the loss
+    of each learned position of a batch (ReplyTrainer.token_losses). A packed row names each
+    position's example in ``segments``; padded rows are examples; a seq2seq batch's labels are."""
+    if "learned_positions" not in inputs:  # seq2seq: the positions are the labels'
+        labels = inputs["labels"]
+        examples, owner = labels.shape[0], (torch.arange(labels.numel(), device=labels.device) // labels.shape[1])[labels.flatten() != IGNORE_INDEX]
+    elif "segments" in inputs:  # one row: the head's positions are the row's
+        examples, owner = inputs["segment_index"].shape[0], inputs["segments"][0, inputs["head_positions"]][inputs["learned_positions"]]
+    else:
+        examples, owner = inputs["input_ids"].shape[0], inputs["learned_positions"] // inputs["head_positions"].numel()
+    sums = torch.zeros(examples, 2, dtype=torch.float64, device=losses.device)
+    return sums.index_add_(0, owner, torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64)], 1))
 
 
 def to_dataset(examples: list[Example]):
@@ -187,6 +219,21 @@ class RunStats(TrainerCallback):
         return self.tokens_seen / self.train_seconds if self.train_seconds else 0.0
 
 
+class BaseEvaluation(TrainerCallback):
+    """The base model's held-out loss: from the evaluation the Trainer runs before its first step
+    (eval_on_start), handed to ``record`` then, before any checkpoint exists; or, on a resumed
+    run, the ``loss`` measured when it started."""
+
+    def __init__(self, record=None, loss: float | None = None) -> None:
+        self.record = record
+        self.loss = loss
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0 and self.loss is None:
+            self.loss = metrics["eval_loss"]
+            self.record(self.loss)
+
+
 class _QuietProgress(ProgressCallback):
     """The Trainer's progress bar without its raw log dicts; RunStats prints one line per epoch."""
 
@@ -213,7 +260,8 @@ def build_trainer(
     from torch.utils.tensorboard import SummaryWriter
 
     output = Path(config.output_dir)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size / config.grad_accum)
+    # Each process of a launched run takes batch_size examples of every forward pass.
+    steps_per_epoch = math.ceil(len(train) / config.batch_size / config.grad_accum / world_size())
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         num_train_epochs=config.epochs,
@@ -248,7 +296,9 @@ def build_trainer(
         disable_tqdm=False,
     )
     stats = RunStats(sum(len(e.input_ids) for e in train), steps_per_epoch)
-    callbacks: list[TrainerCallback] = [stats, TensorBoardCallback(SummaryWriter(log_dir=str(output / RUNS)))]
+    callbacks: list[TrainerCallback] = [stats]
+    if is_main():  # one log of the run, in the main process (the others' writer would leave empty files)
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(output / RUNS))))
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = ReplyTrainer(
