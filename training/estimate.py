@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from inference.default_model import ROOT
 
 MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
@@ -39,6 +41,9 @@ WEIGHT_BYTES: dict[str, float] = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "gptq": 
 # measured on real runs (bench/RESULTS.md) within the tolerance stated there.
 ACTIVATION_H, ACTIVATION_I = 16, 4
 CPU_RUNTIME_BYTES = 0.75 * 2**30  # Python + torch + transformers + peft + bitsandbytes, resident
+# What a GPU holds beside the tensors torch allocates (CUDA context, cuBLAS workspace): in what
+# nvidia-smi reports, not in torch.cuda.max_memory_allocated, which the estimate is of.
+CUDA_CONTEXT_BYTES = 0.5 * 2**30
 GiB = 2**30
 
 
@@ -61,6 +66,8 @@ class Estimate:
     runtime: float
     loading: float
     checkpointed_layers: int  # 0 = no gradient checkpointing, layers = all of them
+    gathered: float = 0.0  # under FSDP: the whole layers gathered from their shards at one time
+    devices: int = 1
 
     def activations(self, checkpointed: int) -> float:
         """Peak activations with the first ``checkpointed`` layers recomputed in the backward pass.
@@ -74,7 +81,7 @@ class Estimate:
 
     def training_with(self, checkpointed: int) -> float:
         """Memory while training: every part counted once, the activations for ``checkpointed`` layers."""
-        return self.weights + self.trainable_weights + self.gradients + self.optimizer + self.logits + self.runtime + self.activations(checkpointed)
+        return self.weights + self.trainable_weights + self.gradients + self.optimizer + self.gathered + self.logits + self.runtime + self.activations(checkpointed)
 
     @property
     def while_loading(self) -> float:
@@ -114,6 +121,7 @@ class Estimate:
             ("trainable parameters", self.trainable_weights, True),
             ("gradients", self.gradients, True),
             ("optimizer states", self.optimizer, True),
+            *((("layers gathered from their shards (FSDP)", self.gathered, True),) if self.gathered else ()),
             *((name, self.activations(layers), layers == k) for layers, name in activations.items()),
             ("output-head logits", self.logits, True),
             ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime, True),
@@ -172,6 +180,8 @@ def estimate(
     checkpointed_layers: int = 0,
     optimizer: Optimizer = "adamw",
     on_cpu: bool = True,
+    devices: int = 1,
+    sharded: bool = False,
 ) -> Estimate:
     """Memory of one training run; ``lora_r=None`` means a full fine-tune (every weight trained, in
     the compute dtype; LoRA matrices are kept in float32). ``shared_prefix``: the tokens a batch
@@ -179,12 +189,17 @@ def estimate(
     ``learned_tokens``: the positions of a batch whose logits the loss computes (ReplyTrainer
     projects only the learned ones); None counts every position, an upper bound.
     ``packed_tokens``: the longest packed row the data can make (the prefix plus the own tokens of
-    its ``batch_size`` longest examples); None: ``batch_size`` examples of ``seq_len`` tokens."""
+    its ``batch_size`` longest examples); None: ``batch_size`` examples of ``seq_len`` tokens.
+
+    ``devices``: the processes of the run, each with ``batch_size`` examples per forward pass; the
+    estimate is per device. ``sharded`` (FSDP, FULL_SHARD): each device keeps 1/devices of the
+    weights, trainable parameters, gradients and optimizer state, and gathers whole layers while it
+    computes them: the one it computes and the next, which it prefetches."""
     from training.attention import GROUPED, training_attention
     from training.collate import packed_row_length
 
     model = meta_model(config)
-    total, frozen, trainable = _weights(model, WEIGHT_BYTES[storage], compute_bytes, lora_r, target_modules)
+    total, frozen, trainable, in_layers = _weights(model, WEIGHT_BYTES[storage], compute_bytes, lora_r, target_modules)
 
     trained_bytes = 4 if lora_r is not None else compute_bytes
     # On a CPU the process maps the checkpoint file while it loads (quantizing it, for NF4), and
@@ -214,14 +229,19 @@ def estimate(
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
     vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
     logits = (tokens if learned_tokens is None else min(learned_tokens, tokens)) * vocab * 4 * 2  # float32 logits and their gradient
+    share = devices if sharded else 1
     return Estimate(
         parameters=int(total),
         trainable=int(trainable),
-        weights=frozen,
-        trainable_weights=trainable * trained_bytes,
-        gradients=trainable * trained_bytes,
+        weights=frozen / share,
+        trainable_weights=trainable * trained_bytes / share,
+        gradients=trainable * trained_bytes / share,
         # AdamW keeps two moments in the parameter's dtype; 8-bit AdamW one byte each.
-        optimizer=trainable * (2 * trained_bytes if optimizer == "adamw" else 2),
+        optimizer=trainable * (2 * trained_bytes if optimizer == "adamw" else 2) / share,
+        # The other devices' shards of two layers, and of what lies outside the layers (embeddings,
+        # head: gathered for the whole forward and backward pass).
+        gathered=((frozen - in_layers) + 2 * (in_layers + trainable * trained_bytes) / layers) * (1 - 1 / devices) if sharded else 0.0,
+        devices=devices,
         layers=layers,
         layer_activations=tokens * per_layer_token + per_layer_scores,
         layer_input=tokens * hidden * compute_bytes,
@@ -232,15 +252,16 @@ def estimate(
     )
 
 
-def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float]:
-    """(parameters, bytes of the frozen weights, trainable parameters) of a meta model: its block
-    linear layers stored at ``quantized_bytes`` per weight, the rest in the compute dtype, LoRA of
-    rank ``lora_r`` on ``target_modules`` (None: every weight trained)."""
+def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float, float]:
+    """(parameters, bytes of the frozen weights, trainable parameters, bytes of the frozen block
+    linear weights) of a meta model: its block linear layers stored at ``quantized_bytes`` per
+    weight, the rest in the compute dtype, LoRA of rank ``lora_r`` on ``target_modules`` (None:
+    every weight trained)."""
     import torch
 
     head = model.get_output_embeddings()
     head_weight = head.weight if head is not None else None
-    total = frozen = trainable = 0.0
+    total = frozen = trainable = in_layers = 0.0
     targets = set(target_modules or [])
     matched = set()
     for name, module in model.named_modules():
@@ -251,6 +272,7 @@ def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | No
                 continue
             is_block_linear = isinstance(module, torch.nn.Linear) and param is not head_weight and pname == "weight"
             frozen += n * (quantized_bytes if is_block_linear else compute_bytes)
+            in_layers += n * quantized_bytes if is_block_linear else 0
         leaf = name.rsplit(".", 1)[-1]
         if lora_r is not None and isinstance(module, torch.nn.Linear) and leaf in targets:
             trainable += lora_r * (module.in_features + module.out_features)
@@ -260,7 +282,7 @@ def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | No
         raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
     tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
     total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
-    return total, frozen, total if lora_r is None else trainable
+    return total, frozen, total if lora_r is None else trainable, in_layers
 
 
 def linear_packing(config, on_cpu: bool) -> bool:
@@ -324,13 +346,17 @@ def estimate_for_config(
     shared_prefix: int = 0,
     learned_tokens: int | None = None,
     packed_tokens: int | None = None,
+    devices: int | None = None,
+    sharded: bool | None = None,
 ) -> Estimate:
     """The estimate of a replytune training run (its model, quantization, LoRA and batch), on this
     machine's device unless ``on_cpu`` says which, with the layers it checkpoints: every layer with
-    ``gradient_checkpointing``, else the fewest that keep it within ``limit`` bytes."""
+    ``gradient_checkpointing``, else the fewest that keep it within ``limit`` bytes. Per device, for
+    ``devices`` processes, FSDP-``sharded`` or not (unset: as this process was launched)."""
     import torch
 
-    from inference.loading import compute_dtype
+    from inference.loading import compute_dtype, fsdp_enabled
+    from training.distributed import world_size
 
     dtype = compute_dtype()
     storage: Storage = {"nf4": "nf4", "int8": "int8", "none": "fp32"}[train_config.quantization]
@@ -350,6 +376,8 @@ def estimate_for_config(
         on_cpu=not torch.cuda.is_available() if on_cpu is None else on_cpu,
         learned_tokens=learned_tokens,
         packed_tokens=packed_tokens,
+        devices=world_size() if devices is None else devices,
+        sharded=fsdp_enabled() if sharded is None else sharded,
     )
     if train_config.gradient_checkpointing:
         result.checkpointed_layers = result.layers
@@ -374,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the recipe's max_length)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: the recipe's)")
     parser.add_argument("--gpu-memory", type=parse_size, default=None, help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB")
+    parser.add_argument("--accelerate-config", default=None, help="the run's accelerate config (e.g. training/configs/accelerate/fsdp.yaml): its processes, and whether FSDP shards the model")
     args = parser.parse_args(argv)
     from training.config import ConfigError, load_config
 
@@ -384,20 +413,36 @@ def main(argv: list[str] | None = None) -> int:
         train_config, _ = load_config(flags)
         # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
         limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
-        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit)
+        devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
+        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
     except (ConfigError, EstimateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
         f"{train_config.base_model}: {result.parameters / 1e6:,.1f}M parameters, {result.trainable / 1e6:,.2f}M trainable; "
         f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"
+        + (f" per device, {result.devices} devices{', FSDP-sharded' if result.gathered else ''} (the figures are per device)" if result.devices > 1 else "")
     )
     print(result.table())
     print(checkpointing_plan(result, limit, train_config.gradient_checkpointing))
     if args.gpu_memory:
         verdict = "fits" if result.total <= args.gpu_memory else "does not fit"
-        print(f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about 0.5 GiB of CUDA context)")
+        print(f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about {CUDA_CONTEXT_BYTES / GiB:.1f} GiB of CUDA context)")
     return 0
+
+
+def launch_plan(path: Path) -> tuple[int, bool]:
+    """(processes, whether FSDP shards the model) of an accelerate config file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise EstimateError(f"{path}: cannot read it as an accelerate config ({exc})") from None
+    if not isinstance(data, dict) or "num_processes" not in data:
+        raise EstimateError(f"{path}: no num_processes; expected an accelerate config (accelerate config --config_file {path})")
+    fsdp = data.get("distributed_type") == "FSDP"
+    if fsdp and (data.get("fsdp_config") or {}).get("fsdp_offload_params"):
+        raise EstimateError(f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound")
+    return int(data["num_processes"]), fsdp
 
 
 def checkpointing_plan(result: Estimate, limit: float, forced: bool) -> str:
