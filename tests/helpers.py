@@ -40,3 +40,10 @@ def pairs_jsonl(n: int, start: int = 0) -> str:
         for i in range(start, start + n)
     )
 
+
+
+def write_run_data(folder: Path) -> Path:
+    """A tiny model's run: 24 training pairs (6 updates of 4 per epoch) and 6 held-out ones."""
+    (folder / "train.jsonl").write_text(pairs_jsonl(24))
+    (folder / "eval.jsonl").write_text(pairs_jsonl(6, start=100))
+    return folder

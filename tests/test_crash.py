@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from inference.default_model import ROOT
-from tests.helpers import pairs_jsonl
+from tests.helpers import write_run_data
 from training.checkpoints import checkpoint_folders
 from training.config import TrainConfig
 from training.run import TrainingStopped, train
@@ -32,10 +32,7 @@ EPOCHS = 2  # 24 examples, batch 4: 6 steps per epoch, checkpoint-6 and checkpoi
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("crash-data")
-    (folder / "train.jsonl").write_text(pairs_jsonl(24))
-    (folder / "eval.jsonl").write_text(pairs_jsonl(6, start=100))
-    return folder
+    return write_run_data(tmp_path_factory.mktemp("crash-data"))
 
 
 def make_config(tiny_model_dir: Path, data: Path, output: Path, **overrides) -> TrainConfig:

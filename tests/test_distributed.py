@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from inference.default_model import ROOT
-from tests.helpers import pairs_jsonl
+from tests.helpers import write_run_data
 from training.checkpoints import checkpoint_folders, is_complete
 
 EPOCHS = 2  # 24 examples, 4 per update: 6 updates per epoch, checkpoint-6 and checkpoint-12
@@ -57,10 +57,7 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ddp-data")
-    (folder / "train.jsonl").write_text(pairs_jsonl(24))
-    (folder / "eval.jsonl").write_text(pairs_jsonl(6, start=100))
-    return folder
+    return write_run_data(tmp_path_factory.mktemp("ddp-data"))
 
 
 @pytest.fixture(scope="module")
