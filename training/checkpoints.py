@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from training.distributed import world_size
+
 CHECKPOINTS = "checkpoints"
 # What the Trainer writes into a checkpoint, after the weights and in this order; trainer_state.json
 # comes last, so a checkpoint whose trainer_state.json parses has all the others complete. In a run
@@ -55,8 +57,6 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 def is_complete(path: Path) -> bool:
     """Whether every file of the checkpoint was written, by each process of this run."""
-    from training.distributed import world_size
-
     needed = (*CHECKPOINT_FILES, *rng_state_files(world_size()))
     if not all((path / name).is_file() for name in needed) or not any((path / name).is_file() for name in WEIGHT_FILES):
         return False

@@ -27,6 +27,7 @@ from typing import Literal
 import yaml
 
 from inference.default_model import ROOT
+from training.distributed import local_processes, world_size
 
 MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
 
@@ -329,8 +330,6 @@ def memory_limit(train_config) -> tuple[float, str]:
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         return 0.9 * total, f"90% of the GPU's {total / GiB:.1f} GiB"
-    from training.distributed import local_processes
-
     available, processes = available_memory(), local_processes()
     share = f"{CPU_MEMORY_SHARE:.0%} of the {available / GiB:.1f} GiB available when the run started"
     if processes == 1:
@@ -356,7 +355,6 @@ def estimate_for_config(
     import torch
 
     from inference.loading import compute_dtype, fsdp_enabled
-    from training.distributed import world_size
 
     dtype = compute_dtype()
     storage: Storage = {"nf4": "nf4", "int8": "int8", "none": "fp32"}[train_config.quantization]

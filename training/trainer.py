@@ -53,7 +53,7 @@ class _ReplyTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pending_losses: list[torch.Tensor] = []  # of the forward passes since the last update
-        self._held_out_losses: list[torch.Tensor] = []  # of each learned token, in the running evaluation
+        self._held_out_losses: list[torch.Tensor] = []  # each example's (summed loss, learned tokens), in the running evaluation
 
     def _get_train_sampler(self, train_dataset=None):
         # Length grouping works in megabatches of some updates' examples: the Trainer sizes them by
@@ -156,9 +156,8 @@ def per_example_sums(inputs: dict[str, torch.Tensor], losses: torch.Tensor) -> t
     """(examples, 2): the summed loss and the count of each example's learned tokens, from the loss
     of each learned position of a batch (ReplyTrainer.token_losses). A packed row names each
     position's example in ``segments``; padded rows are examples; a seq2seq batch's labels are."""
-    if "learned_positions" not in inputs:  # seq2seq: the positions are the labels'
-        labels = inputs["labels"]
-        examples, owner = labels.shape[0], (torch.arange(labels.numel(), device=labels.device) // labels.shape[1])[labels.flatten() != IGNORE_INDEX]
+    if "learned_positions" not in inputs:  # seq2seq: the learned labels' rows, in the order token_losses takes them
+        examples, owner = inputs["labels"].shape[0], (inputs["labels"] != IGNORE_INDEX).nonzero()[:, 0]
     elif "segments" in inputs:  # one row: the head's positions are the row's
         examples, owner = inputs["segment_index"].shape[0], inputs["segments"][0, inputs["head_positions"]][inputs["learned_positions"]]
     else:
