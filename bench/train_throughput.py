@@ -1,5 +1,5 @@
 """Training throughput: the original article's recipe vs `python -m training.run`, same data, model
-and epochs, each in its own process, plus the machine's bf16 matmul ceiling.
+and epochs, each in its own process, plus the machine's matmul ceiling in the dtype training computes in.
 
     python -m bench.train_throughput [--epochs 2] [--data realistic short]
     python -m bench.train_throughput --mistral-7b     # on a GPU: a random-weight Mistral-7B
@@ -65,12 +65,16 @@ def flop_per_token(model_config) -> float:
 
 
 def matmul_ceiling_gflops(repeats: int = 20) -> float:
-    """bf16 matrix-product throughput of this machine's training device (a training step's speed limit)."""
+    """Matrix-product throughput of this machine's training device in the compute dtype (a
+    training step's speed limit): bf16 where it is native, float32 on a CPU without it, where
+    emulated bf16 would take many minutes to measure a ceiling no run uses."""
     import torch
+
+    from inference.loading import compute_dtype
 
     cuda = torch.cuda.is_available()
     size = 8192 if cuda else 2048
-    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda" if cuda else "cpu")
+    a = torch.randn(size, size, dtype=compute_dtype(), device="cuda" if cuda else "cpu")
     b = torch.randn_like(a)
     for _ in range(3):
         a @ b
@@ -192,7 +196,7 @@ def compare(out: Path, epochs: float, base_model: str, lora: LoraShape, ours: di
 
 def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None:
     base = rows["reference (article recipe)"]["tokens_per_s"]
-    print("| run | real tokens/s | x reference | share of the bf16 ceiling | peak memory | held-out loss (reply tokens) |")
+    print("| run | real tokens/s | x reference | share of the matmul ceiling | peak memory | held-out loss (reply tokens) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
@@ -251,7 +255,9 @@ def main() -> None:
     device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores, CPU flags: {cpu_flags()}"
     print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
           f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}")
-    print(f"{args.epochs:g} epochs; bf16 matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token")
+    from inference.loading import compute_dtype
+
+    print(f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token")
     for name, rows in results.items():
         print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")
         print_table(rows, per_token, ceiling)
