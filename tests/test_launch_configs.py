@@ -4,11 +4,15 @@ the memory it is estimated to need."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from inference.default_model import ROOT
 from training.config import CONFIGS_DIR, load_config
 from training.estimate import CUDA_CONTEXT_BYTES, GiB, estimate_for_config, launch_plan
 
@@ -92,3 +96,18 @@ def test_the_70b_recipe_estimate_is_within_20_percent_of_the_published_figure():
     assert per_gpu == pytest.approx(35.6, rel=0.2), f"{per_gpu:.1f} GB ({result.total / GiB:.2f} GiB allocated)"
     # One GPU could not hold it: the base alone is ~34 GiB in NF4.
     assert estimate_for_config(config, on_cpu=False, devices=1, sharded=False).total > 34 * GiB
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the FSDP config runs")
+def test_the_fsdp_config_on_a_machine_without_a_gpu_stops_before_loading_and_says_what_to_launch(tmp_path):
+    """accelerate itself refuses FSDP without a GPU only once every process has loaded the model,
+    naming no way on; the run says so once, before it reads any data."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "accelerate" / "fsdp.yaml"),
+         "-m", "training.run", "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("error: ") == 1 and "training/configs/accelerate/ddp.yaml" in result.stderr, result.stderr[-2000:]
+    assert "settings:" not in result.stdout and not (tmp_path / "out").exists()

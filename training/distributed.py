@@ -52,6 +52,22 @@ def quiet_unless_main() -> None:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the life of the process)
 
 
+def check_launch() -> None:
+    """Stop an FSDP launch on a machine without a GPU before anything loads: accelerate refuses it
+    only once every process holds the model, with a message that names no way on."""
+    import torch
+
+    from inference.loading import fsdp_enabled
+    from training.config import ConfigError
+
+    if fsdp_enabled() and not torch.cuda.is_available():
+        raise ConfigError(
+            "this run was launched with an FSDP config (ACCELERATE_USE_FSDP is set), which shards the model over GPUs, "
+            "and this machine has none. On a CPU, launch with --config_file training/configs/accelerate/ddp.yaml "
+            "or torchrun --nproc-per-node N: the same adapter, each process holding the whole model"
+        )
+
+
 def error_prefix() -> str:
     """Where an error came from, when several processes could have printed it."""
     return f"[rank {rank()}] " if world_size() > 1 else ""

@@ -35,7 +35,7 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, Pair, file_hash
-from training.distributed import error_prefix, is_main, quiet_unless_main, wait_for_everyone, world_size
+from training.distributed import check_launch, error_prefix, is_main, quiet_unless_main, wait_for_everyone, world_size
 from training.doctor import DoctorError, diagnose_prepared, format_report
 from training.estimate import EstimateError
 from training.examples import Prepared, prepare_examples
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_unless_main()
     try:
         config, sources = load_config(argv)
+        check_launch()
         print_settings(config, sources)
         return train(config)
     except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, EstimateError, PermissionError, FileNotFoundError) as exc:
