@@ -137,6 +137,19 @@ def test_disk_full_is_one_clear_error_and_resumes(limit, what, tiny_model_dir, d
         torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_that_fails_for_another_reason_is_raised_as_it_is(tiny_model_dir, data, tmp_path, monkeypatch):
+    """Only a failed write gets the disk-space message: a save that fails on a bug (a model
+    wrapped in something the writer does not expect, as FSDP once did) keeps its own traceback."""
+    from peft import PeftModel
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("'Wrapped' object has no attribute 'active_adapter'")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken)
+    with pytest.raises(AttributeError, match="active_adapter"):
+        train(make_config(tiny_model_dir, data, tmp_path / "out"))
+
+
 def test_out_of_memory_names_the_estimate_and_what_to_lower(tiny_model_dir, data, tmp_path):
     # A batch of all 24 examples needs one 80 MB logits tensor, more than the 48 MiB left. With a
     # generous limit no layer is checkpointed, so checkpointing is among the advice.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,21 @@ def check_disk_space(output_dir: Path, trainable_parameters: int, kept: int) -> 
 
 # Write errors that mean "no room": disk full, quota exceeded, file larger than allowed.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+# How the writers of a checkpoint's files report a failed write without an OSError: torch's zip
+# writer ("unexpected pos 640 vs 534", from "basic_ios::clear: iostream error"), safetensors ("I/O
+# error: File too large (os error 27)") and tokenizers ("File too large (os error 27)").
+WRITE_ERROR_MESSAGES = re.compile(r"unexpected pos|iostream error|I/O error|\(os error \d+\)")
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a file failing to be written."""
+    while exc is not None:
+        if isinstance(exc, OSError) or WRITE_ERROR_MESSAGES.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_failure(output_dir: Path, what: str, exc: BaseException) -> CheckpointWriteError:

@@ -21,7 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from inference.internals.transformers import attention_implementation, checkpoint_errors_named
 from prompts.render import IGNORE_INDEX, Example
-from training.checkpoints import CHECKPOINTS, write_failure
+from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.attention import GROUPED
 from training.collate import ReplyCollator, TrainingCollator, segment_attention_mask, shared_prefix_mask
 from training.config import TrainConfig
@@ -141,10 +141,13 @@ class _ReplyTrainer(Trainer):
                 raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
         return loss
 
-    def checkpoint_failed(self, exc: Exception) -> Exception:
+    def checkpoint_failed(self, exc: Exception) -> Exception | None:
         # Disk full surfaces as torch's "unexpected pos", a safetensors IoError or a tokenizers
         # error, depending on which file hit it; the user gets one message and a resumable state
-        # (the torn folder lacks trainer_state.json, so resume skips it).
+        # (the torn folder lacks trainer_state.json, so resume skips it). Any other failure is a
+        # bug, raised as it is, with its traceback.
+        if not is_write_error(exc):
+            return None
         folder = Path(self.args.output_dir)
         return write_failure(folder.parent, f"checkpoint-{self.state.global_step} in {folder}", exc)
 

@@ -48,7 +48,7 @@ def attention_implementation(config: Any) -> str:
 
 def checkpoint_errors_named(trainer_class: type) -> type:
     """``trainer_class`` with its checkpoint writer's failures passed to ``self.checkpoint_failed(exc)``,
-    which returns the exception to raise in their place."""
+    which returns the exception to raise in their place, or None to raise the failure as it is."""
     if not written_for("transformers", WRITTEN_FOR, "Trainer._save_checkpoint"):
         return trainer_class
 
@@ -57,7 +57,10 @@ def checkpoint_errors_named(trainer_class: type) -> type:
             try:
                 super()._save_checkpoint(model, trial)
             except Exception as exc:
-                raise self.checkpoint_failed(exc) from exc
+                replacement = self.checkpoint_failed(exc)
+                if replacement is None:
+                    raise
+                raise replacement from exc
 
     Named.__name__ = Named.__qualname__ = trainer_class.__name__
     Named.__doc__ = trainer_class.__doc__
