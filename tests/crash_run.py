@@ -13,6 +13,9 @@ POINT is one of
                     (RLIMIT_AS), so the first step's allocations fail as on a machine out of memory
   float32           no failure: compute in float32 even where the CPU has bfloat16 (its kernels
                     round differently for each batch shape, which two launches compare across)
+  fsdp              no failure: FSDP on this CPU (gloo), as `accelerate launch` with
+                    training/configs/accelerate/fsdp.yaml sets it up, except loading on the main
+                    process only (see install)
 
 POINT@R applies only in the process of rank R of a launched run (torchrun -m tests.crash_run ...);
 several points are joined with +.
@@ -49,6 +52,33 @@ def install(point: str) -> None:
         import inference.loading
 
         inference.loading.cpu_computes_bf16 = lambda: False
+    elif kind == "fsdp":
+        # accelerate turns FSDP on for accelerators only: on a CPU it decides on multi-CPU DDP, and
+        # this switches its state to FSDP once it has decided (the FSDP wrapping, sharded
+        # checkpoints and gathering are then accelerate's and torch's own, on gloo). Loading on the
+        # main process only (cpu_ram_efficient_loading, with the sync of module states it needs)
+        # makes the others' weights on an accelerator, so each process loads the model here.
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType
+
+        from tests.helpers import launch_environment
+        from training.config import CONFIGS_DIR
+
+        env = launch_environment(CONFIGS_DIR / "accelerate" / "fsdp.yaml")
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))})
+        os.environ.update(FSDP_CPU_RAM_EFFICIENT_LOADING="false", FSDP_SYNC_MODULE_STATES="false")
+        original_init = AcceleratorState.__init__
+
+        def init(self, *args, fsdp_plugin=None, **kwargs):
+            original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+            if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+                # Both states: an AcceleratorState copies the PartialState's each time it is made.
+                for state in (self.__dict__, PartialState._shared_state):
+                    state.update(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))  # the device as FSDP's CPU handle names it
+                self.fsdp_plugin = fsdp_plugin
+
+        AcceleratorState.__init__ = init
+        run.check_launch = lambda: None  # which refuses FSDP without a GPU
     elif kind == "step":
         target = int(rest)
         original_step = trainer.ReplyTrainer.training_step

@@ -47,3 +47,14 @@ def write_run_data(folder: Path) -> Path:
     (folder / "train.jsonl").write_text(pairs_jsonl(24))
     (folder / "eval.jsonl").write_text(pairs_jsonl(6, start=100))
     return folder
+
+
+def launch_environment(config: Path) -> dict[str, str]:
+    """The variables `accelerate launch --config_file CONFIG` gives each process it starts, as
+    accelerate's own launch code computes them."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "training.run"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)

@@ -1,5 +1,6 @@
 """Training in several processes, for real: `torchrun --nproc-per-node 2` on this CPU (gloo), a tiny
-model built from a config, against the same run in one process.
+model built from a config, against the same run in one process; with DDP, and with FSDP as
+training/configs/accelerate/fsdp.yaml sets it up (tests.crash_run's fsdp point).
 
 The runs compute in float32 (tests.crash_run's float32 point): bf16 kernels round differently for
 each batch shape, and two processes of 2 examples make other shapes than one of 4.
@@ -60,20 +61,22 @@ def data(tmp_path_factory) -> Path:
     return write_run_data(tmp_path_factory.mktemp("ddp-data"))
 
 
+def finished_run(folder: Path, processes: int, point: str, model: Path, data: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A run that must succeed: ``processes`` x the batch of 4 / ``processes``, into ``folder``/adapter."""
+    output = folder / "adapter"
+    result = launch(processes, point, flags(model, data, output, batch_size=4 // processes))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, data, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("one-process") / "adapter"
-    result = launch(1, "float32", flags(tiny_model_dir, data, output, batch_size=4))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
+    return finished_run(tmp_path_factory.mktemp("one-process"), 1, "float32", tiny_model_dir, data)[0]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_model_dir, data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    output = tmp_path_factory.mktemp("two-processes") / "adapter"
-    result = launch(2, "float32", flags(tiny_model_dir, data, output, batch_size=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output, result
+    return finished_run(tmp_path_factory.mktemp("two-processes"), 2, "float32", tiny_model_dir, data)
 
 
 def test_two_processes_train_the_adapter_one_process_trains(one_process, two_processes):
@@ -91,6 +94,26 @@ def test_two_processes_train_the_adapter_one_process_trains(one_process, two_pro
     for key in ("base_eval_loss", "eval_loss"):
         assert two_runs[key] == pytest.approx(one_run[key], rel=1e-5), key
     assert [e["train_loss"] for e in two_runs["epochs"]] == pytest.approx([e["train_loss"] for e in one_run["epochs"]], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_fsdp_processes(tiny_model_dir, data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return finished_run(tmp_path_factory.mktemp("two-fsdp-processes"), 2, "fsdp+float32", tiny_model_dir, data)
+
+
+def test_fsdp_trains_the_adapter_one_process_trains(one_process, two_fsdp_processes):
+    """FSDP (training/configs/accelerate/fsdp.yaml, on gloo; see tests.crash_run's fsdp point): each
+    process holds half of every layer, and the run still makes the updates of one process. Its
+    adapter is gathered from the shards; the checkpoints hold the sharded adapter (peft found none
+    of its weights there at first), and the best one is the one-process run's."""
+    output, result = two_fsdp_processes
+    one, two = adapter(one_process), adapter(output)
+    assert relative_difference(one, two) < TOLERANCE
+    one_run, fsdp_run = (json.loads((folder / "training_summary.json").read_text()) for folder in (one_process, output))
+    for key in ("base_eval_loss", "eval_loss"):
+        assert fsdp_run[key] == pytest.approx(one_run[key], rel=1e-5), key
+    assert fsdp_run["best_checkpoint"] == one_run["best_checkpoint"] == f"checkpoint-{EPOCHS * 6}"
+    assert "voice fidelity: skipped under FSDP" in result.stdout and "python -m training.evaluate --adapter" in result.stdout
 
 
 def test_only_the_main_process_prints_and_writes(one_process, two_processes):
@@ -130,6 +153,23 @@ def test_a_killed_worker_stops_the_run_and_resume_completes_it(tiny_model_dir, d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-6" in resumed.stdout
     assert relative_difference(adapter(two_processes[0]), adapter(output)) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_to_the_same_adapter(tiny_model_dir, data, two_fsdp_processes, tmp_path, monkeypatch):
+    """The sharded checkpoint of an FSDP run holds the adapter and the optimizer state (a new
+    optimizer took none of it at first): resumed, the run ends where the uninterrupted one did."""
+    output = tmp_path / "adapter"
+    killed = launch(2, "fsdp+float32+step:9@1", flags(tiny_model_dir, data, output, batch_size=2), timeout=300)
+    assert killed.returncode != 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # complete as an FSDP checkpoint: its shards' folders
+    assert [p.name for p in checkpoint_folders(output) if is_complete(p)] == ["checkpoint-6"]
+
+    resumed = launch(2, "fsdp+float32", [*flags(tiny_model_dir, data, output, batch_size=2), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-6" in resumed.stdout
+    assert relative_difference(adapter(two_fsdp_processes[0]), adapter(output)) < TOLERANCE
 
 
 def test_resume_refuses_another_number_of_processes(tiny_model_dir, data, tmp_path):

@@ -7,26 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from inference.default_model import ROOT
+from tests.helpers import launch_environment
 from training.config import CONFIGS_DIR, load_config
 from training.estimate import CUDA_CONTEXT_BYTES, GiB, estimate_for_config, launch_plan
 
 ACCELERATE_CONFIGS = sorted((CONFIGS_DIR / "accelerate").glob("*.yaml"))
-
-
-def process_environment(config: Path) -> dict[str, str]:
-    """The variables `accelerate launch --config_file CONFIG` gives each process it starts."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "training.run"])
-    args, _, _ = _validate_launch_command(args)
-    return prepare_multi_gpu_env(args)
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
@@ -48,7 +38,7 @@ def test_under_the_fsdp_config_the_4bit_weights_are_stored_in_the_compute_dtype(
     """FSDP shards flat buffers of one float dtype: the packed NF4 bytes are stored as bfloat16."""
     from inference.loading import device_map, fsdp_enabled, load_base_model
 
-    env = process_environment(CONFIGS_DIR / "accelerate" / "fsdp.yaml")
+    env = launch_environment(CONFIGS_DIR / "accelerate" / "fsdp.yaml")
     for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -62,7 +52,7 @@ def test_under_the_fsdp_config_the_4bit_weights_are_stored_in_the_compute_dtype(
 def test_under_the_ddp_config_each_process_loads_onto_its_own_gpu(monkeypatch):
     from inference.loading import device_map, fsdp_enabled
 
-    env = process_environment(CONFIGS_DIR / "accelerate" / "ddp.yaml")
+    env = launch_environment(CONFIGS_DIR / "accelerate" / "ddp.yaml")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", env.get("ACCELERATE_USE_FSDP", "false"))
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert not fsdp_enabled() and device_map(alone={"": 0}) == {"": 1}

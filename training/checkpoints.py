@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from inference.loading import fsdp_enabled
 from training.distributed import world_size
 
 CHECKPOINTS = "checkpoints"
@@ -22,11 +23,17 @@ CHECKPOINTS = "checkpoints"
 # comes last, so a checkpoint whose trainer_state.json parses has all the others complete. In a run
 # of several processes each writes its own random state, and the main one need not be the last.
 CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Under FSDP the weights and optimizer state are each a folder of every process's shards
+# (torch.distributed.checkpoint), whose .metadata is written once all shards are.
+FSDP_CHECKPOINT_FILES = ("optimizer_0/.metadata", "scheduler.pt", "trainer_state.json")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # LoRA, full fine-tune
+FSDP_WEIGHT_FILES = ("pytorch_model_fsdp_0/.metadata",)
 
 
 def rng_state_files(processes: int) -> list[str]:
     return ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # LoRA, full fine-tune
+
+
 # Room a checkpoint needs beyond its tensors: tokenizer files, configs, trainer state.
 CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
 
@@ -58,8 +65,9 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 def is_complete(path: Path) -> bool:
     """Whether every file of the checkpoint was written, by each process of this run."""
-    needed = (*CHECKPOINT_FILES, *rng_state_files(world_size()))
-    if not all((path / name).is_file() for name in needed) or not any((path / name).is_file() for name in WEIGHT_FILES):
+    files, weights = (FSDP_CHECKPOINT_FILES, FSDP_WEIGHT_FILES) if fsdp_enabled() else (CHECKPOINT_FILES, WEIGHT_FILES)
+    needed = (*files, *rng_state_files(world_size()))
+    if not all((path / name).is_file() for name in needed) or not any((path / name).is_file() for name in weights):
         return False
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from inference.internals.bitsandbytes import use_cpu_inference_layout
-from inference.internals.peft import cast_lora_inputs, replace_lora_dropout
+from inference.internals.peft import adapter_state_dicts_under_fsdp, cast_lora_inputs, replace_lora_dropout
 from inference.internals.transformers import checkpoint_first_layers
-from inference.loading import Quantization, load_base_model, resolve_base_model
+from inference.loading import Quantization, fsdp_enabled, load_base_model, resolve_base_model
 from training.attention import training_attention
 from training.config import TrainConfig
 from training.cpu import FastDropout
@@ -48,6 +48,8 @@ def lora_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers:
         task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
     )
     model = get_peft_model(model, lora)  # target_modules were checked by the memory estimate, which runs first
+    if fsdp_enabled():
+        adapter_state_dicts_under_fsdp()
     # Under the autocast of ReplyTrainer the adapter's matmuls run in the compute dtype on the input
     # as it is, while its weights and optimizer state stay float32.
     cast_lora_inputs(model, False)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from training.estimate import Estimate
     from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
 
+
 class TrainingStopped(RuntimeError):
     """Training stopped on a diverging loss or out of memory; the message names the step and the way on."""
 
@@ -105,12 +106,13 @@ def train(config: TrainConfig) -> int:
     final_eval = run.trainer.evaluate()["eval_loss"]
     if not math.isfinite(final_eval):
         raise TrainingStopped(f"held-out loss is {final_eval} after training; the adapter is not saved")
+    weights = run.trainer.trained_weights()  # under FSDP gathered from every process's shard
     if not is_main():
         return 0  # the adapter, its evaluation and the reports are the main process's
-    model = run.trainer.model
+    model = run.trainer.accelerator.unwrap_model(run.trainer.model)
     if config.method == "lora":
         model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
-    save_adapter(model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, output)
+    save_adapter(model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, output, weights)
 
     from training import report
     from training.hub import CARD_FILE, model_card, push_adapter
@@ -261,11 +263,20 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     from training.evaluate import evaluate, markdown_table
     from training.model import ready_for_generation
 
+    from inference.adapter_files import HELD_OUT_FILE
+    from inference.loading import fsdp_enabled
+
     config = prepared.config
     if config.method != "lora" or prepared.seq2seq:
         # The comparison generates base and fine-tuned replies from one model with and without the
         # adapter, which needs LoRA on a causal LM; the held-out losses still compare the two.
         print("voice fidelity: skipped (it needs a LoRA adapter on a causal LM)")
+        return
+    if fsdp_enabled():
+        # Each process holds a shard of the model: the main one cannot generate alone. The adapter
+        # folder carries its held-out pairs.
+        print(f"voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine that holds the whole model: "
+              f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}")
         return
     ready_for_generation(model)
     trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True)
@@ -290,10 +301,11 @@ def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> Stream
     return LlamaCppReplier(*files, trained.tokenizer, trained.renderer) if files else trained
 
 
-def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], output: Path) -> None:
+def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], output: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter, tokenizer, persona and held-out pairs so that a kill leaves the old files or
     the new ones. The held-out pairs (anonymised) travel with the adapter: the app's blind test and
-    examples are the creator's own comments, not this repository's sample.
+    examples are the creator's own comments, not this repository's sample. ``weights``: the trained
+    weights gathered from FSDP's shards (ReplyTrainer.trained_weights), when the model's are shards.
 
     Everything is written into a staging folder first and then moved in file by file (a rename
     within one filesystem is atomic): an app loading the folder never reads a torn safetensors file.
@@ -302,13 +314,14 @@ def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], outpu
 
     from inference.adapter_files import HELD_OUT_FILE
 
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
+    bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
     if bad:
         raise TrainingStopped(f"the adapter has NaN or infinite weights ({bad[0]} and {len(bad) - 1} more); it is not saved")
     staging = output / ".saving"
     if staging.exists():
         shutil.rmtree(staging)  # left by a save that was killed
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
     rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in held_out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from training.config import TrainConfig
 from training.distributed import is_main, world_size
 
 RUNS = "runs"
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops before the update that would spread it."""
 
@@ -141,6 +144,33 @@ class _ReplyTrainer(Trainer):
                 raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
         return loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under FSDP with sharded checkpoints the Trainer writes a checkpoint's weights only after it
+        # has looked for the folder of the best checkpoint, which then did not exist yet: the best
+        # checkpoint was never recorded, and the end of the run loaded another (or none).
+        if self.is_fsdp_enabled and output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+        super().save_model(output_dir, _internal_call)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None and self.is_fsdp_enabled:
+            initialize_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def trained_weights(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the trained weights gathered whole from the shards (every process must call
+        it), the frozen ones left out (a 70B base would not fit in the main process's memory).
+        None otherwise: the model's own parameters are whole."""
+        if not self.is_fsdp_enabled:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # From GPUs they are copied to the main process's CPU. On a CPU that copy frees the
+        # gathered weights it copies from (torch 2.13), so each process keeps its own gathered copy.
+        on_gpu = self.args.device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=on_gpu, ignore_frozen_params=True)
+        return get_model_state_dict(self.model_wrapped, options=options)
+
     def checkpoint_failed(self, exc: Exception) -> Exception | None:
         # Disk full surfaces as torch's "unexpected pos", a safetensors IoError or a tokenizers
         # error, depending on which file hit it; the user gets one message and a resumable state
@@ -153,6 +183,26 @@ class _ReplyTrainer(Trainer):
 
 
 ReplyTrainer = checkpoint_errors_named(_ReplyTrainer)
+
+
+def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a new optimizer the state a checkpoint's is loaded into.
+
+    accelerate loads an FSDP checkpoint's optimizer state into the entries the optimizer already
+    has, and a new one has none (AdamW makes its moments on its first step): a resumed FSDP run
+    went on with fresh moments. One step at learning rate 0 on zero gradients makes the entries
+    without moving a weight; the load then overwrites them.
+    """
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    optimizer.zero_grad(set_to_none=True)
 
 
 def per_example_sums(inputs: dict[str, torch.Tensor], losses: torch.Tensor) -> torch.Tensor:

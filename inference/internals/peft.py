@@ -75,3 +75,40 @@ def replace_lora_dropout(model: torch.nn.Module, make: Callable[[float], torch.n
         for name, dropout in (getattr(module, "lora_dropout", None) or {}).items():
             if isinstance(dropout, torch.nn.Dropout):
                 module.lora_dropout[name] = make(dropout.p)
+
+
+FSDP_WRAPPER = "_fsdp_wrapped_module."
+
+
+def adapter_state_dicts_under_fsdp() -> None:
+    """peft's adapter state dicts under FSDP (the checkpoints of an FSDP run, which the Trainer saves
+    and loads through peft): two fixes, for peft 0.21.
+
+    - Saving: peft finds an adapter's keys from the names of its modules, with FSDP's wrapper
+      prefix removed from the front of each name only. With each decoder layer its own FSDP unit
+      (the TRANSFORMER_BASED_WRAP of the FSDP-QLoRA recipe) the names hold it inside as well, no
+      key matched, and every checkpoint held an adapter of no weights.
+    - Loading: peft decides whether the keys keep their ``base_model.model.`` from the names of the
+      model's parameters, which FSDP's flat parameters hide, so it dropped it and no key matched:
+      a resumed run, and the best checkpoint loaded at the end, went on from untrained LoRA
+      weights. Loaded into the module FSDP wraps, the names are the model's own.
+    """
+    import peft
+    from peft.tuners import tuners_utils
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not written_for("peft", WRITTEN_FOR, "tuners_utils._get_tuner_state_dict_key_prefixes"):
+        return
+    prefixes, load = tuners_utils._get_tuner_state_dict_key_prefixes, peft.set_peft_model_state_dict
+    if getattr(prefixes, "under_fsdp", False):
+        return
+
+    def of_every_unit(model, adapter_name=None):
+        return {p.replace(FSDP_WRAPPER, "") for p in prefixes(model, adapter_name)}
+
+    def into_the_wrapped_module(model, *args, **kwargs):
+        return load(model.module if isinstance(model, FullyShardedDataParallel) else model, *args, **kwargs)
+
+    of_every_unit.under_fsdp = True
+    tuners_utils._get_tuner_state_dict_key_prefixes = of_every_unit
+    peft.set_peft_model_state_dict = into_the_wrapped_module  # accelerate imports it from peft when it loads
