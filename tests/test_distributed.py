@@ -29,10 +29,10 @@ EPOCHS = 2  # 24 examples, 4 per update: 6 updates per epoch, checkpoint-6 and c
 TOLERANCE = 1e-4  # relative, on the adapter's weights
 
 
-def flags(model: Path, data: Path, output: Path, batch_size: int) -> list[str]:
+def flags(model: Path, data: Path, output: Path, batch_size: int, quantization: str = "none") -> list[str]:
     return [
         "--base-model", str(model), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
-        "--output-dir", str(output), "--quantization", "none", "--epochs", str(EPOCHS), "--learning-rate", "2e-2",
+        "--output-dir", str(output), "--quantization", quantization, "--epochs", str(EPOCHS), "--learning-rate", "2e-2",
         "--target-modules", "q_proj", "v_proj", "--batch-size", str(batch_size), "--grad-accum", "1",
         "--warmup-ratio", "0", "--early-stopping-patience", "0", "--lora-dropout", "0", "--no-doctor",
         "--backend", "transformers",
@@ -61,10 +61,10 @@ def data(tmp_path_factory) -> Path:
     return write_run_data(tmp_path_factory.mktemp("ddp-data"))
 
 
-def finished_run(folder: Path, processes: int, point: str, model: Path, data: Path) -> tuple[Path, subprocess.CompletedProcess]:
+def finished_run(folder: Path, processes: int, point: str, model: Path, data: Path, quantization: str = "none") -> tuple[Path, subprocess.CompletedProcess]:
     """A run that must succeed: ``processes`` x the batch of 4 / ``processes``, into ``folder``/adapter."""
     output = folder / "adapter"
-    result = launch(processes, point, flags(model, data, output, batch_size=4 // processes))
+    result = launch(processes, point, flags(model, data, output, batch_size=4 // processes, quantization=quantization))
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result
 
@@ -97,19 +97,25 @@ def test_two_processes_train_the_adapter_one_process_trains(one_process, two_pro
 
 
 @pytest.fixture(scope="module")
+def one_nf4_process(tiny_model_dir, data, tmp_path_factory) -> Path:
+    return finished_run(tmp_path_factory.mktemp("one-nf4-process"), 1, "float32", tiny_model_dir, data, quantization="nf4")[0]
+
+
+@pytest.fixture(scope="module")
 def two_fsdp_processes(tiny_model_dir, data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return finished_run(tmp_path_factory.mktemp("two-fsdp-processes"), 2, "fsdp+float32", tiny_model_dir, data)
+    return finished_run(tmp_path_factory.mktemp("two-fsdp-processes"), 2, "fsdp+float32", tiny_model_dir, data, quantization="nf4")
 
 
-def test_fsdp_trains_the_adapter_one_process_trains(one_process, two_fsdp_processes):
-    """FSDP (training/configs/accelerate/fsdp.yaml, on gloo; see tests.crash_run's fsdp point): each
-    process holds half of every layer, and the run still makes the updates of one process. Its
-    adapter is gathered from the shards; the checkpoints hold the sharded adapter (peft found none
-    of its weights there at first), and the best one is the one-process run's."""
+def test_fsdp_qlora_trains_the_adapter_one_process_trains(one_nf4_process, two_fsdp_processes):
+    """FSDP-QLoRA (training/configs/accelerate/fsdp.yaml, on gloo; see tests.crash_run's fsdp point):
+    each process holds half of every layer's NF4 weights, stored in the compute dtype so that FSDP
+    can shard them, and the run still makes the updates of one process. Its adapter is gathered
+    from the shards; the checkpoints hold the sharded adapter (peft found none of its weights there
+    at first), and the best one is the one-process run's."""
     output, result = two_fsdp_processes
-    one, two = adapter(one_process), adapter(output)
+    one, two = adapter(one_nf4_process), adapter(output)
     assert relative_difference(one, two) < TOLERANCE
-    one_run, fsdp_run = (json.loads((folder / "training_summary.json").read_text()) for folder in (one_process, output))
+    one_run, fsdp_run = (json.loads((folder / "training_summary.json").read_text()) for folder in (one_nf4_process, output))
     for key in ("base_eval_loss", "eval_loss"):
         assert fsdp_run[key] == pytest.approx(one_run[key], rel=1e-5), key
     assert fsdp_run["best_checkpoint"] == one_run["best_checkpoint"] == f"checkpoint-{EPOCHS * 6}"
@@ -160,13 +166,13 @@ def test_a_killed_fsdp_run_resumes_to_the_same_adapter(tiny_model_dir, data, two
     """The sharded checkpoint of an FSDP run holds the adapter and the optimizer state (a new
     optimizer took none of it at first): resumed, the run ends where the uninterrupted one did."""
     output = tmp_path / "adapter"
-    killed = launch(2, "fsdp+float32+step:9@1", flags(tiny_model_dir, data, output, batch_size=2), timeout=300)
+    killed = launch(2, "fsdp+float32+step:9@1", flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), timeout=300)
     assert killed.returncode != 0
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # complete as an FSDP checkpoint: its shards' folders
     assert [p.name for p in checkpoint_folders(output) if is_complete(p)] == ["checkpoint-6"]
 
-    resumed = launch(2, "fsdp+float32", [*flags(tiny_model_dir, data, output, batch_size=2), "--resume"])
+    resumed = launch(2, "fsdp+float32", [*flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-6" in resumed.stdout
     assert relative_difference(adapter(two_fsdp_processes[0]), adapter(output)) < TOLERANCE
