@@ -259,12 +259,11 @@ def fit(run: Run, checkpoint: Path | None) -> None:
 
 def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]) -> None:
     """Replies to the held-out comments with and without the adapter, scored (training.evaluate)."""
+    from inference.adapter_files import HELD_OUT_FILE
     from inference.generate import Replier
+    from inference.loading import fsdp_enabled
     from training.evaluate import evaluate, markdown_table
     from training.model import ready_for_generation
-
-    from inference.adapter_files import HELD_OUT_FILE
-    from inference.loading import fsdp_enabled
 
     config = prepared.config
     if config.method != "lora" or prepared.seq2seq:
