@@ -21,7 +21,8 @@ import gradio as gr
 
 from inference.compare import compare, pane_labels, to_html
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-from inference.generate import LIMITS, GenerationSettings, Reply, StreamingReplier
+from inference.generate import LIMITS, PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
+from inference.quality import flags
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
 
@@ -61,45 +62,51 @@ def stats_line(reply: Reply) -> str:
         return "…"
     end = "stopped at end of turn" if reply.stopped else ("hit the token cap" if reply.done else "writing…")
     first = f" · first token {reply.first_token_s:.2f} s" if reply.first_token_s is not None else ""
-    return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}"
+    warnings = "".join(f" · ⚠ {flag}" for flag in flags(reply.text, reply.stopped) if reply.done and flag != "cut at the token cap")
+    return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}{warnings}"
 
 
-BLIND_SOURCES = {"base": "base + prompt", "adapter": "fine-tuned", "real": "your real reply"}
+BLIND_LETTERS = "ABCD"  # one letter per reply in a blind round: every pane, and the real reply
 
 
 def blind_round(replier: StreamingReplier, comment: str, real: str, rng: random.Random) -> list[tuple[str, str]]:
-    """The three replies to one comment as (source, text), in a random order."""
-    base, tuned = replier.reply(comment, GenerationSettings())
-    options = [("base", base.text), ("adapter", tuned.text), ("real", real)]
+    """Every pane's reply to one comment and the real one, as (source, text), in a random order."""
+    options = [(reply.pane, reply.text) for reply in replier.reply(comment, GenerationSettings())] + [("real", real)]
     rng.shuffle(options)
     return options
+
+
+def blind_name(source: str) -> str:
+    return "your real reply" if source == "real" else PANE_NAMES[source]
 
 
 def tally_text(tally: dict[str, int]) -> str:
     rounds = sum(tally.values())
     if not rounds:
         return "No picks yet."
-    versus_base = tally["adapter"] + tally["base"]
-    beats = f"{tally['adapter'] / versus_base:.0%} of the picks between the two models" if versus_base else "no picks between the two models yet"
-    return (
-        f"{rounds} round(s): the fine-tuned reply was picked {tally['adapter']} time(s), the base reply {tally['base']}, "
-        f"your real reply {tally['real']}. Fine-tuned beats base in {beats}; it passed for your own reply in "
-        f"{tally['adapter'] / rounds:.0%} of all rounds."
-    )
+    counts = ", ".join(f"{blind_name(source)} {n}" for source, n in tally.items())
+    passed = f" The fine-tuned reply passed for your own in {tally['adapter'] / rounds:.0%} of the rounds." if "adapter" in tally else ""
+    return f"{rounds} round(s), picks: {counts}.{passed}"
 
 
-def respond(replier: StreamingReplier, comment: str, max_new_tokens: float, temperature: float, top_p: float) -> Iterator[tuple[str, ...]]:
-    """The Reply tab: (notice, base reply, its stats, fine-tuned reply, its stats, prompt), streamed."""
+def respond(
+    replier: StreamingReplier, comment: str, max_new_tokens: float, temperature: float, top_p: float, repetition_penalty: float, no_repeat_ngram: float, prompt_pane: str
+) -> Iterator[tuple[str, ...]]:
+    """The Reply tab: (notice, prompt pane's reply, its stats, fine-tuned reply, its stats, the
+    exact prompts), streamed. ``prompt_pane``: which prompt the base model answers ("base" or "examples")."""
     comment, notice = clean_comment(comment)
     if not comment:
         yield notice, "", "", "" if replier.has_adapter else NO_ADAPTER_TEXT, "", ""
         return
+    if prompt_pane not in replier.panes or prompt_pane not in ("base", "examples"):
+        raise gr.Error(f"Unknown prompt pane {prompt_pane!r}; choose one of {', '.join(p for p in replier.panes if p != 'adapter')}.")
     try:
-        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), int(no_repeat_ngram))
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
-    prompt = replier.prompt(comment).text
-    for replies in replier.stream(comment, settings):
+    panes: tuple[Pane, ...] = (prompt_pane, "adapter") if replier.has_adapter else (prompt_pane,)
+    prompt = "\n\n".join(f"── {PANE_NAMES[pane]} ──\n{replier.prompt(comment, pane).text}" for pane in panes)
+    for replies in replier.stream(comment, settings, panes):
         base = replies[0]
         tuned = replies[1] if replier.has_adapter else None
         yield notice, base.text, stats_line(base), tuned.text if tuned else NO_ADAPTER_TEXT, stats_line(tuned) if tuned else "", prompt
@@ -140,7 +147,7 @@ def compare_batch(replier: StreamingReplier, labels: dict[str, str], text: str, 
 
 
 def next_round(replier: StreamingReplier, pairs: list[tuple[str, str]], rng: random.Random, state: dict | None) -> tuple:
-    """The Blind test tab: a held-out comment and its three replies, shuffled."""
+    """The Blind test tab: a held-out comment and every pane's reply and the real one, shuffled."""
     if not pairs:
         raise gr.Error(NO_HELD_OUT_TEXT)
     comment, real = rng.choice(pairs)
@@ -155,12 +162,14 @@ def pick(flywheel_dir: Path | None, choice: str, state: dict | None) -> tuple:
         raise gr.Error("Start a round first.")
     if state["picked"]:
         raise gr.Error("This round is decided; start the next one.")
-    index = "ABC".index(choice)
     sources = [source for source, _ in state["options"]]
-    tally = dict(state.get("tally") or dict.fromkeys(BLIND_SOURCES, 0))
+    index = BLIND_LETTERS.index(choice)
+    if index >= len(sources):
+        raise gr.Error(f"This round has {len(sources)} replies; pick one of {BLIND_LETTERS[: len(sources)]}.")
+    tally = dict(state.get("tally") or dict.fromkeys(sources, 0))
     tally[sources[index]] += 1
     state = {**state, "picked": True, "tally": tally}
-    reveal = " · ".join(f"**{letter}**: {BLIND_SOURCES[source]}" for letter, source in zip("ABC", sources))
+    reveal = " · ".join(f"**{letter}**: {blind_name(source)}" for letter, source in zip(BLIND_LETTERS, sources))
     stored = ""
     if flywheel_dir is not None:
         chosen = state["options"][index][1]
@@ -168,17 +177,20 @@ def pick(flywheel_dir: Path | None, choice: str, state: dict | None) -> tuple:
             if i != index:
                 save_preference(flywheel_dir, state["comment"], chosen, text)
         stored = f" Saved as preference pairs in `{flywheel_dir / PREFERENCES_FILE}`."
-    return state, f"You picked **{choice}**: {BLIND_SOURCES[sources[index]]}. {reveal}.{stored}", tally_text(tally)
+    return state, f"You picked **{choice}**: {blind_name(sources[index])}. {reveal}.{stored}", tally_text(tally)
 
 
-def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, held_out: list[tuple[str, str]]) -> gr.Blocks:
+def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, held_out: list[tuple[str, str]], verdict: str = "") -> gr.Blocks:
     """The page. ``held_out``: the (comment, real reply) pairs that travelled with the adapter, for
-    the blind test and the example comments."""
+    the blind test and the example comments; ``verdict``: what the adapter's voice evaluation found
+    against the strongest prompt (training.evaluate.verdict), said plainly in the header."""
     examples = [comment for comment, _ in held_out[:12]]
-    with gr.Blocks(title="replytune: prompt only vs fine-tuned") as demo:
+    with gr.Blocks(title="replytune: prompt vs fine-tuned") as demo:
         gr.Markdown(
-            "# replytune\nType a YouTube comment and compare two replies from the same base model: "
-            "one steered only by the persona prompt, one with the fine-tuned LoRA adapter."
+            "# replytune\nType a YouTube comment and compare replies from the same base model: steered by a prompt "
+            "(the persona alone, or the persona with your most similar past replies), and with the fine-tuned LoRA adapter."
+            + (f"\n\n**Measured:** {verdict}" if verdict else ""),
+            elem_id="header",
         )
         with gr.Tab("Reply"):
             max_new_tokens = reply_tab(replier, labels, flywheel_dir, examples)
@@ -203,9 +215,17 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
     )
     reply_button = gr.Button("Reply", variant="primary", elem_id="reply")
     notice = gr.Markdown(elem_id="notice")
+    prompt_panes = [pane for pane in replier.panes if pane in ("base", "examples")]
     with gr.Row():
         with gr.Column():
-            base_box = gr.Textbox(label=labels["base"], lines=6, interactive=False, elem_id="base-reply")
+            prompt_pane = gr.Radio(
+                [(PANE_NAMES[pane], pane) for pane in prompt_panes],
+                value=replier.best_prompt_pane,
+                label="Prompt side",
+                info=f"what the base model gets without fine-tuning (default: the one that measured stronger, {PANE_NAMES[replier.best_prompt_pane]})",
+                elem_id="prompt-pane",
+            )
+            base_box = gr.Textbox(label=labels[replier.best_prompt_pane], lines=6, interactive=False, elem_id="base-reply")
             base_stats = gr.Markdown(elem_id="base-stats")
         with gr.Column():
             tuned_label = labels.get("adapter", "fine-tuned · no adapter loaded")
@@ -215,6 +235,12 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
         max_new_tokens = gr.Slider(*LIMITS["max_new_tokens"], value=GenerationSettings.max_new_tokens, step=1, label="Max new tokens")
         temperature = gr.Slider(*LIMITS["temperature"], value=GenerationSettings.temperature, step=0.05, label="Temperature", info="0 = greedy: the same comment always gets the same replies")
         top_p = gr.Slider(*LIMITS["top_p"], value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
+        repetition_penalty = gr.Slider(
+            *LIMITS["repetition_penalty"], value=GenerationSettings.repetition_penalty, step=0.05, label="Repetition penalty", info="1 = off; > 1 makes tokens already in the reply less likely"
+        )
+        no_repeat_ngram = gr.Slider(
+            *LIMITS["no_repeat_ngram"], value=GenerationSettings.no_repeat_ngram, step=1, label="No repeated phrase of N tokens", info="0 = off; stops loops without touching single words"
+        )
     with gr.Accordion("Exact prompt sent to the model", open=False):
         prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
     if examples:
@@ -225,26 +251,33 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
         save_button = gr.Button("Save")
         saved = gr.Markdown()
     outputs = [notice, base_box, base_stats, tuned_box, tuned_stats, prompt_view]
-    gr.on([reply_button.click, comment.submit], functools.partial(respond, replier), [comment, max_new_tokens, temperature, top_p], outputs, api_name="reply")
+    inputs = [comment, max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram, prompt_pane]
+    gr.on([reply_button.click, comment.submit], functools.partial(respond, replier), inputs, outputs, api_name="reply")
+    prompt_pane.change(lambda pane: gr.Textbox(label=labels[pane]), prompt_pane, base_box, api_name=False)
     save_button.click(functools.partial(save_reply, flywheel_dir), [comment, better, edited, base_box, tuned_box], saved, api_name="save")
     return max_new_tokens
 
 
 def blind_tab(replier: StreamingReplier, pairs: list[tuple[str, str]], flywheel_dir: Path | None) -> None:
     """Three replies to a held-out comment in a random order; which one sounds like the creator?"""
-    intro = "A held-out comment, three replies in a random order: the base model's, the fine-tuned model's and the one you really wrote. Pick the one that sounds most like you."
+    intro = (
+        f"A held-out comment and {len(replier.panes) + 1} replies in a random order: "
+        + ", ".join(PANE_NAMES[pane] for pane in replier.panes)
+        + ", and the one you really wrote. Pick the one that sounds most like you."
+    )
     gr.Markdown(intro if pairs else NO_HELD_OUT_TEXT, elem_id="blind-intro")
     blind_state = gr.State(None)
     start = gr.Button("Next comment", variant="primary")
     blind_comment = gr.Textbox(label="Comment", interactive=False)
     with gr.Row():
-        blind_replies = [gr.Textbox(label=f"Reply {letter}", lines=5, interactive=False) for letter in "ABC"]
+        letters = BLIND_LETTERS[: len(replier.panes) + 1]
+        blind_replies = [gr.Textbox(label=f"Reply {letter}", lines=5, interactive=False) for letter in letters]
     with gr.Row():
-        pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in "ABC"]
+        pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in letters]
     verdict = gr.Markdown()
     tally = gr.Markdown("No picks yet.")
     start.click(functools.partial(next_round, replier, pairs, random.Random()), blind_state, [blind_state, blind_comment, *blind_replies, verdict], api_name="blind_round")
-    for letter, button in zip("ABC", pick_buttons):
+    for letter, button in zip(letters, pick_buttons):
         button.click(functools.partial(pick, flywheel_dir), [gr.State(letter), blind_state], [blind_state, verdict, tally], api_name=f"blind_pick_{letter}")
 
 
@@ -311,10 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     replier = load_replier(settings.base_model, settings.adapter, settings.quantization, backend=settings.backend)
     logger.info("replies generated by %s", replier.backend)
     replier.warm_up()
-    from inference.adapter_files import adapter_held_out
+    from inference.adapter_files import adapter_held_out, adapter_verdict
 
     held_out = adapter_held_out(settings.adapter)
-    demo = build_demo(replier, pane_labels(settings.base_model, settings.adapter, replier.backend), settings.flywheel_dir, held_out)
+    labels = pane_labels(settings.base_model, settings.adapter, replier.backend, replier.panes)
+    demo = build_demo(replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter))
     launch(demo, settings.host, settings.port)
 
 

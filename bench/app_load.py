@@ -88,7 +88,7 @@ def main() -> None:
     import app as app_module
     from inference.default_model import DEFAULT_BASE_MODEL
     from inference.adapter_files import adapter_held_out
-    from inference.generate import load_replier
+    from inference.generate import GenerationSettings, load_replier
     from inference.default_model import DEFAULT_ADAPTER
     from inference.compare import pane_labels
     from training.report import environment
@@ -103,10 +103,11 @@ def main() -> None:
 
     replier = load_replier(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), "nf4", backend=args.backend)
     replier.warm_up()
-    demo = app_module.build_demo(replier, pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend), None, adapter_held_out(str(DEFAULT_ADAPTER)))
+    demo = app_module.build_demo(replier, pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend, replier.panes), None, adapter_held_out(str(DEFAULT_ADAPTER)))
     app_module.launch(demo, "127.0.0.1", args.port, block=False)
     comments = read_comments(ROOT / "data" / "heldout.jsonl")
-    settings = (args.max_new_tokens, 0.0, 1.0)
+    defaults = GenerationSettings()
+    settings = (args.max_new_tokens, 0.0, 1.0, defaults.repetition_penalty, defaults.no_repeat_ngram, replier.best_prompt_pane)
     before = rss_mib()
     result = run_load(demo.local_url, comments, args.clients, args.comments, settings)
     after = rss_mib()

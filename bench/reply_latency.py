@@ -1,4 +1,4 @@
-"""Reply latency per backend: both replies (the app), each reply alone, many comments at once (the
+"""Reply latency per backend: the app's two panes, each reply alone, many comments at once (the
 voice evaluation and `inference.compare`), and raw llama.cpp single-stream decoding of the same GGUF
 file as the ceiling, all in one run on one machine.
 
@@ -21,10 +21,12 @@ from inference.generate import GenerationSettings, StreamingReplier, load_replie
 from training.report import environment
 
 MODES = {
-    "both replies (the app)": ("base", "adapter"),
-    "one reply alone (base + prompt)": ("base",),
+    "the app's panes (prompt + examples, fine-tuned)": ("examples", "adapter"),
+    "one reply alone (prompt + examples)": ("examples",),
     "one reply alone (fine-tuned)": ("adapter",),
+    "one reply alone (persona prompt only)": ("base",),
 }
+APP_MODE = "the app's panes (prompt + examples, fine-tuned)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,19 +54,19 @@ def latency_table(replier: StreamingReplier, comments: list[str], settings: Gene
     results = {mode: {"first": [], "total": [], "tokens": []} for mode in MODES}
     longer_speed = []
     for comment in comments:
-        for mode, rows in MODES.items():
+        for mode, panes in MODES.items():
             started = time.perf_counter()
-            replies = replier.reply(comment, settings, rows=rows)
+            replies = replier.reply(comment, settings, panes)
             results[mode]["total"].append(time.perf_counter() - started)
             results[mode]["first"].append(max(r.first_token_s for r in replies))  # the later pane's
             results[mode]["tokens"].append(sum(len(r.token_ids) for r in replies))
-            if mode == "both replies (the app)":
+            if mode == APP_MODE:
                 longer = max(replies, key=lambda r: len(r.token_ids))
                 # Decoding speed: the tokens after the first, over the time after the first.
                 longer_speed.append((len(longer.token_ids) - 1) / max(1e-9, longer.seconds - longer.first_token_s))
     # Both replies run as many steps as the longer one, so each comment is compared with the slower
     # of its two replies alone.
-    alone = [max(b, a) for b, a in zip(results["one reply alone (base + prompt)"]["total"], results["one reply alone (fine-tuned)"]["total"])]
+    alone = [max(b, a) for b, a in zip(results["one reply alone (prompt + examples)"]["total"], results["one reply alone (fine-tuned)"]["total"])]
     lines = []
     for mode, r in results.items():
         ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
@@ -103,7 +105,7 @@ def main() -> None:
         for count in (23, 30):
             started = time.perf_counter()
             done = list(replier.replies(many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)))
-            notes.append(f"{backend}: {len(done)} comments, both replies (max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s")
+            notes.append(f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s")
         if backend == "llama.cpp":
             ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
             notes.append(f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "

@@ -1,14 +1,18 @@
-"""The files that travel with an adapter, beside its weights: the persona it was trained with and
-the held-out pairs it was evaluated on (the app's blind test and examples)."""
+"""The files that travel with an adapter, beside its weights: the persona it was trained with, the
+held-out pairs it was evaluated on (the app's blind test and example comments) and the pairs it was
+trained on (the creator's examples that a prompt may retrieve)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from inference.jsonl import Problem, jsonl_rows
 from prompts.render import Persona
 
 HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
+SUMMARY_FILE = "training_summary.json"  # the run's summary, with its voice table
+EXAMPLES_FILE = "examples.jsonl"  # beside them too: the training pairs, for the prompts that show the creator's examples
 
 
 def adapter_file(adapter: str, name: str) -> Path | None:
@@ -31,10 +35,32 @@ def adapter_persona(adapter: str) -> Persona | None:
     return Persona.from_file(path) if path else None
 
 
+def adapter_verdict(adapter: str | None) -> str:
+    """What the adapter's voice evaluation found against the strongest prompt, from the summary its
+    training run saved (training.evaluate.verdict); '' without one."""
+    path = adapter_file(adapter, SUMMARY_FILE) if adapter else None
+    if path is None:
+        return ""
+    from training.evaluate import verdict
+
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return verdict(summary["voice"]) if "voice" in summary else ""
+
+
 def adapter_held_out(adapter: str | None) -> list[tuple[str, str]]:
     """(comment, the creator's real reply) pairs the adapter was evaluated on and not trained on,
     as its training run saved them (handles already anonymised); [] for an adapter without them."""
-    path = adapter_file(adapter, HELD_OUT_FILE) if adapter else None
+    return _adapter_pairs(adapter, HELD_OUT_FILE)
+
+
+def adapter_examples(adapter: str | None) -> list[tuple[str, str]]:
+    """The pairs the adapter was trained on (anonymised), which a prompt may show as the creator's
+    examples (inference.retrieval); [] for an adapter without them."""
+    return _adapter_pairs(adapter, EXAMPLES_FILE)
+
+
+def _adapter_pairs(adapter: str | None, name: str) -> list[tuple[str, str]]:
+    path = adapter_file(adapter, name) if adapter else None
     if path is None:
         return []
     pairs = []

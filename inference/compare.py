@@ -1,8 +1,11 @@
-"""`python -m inference.compare --comments FILE`: both replies for many comments, side by side.
+"""`python -m inference.compare --comments FILE`: every pane's reply for many comments, side by side.
 
-Writes a Markdown or HTML table (both replies, with length, signature and clean-stop markers) and,
-with ``--json``, one object per comment with each reply, its token count, time and whether it
-ended on the end-of-turn token.
+The panes: the base model with the persona prompt, with the persona and the creator's most similar
+past replies as earlier turns (when the adapter carries its training pairs), and the fine-tuned
+adapter. Writes a Markdown or HTML table (each reply with its length, signature, clean-stop and
+content markers) and, with ``--json``, one object per comment with one entry per pane: the reply,
+its token count, time, whether it ended on the end-of-turn token and what a reader would reject it
+for (inference.quality), followed by the content measures of each pane over all the comments.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT, hub_id
-from inference.generate import GenerationSettings, Reply, StreamingReplier
+from inference.retrieval import K_EXAMPLES
+from inference.generate import PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
 from inference.jsonl import Problem, jsonl_rows
 from inference.loading import BACKENDS, QUANTIZATIONS
+from inference.quality import flags
 from prompts.render import is_signed
 
 MAX_COMMENTS = 500
@@ -44,15 +49,21 @@ def read_comments(path: Path) -> list[str]:
     return comments
 
 
-def pane_labels(base_model: str, adapter: str | None, backend: str) -> dict[str, str]:
-    """Names for the two panes that say which model each one is, and which engine runs it."""
+def pane_labels(base_model: str, adapter: str | None, backend: str, panes: tuple[Pane, ...]) -> dict[str, str]:
+    """Names for the panes that say which model each one is, what its prompt holds, and which
+    engine runs it."""
     base = f"{hub_id(base_model)} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
-    labels = {"base": f"{base} · prompt only · {backend}"}
-    if adapter:
+    name = adapter or ""
+    if adapter and Path(adapter).exists():
         path = Path(adapter).resolve()
-        name = (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)) if path.exists() else adapter
-        labels["adapter"] = f"{name} · fine-tuned · {backend}"
-    return labels
+        name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    labels = {
+        "base": f"{base} · persona prompt · {backend}",
+        "examples": f"{base} · persona + {K_EXAMPLES} of your most similar replies · {backend}",
+        "adapter": f"{name} · fine-tuned · {backend}",
+        "adapter+examples": f"{name} · fine-tuned + {K_EXAMPLES} of your most similar replies · {backend}",
+    }
+    return {pane: labels[pane] for pane in panes}
 
 
 def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
@@ -63,17 +74,28 @@ def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
         "stopped": reply.stopped,
         "words": len(reply.text.split()),
         "signature": is_signed(reply.text, signature),
+        "flags": flags(reply.text, reply.stopped),
     }
 
 
-def compare(replier: StreamingReplier, comments: list[str], settings: GenerationSettings, signature: str | None) -> Iterator[dict[str, Any]]:
+def compare(
+    replier: StreamingReplier, comments: list[str], settings: GenerationSettings, signature: str | None, panes: tuple[Pane, ...] | None = None
+) -> Iterator[dict[str, Any]]:
     """One row per comment, as each is done (llama.cpp decodes several comments at once)."""
-    for comment, replies in zip(comments, replier.replies(comments, settings)):
-        yield {"comment": comment, **{r.row: reply_record(r, signature) for r in replies}}
+    for comment, replies in zip(comments, replier.replies(comments, settings, panes)):
+        yield {"comment": comment, **{r.pane: reply_record(r, signature) for r in replies}}
+
+
+def summary(rows: list[dict[str, Any]], panes: tuple[Pane, ...]) -> dict[str, dict[str, float]]:
+    """The share of each pane's replies that a reader would reject, by reason (no real replies
+    here, so no chrF: training.evaluate has that on held-out pairs)."""
+    reasons = ("loops", "talks like an AI", "cut at the token cap")
+    return {pane: {reason: sum(reason in row[pane]["flags"] for row in rows) / len(rows) for reason in reasons} for pane in panes}
 
 
 def _marks(record: dict[str, Any]) -> str:
-    return f"{record['words']} words · {'signed' if record['signature'] else 'no signature'} · {'stopped' if record['stopped'] else 'hit the cap'}"
+    marks = [f"{record['words']} words", "signed" if record["signature"] else "no signature", *record["flags"]]
+    return " · ".join(marks)
 
 
 def to_markdown(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
@@ -116,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU")
+    parser.add_argument("--panes", nargs="+", choices=list(PANE_NAMES), help="which panes to compare (default: every pane the adapter allows)")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     args = parser.parse_args(argv)
     try:
@@ -126,18 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     adapter = None if args.adapter.lower() == "none" else args.adapter
     replier = load_replier(args.base_model, adapter, args.quantization, backend=args.backend)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    panes = tuple(args.panes or replier.panes)
     rows = []
     from tqdm.auto import tqdm
 
-    for row in tqdm(compare(replier, comments, settings, replier.renderer.persona.signature), total=len(comments), desc="comparing"):
+    for row in tqdm(compare(replier, comments, settings, replier.renderer.persona.signature, panes), total=len(comments), desc="comparing"):
         rows.append(row)
-    labels = pane_labels(args.base_model, adapter, replier.backend)
+    labels = pane_labels(args.base_model, adapter, replier.backend, panes)
     table = to_html(rows, labels) if args.out and args.out.suffix.lower() == ".html" else to_markdown(rows, labels)
     if args.out:
         args.out.write_text(table, encoding="utf-8")
         print(f"table written to {args.out}")
     else:
         print(table)
+    for pane, shares in summary(rows, panes).items():
+        print(f"{PANE_NAMES[pane]}: " + ", ".join(f"{reason} {share:.0%}" for reason, share in shares.items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"rows written to {args.json}")

@@ -63,6 +63,9 @@ def modelfile(renderer: PromptRenderer, max_new_tokens: int) -> str:
     stops = [tokenizer.convert_ids_to_tokens(token) for token in renderer.stop_ids]
     lines = [
         "# Made by `python -m inference.export`: replytune's own prompt (persona included), greedy decoding.",
+        "# The fine-tuned pane only: the creator's examples that replytune retrieves into a prompt for each",
+        "# comment are not part of this Modelfile (Ollama has no retrieval), and neither is replytune's",
+        "# no-repeat n-gram rule (Ollama has no such option).",
         "# ollama create my-voice -f Modelfile && ollama run my-voice \"Great video!\"",
         "FROM ./base.gguf",
         "ADAPTER ./adapter.gguf",

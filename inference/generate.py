@@ -30,13 +30,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    NoRepeatNGramLogitsProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from inference.internals.peft import routed, rows_can_have_different_adapters
 from inference.loading import Backend, Quantization, resolve_backend, unwrapped
+from inference.retrieval import ExampleBank
 from prompts.render import Prompt, PromptRenderer
 
-Row = Literal["base", "adapter"]
+Row = Literal["base", "adapter"]  # which weights answer: the base alone, or the base with the adapter
+# What a pane shows: the base with the persona prompt, the base with the persona and the creator's
+# most similar past pairs as earlier turns, the adapter, the adapter with those examples too.
+Pane = Literal["base", "examples", "adapter", "adapter+examples"]
+PANE_ROW: dict[Pane, Row] = {"base": "base", "examples": "base", "adapter": "adapter", "adapter+examples": "adapter"}
+WITH_EXAMPLES: frozenset[Pane] = frozenset({"examples", "adapter+examples"})
+# Measured on the held-out set (bench/reply_quality.py, bench/RESULTS.md): the base model with the
+# creator's examples writes closer to the creator, and loops less, than with the persona alone.
+BEST_PROMPT_PANE: Pane = "examples"
+PANE_NAMES: dict[str, str] = {"base": "prompt only", "examples": "prompt + your examples", "adapter": "fine-tuned", "adapter+examples": "fine-tuned + your examples"}
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
 ADAPTER_NAME = "default"
 # A decoding step slower than this means the decoding loop is stuck or died without a word; fail loudly.
@@ -52,6 +69,10 @@ class GenerationSettings:
     max_new_tokens: int = 160
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
+    # Repetition control over the reply written so far (never the prompt: repeating the comment's
+    # words is fine). The defaults were chosen on the held-out set (bench/reply_quality.py).
+    repetition_penalty: float = 1.0  # transformers' and llama.cpp's meaning: a seen token's logit / p (x p if negative)
+    no_repeat_ngram: int = 0  # no n-gram of this many tokens twice in a reply; 0 = off
 
     def __post_init__(self) -> None:
         for name, (low, high) in LIMITS.items():
@@ -61,14 +82,44 @@ class GenerationSettings:
 
 # (lowest, highest) of each setting. A reply past 512 tokens is no YouTube reply; above 1.5 the
 # temperature gives noise; below 0.05 top-p is greedy decoding by another name.
-LIMITS: dict[str, tuple[float, float]] = {"max_new_tokens": (1, 512), "temperature": (0.0, 1.5), "top_p": (0.05, 1.0)}
+LIMITS: dict[str, tuple[float, float]] = {
+    "max_new_tokens": (1, 512),
+    "temperature": (0.0, 1.5),
+    "top_p": (0.05, 1.0),
+    "repetition_penalty": (1.0, 2.0),
+    "no_repeat_ngram": (0, 12),
+}
+
+
+def choose(logits: torch.Tensor, histories: Sequence[Sequence[int]], settings: GenerationSettings, generator: torch.Generator | None = None) -> list[int]:
+    """The next token of each row (``logits``: rows x vocabulary) after the repetition rules applied
+    to each row's reply so far (``histories``), greedy or sampled.
+
+    The one decoding rule of both engines: llama.cpp's logits come through here as well, so the
+    panes of the GPU path and the CPU path obey the same penalties. The rules are transformers'
+    own processors: RepetitionPenalty is llama.cpp's ``repeat_penalty`` over the reply's tokens.
+    """
+    logits = logits.float()
+    for row, history in enumerate(histories):
+        if history and (settings.repetition_penalty != 1.0 or settings.no_repeat_ngram):
+            ids = torch.tensor([list(history)], device=logits.device)
+            scores = logits[row : row + 1]
+            if settings.repetition_penalty != 1.0:
+                scores = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)(ids, scores)
+            if settings.no_repeat_ngram:
+                scores = NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram)(ids, scores)
+            logits[row] = scores[0]
+    if settings.temperature <= 0:
+        return logits.argmax(dim=-1).tolist()
+    logits = TopPLogitsWarper(settings.top_p)(None, TemperatureLogitsWarper(settings.temperature)(None, logits))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(1).tolist()
 
 
 @dataclass
 class Reply:
     """One pane's reply as it grows."""
 
-    row: Row
+    pane: Pane
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
@@ -81,49 +132,71 @@ class Reply:
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
 
 
-Job = tuple[list[int], Row]  # a prompt's token ids and the row (base or adapter) that answers it
+Job = tuple[list[int], Row]  # a prompt's token ids and the weights (base or adapter) that answer it
 
 
 class StreamingReplier:
     """What every reply backend shares: the prompt, the streaming of replies as they grow, the stop
     tokens and limits. A backend implements :meth:`_generate`, which decodes a list of jobs and puts
-    ``{place: token}`` on a queue after every step."""
+    ``{place: token}`` on a queue after every step.
+
+    ``examples``: the creator's pairs that the ``examples`` panes retrieve from (None: no such pane).
+    """
 
     backend = "?"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool, examples: ExampleBank | None = None) -> None:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.has_adapter = has_adapter
+        self.examples = examples
         # A backend's decoding state (peft's routing hooks, llama.cpp's KV cache) is shared, so two
         # decoding loops must never overlap; the app's queue also runs one at a time.
         self._lock = threading.Lock()
 
     @property
-    def rows(self) -> tuple[Row, ...]:
-        return ("base", "adapter") if self.has_adapter else ("base",)
+    def panes(self) -> tuple[Pane, ...]:
+        """The panes this replier can show, in the app's order."""
+        panes: list[Pane] = ["base"]
+        if self.examples is not None:
+            panes.append("examples")
+        if self.has_adapter:
+            panes.append("adapter")
+        return tuple(panes)
 
-    def prompt(self, comment: str) -> Prompt:
-        return self.renderer.prompt(comment)
+    @property
+    def best_prompt_pane(self) -> Pane:
+        """The prompt side the app shows first: the one that measured stronger, where it is offered."""
+        return BEST_PROMPT_PANE if BEST_PROMPT_PANE in self.panes else "base"
+
+    def prompt(self, comment: str, pane: Pane = "base") -> Prompt:
+        """What ``pane`` sends the model for ``comment``."""
+        if pane not in WITH_EXAMPLES:
+            return self.renderer.prompt(comment)
+        if self.examples is None:
+            raise ValueError(f"the {pane!r} pane needs the creator's examples (examples.jsonl beside the adapter), and none are loaded")
+        return self.renderer.prompt(comment, self.examples.similar(comment))
+
+    def _jobs(self, comment: str, panes: Sequence[Pane]) -> list[Job]:
+        return [(self.prompt(comment, pane).input_ids, PANE_ROW[pane]) for pane in panes]
 
     def stream(
-        self, comment: str, settings: GenerationSettings = GenerationSettings(), rows: Sequence[Row] | None = None, background: bool = True
+        self, comment: str, settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
     ) -> Iterator[list[Reply]]:
-        """Yield the replies (one per row, in ``rows`` order) after every decoding step.
+        """Yield the replies (one per pane, in ``panes`` order) after every decoding step.
 
         The model runs on a thread of its own that ends with the replies, so that the app's
         long-lived threads never keep OpenMP workers (see load_replier). ``background=False`` runs it
         on the calling thread before yielding anything: for batch evaluation on a main thread that
         has already trained, where a second set of OpenMP workers would slow every step.
         """
-        rows = tuple(rows or self.rows)
-        prompt = self.renderer.prompt(comment)
-        yield from self._stream_jobs([(prompt.input_ids, row) for row in rows], settings, background)
+        panes = tuple(panes or self.panes)
+        yield from self._stream_jobs(self._jobs(comment, panes), panes, settings, background)
 
-    def _stream_jobs(self, jobs: list[Job], settings: GenerationSettings, background: bool) -> Iterator[list[Reply]]:
+    def _stream_jobs(self, jobs: list[Job], panes: Sequence[Pane], settings: GenerationSettings, background: bool) -> Iterator[list[Reply]]:
         if any(row == "adapter" for _, row in jobs) and not self.has_adapter:
             raise ValueError("no adapter is loaded, so there is no fine-tuned reply to generate")
-        replies = [Reply(row) for _, row in jobs]
+        replies = [Reply(pane) for pane in panes]
         with self._lock:
             steps: queue.Queue = queue.Queue()
             cancel = threading.Event()
@@ -176,21 +249,21 @@ class StreamingReplier:
             yield replies
 
     def reply(
-        self, comment: str, settings: GenerationSettings = GenerationSettings(), rows: Sequence[Row] | None = None, background: bool = True
+        self, comment: str, settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
     ) -> list[Reply]:
         """The finished replies: the last state of :meth:`stream`."""
         final: list[Reply] = []
-        for final in self.stream(comment, settings, rows, background):
+        for final in self.stream(comment, settings, panes, background):
             pass
         return final
 
     def replies(
-        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), rows: Sequence[Row] | None = None, background: bool = True
+        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
     ) -> Iterator[list[Reply]]:
         """The finished replies to each comment, in order (evaluation, batch compare). A backend
         that decodes many sequences at once overrides this."""
         for comment in comments:
-            yield self.reply(comment, settings, rows, background)
+            yield self.reply(comment, settings, panes, background)
 
     def warm_up(self) -> None:
         """One short generation so the first visitor does not pay for lazy initialisation."""
@@ -223,8 +296,10 @@ class Replier(StreamingReplier):
 
     backend = "transformers"
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool) -> None:
-        super().__init__(tokenizer, renderer, has_adapter)
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool, examples: ExampleBank | None = None
+    ) -> None:
+        super().__init__(tokenizer, renderer, has_adapter, examples)
         self.model = model.eval()
         self._prefix_caches: dict[tuple[Row, ...], Any] = {}
 
@@ -234,15 +309,19 @@ class Replier(StreamingReplier):
         return rows_can_have_different_adapters(self.model)
 
     def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
-        prompt_ids, rows = jobs[0][0], tuple(row for _, row in jobs)
-        if any(ids != prompt_ids for ids, _ in jobs):
-            raise ValueError("the transformers backend decodes the rows of one prompt at a time")
-        if not self.has_adapter or self.mixed_batches:
-            self._decode(prompt_ids, rows, settings, out, cancel)
-        else:
-            for place, row in enumerate(rows):
-                with self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
-                    self._decode(prompt_ids, (row,), settings, out, cancel, places=[place])
+        """The jobs that share a prompt decode as rows of one batch; prompts with the creator's
+        examples differ from the persona-only one, and decode after it."""
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for place, (ids, _) in enumerate(jobs):
+            by_prompt.setdefault(tuple(ids), []).append(place)
+        for prompt_ids, places in by_prompt.items():
+            rows = tuple(jobs[place][1] for place in places)
+            if not self.has_adapter or self.mixed_batches:
+                self._decode(list(prompt_ids), rows, settings, out, cancel, places)
+            else:
+                for place, row in zip(places, rows):
+                    with self.model.disable_adapter() if row == "base" else contextlib.nullcontext():
+                        self._decode(list(prompt_ids), (row,), settings, out, cancel, places=[place])
 
     @torch.inference_mode()
     def _decode(
@@ -259,7 +338,7 @@ class Replier(StreamingReplier):
         # Stop on the chat template's end of turn, not only on the tokenizer's EOS: with pad == EOS
         # and no explicit stop, a reply never ends.
         stops = set(self.renderer.stop_ids)
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature), TopPLogitsWarper(settings.top_p)]) if settings.temperature > 0 else None
+        histories: list[list[int]] = [[] for _ in rows]
         with contextlib.ExitStack() as routing:
             routing.enter_context(routed(self.model, names))
             cache = self._prefix_cache(rows, prompt_ids, device)
@@ -269,19 +348,19 @@ class Replier(StreamingReplier):
                 if cancel.is_set():
                     return
                 output = self._causal_lm(input_ids=ids, past_key_values=cache, use_cache=True, **self._last_logits_only)
-                cache, logits = output.past_key_values, output.logits[:, -1, :].float()
-                if warpers is None:
-                    tokens = logits.argmax(dim=-1)
-                else:
-                    tokens = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), num_samples=1).squeeze(1)
-                chosen = tokens.tolist()
+                cache, logits = output.past_key_values, output.logits[:, -1, :]
+                chosen = choose(logits, histories, settings)
                 out.put(dict(zip(places, chosen)))
+                for history, token in zip(histories, chosen):
+                    history.append(token)
+                tokens = torch.tensor(chosen, device=device)
                 keep = [i for i, token in enumerate(chosen) if token not in stops]
                 if not keep:
                     return
                 if len(keep) < len(chosen):
                     cache.batch_select_indices(torch.tensor(keep, device=device))
                     tokens, places = tokens[keep], [places[i] for i in keep]
+                    histories = [histories[i] for i in keep]
                     if names:
                         names = [names[i] for i in keep]
                         routing.close()
@@ -334,20 +413,21 @@ def load_replier(
 
 
 def _load_replier(base_model: str, adapter: str | None, quantization: Quantization, trust_remote_code: bool, backend: Backend) -> StreamingReplier:
-    from inference.adapter_files import adapter_persona
+    from inference.adapter_files import adapter_examples, adapter_persona
     from inference.loading import load_adapter, load_base_model, load_tokenizer
     from prompts.render import Persona
 
     tokenizer = load_tokenizer(base_model, trust_remote_code)
     persona = (adapter_persona(adapter) if adapter else None) or Persona.from_file()
     renderer = PromptRenderer(tokenizer, persona)
+    examples = ExampleBank(pairs) if (pairs := adapter_examples(adapter)) else None
     if resolve_backend(backend, base_model) == "llama.cpp":
         from inference.gguf_convert import gguf_files
         from inference.llamacpp import LlamaCppReplier
 
         if files := gguf_files(base_model, adapter, backend):
-            return LlamaCppReplier(*files, tokenizer, renderer)
+            return LlamaCppReplier(*files, tokenizer, renderer, examples)
     model = load_base_model(base_model, quantization, trust_remote_code=trust_remote_code)
     if adapter:
         model = load_adapter(model, adapter)
-    return Replier(model, tokenizer, renderer, has_adapter=adapter is not None)
+    return Replier(model, tokenizer, renderer, has_adapter=adapter is not None, examples=examples)

@@ -21,15 +21,18 @@ import ctypes
 import os
 import queue
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from inference.generate import GenerationSettings, Job, Reply, Row, StreamingReplier
+from inference.generate import PANE_ROW, GenerationSettings, Job, Pane, Reply, Row, StreamingReplier, choose
+from inference.retrieval import ExampleBank
 from prompts.render import PromptRenderer
 
 # KV cells of one context: the persona prefix plus every sequence a step decodes (comment + reply).
@@ -68,8 +71,8 @@ class _Sequence:
     place: int
     seq: int
     pos: int
-    written: int = 0
     next_token: int = -1
+    history: list[int] = field(default_factory=list)  # the reply's tokens so far, for the repetition rules
 
 
 class _Context:
@@ -165,9 +168,15 @@ class LlamaCppReplier(StreamingReplier):
     backend = "llama.cpp"
 
     def __init__(
-        self, model_path: Path, adapter_path: Path | None, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, n_threads: int | None = None
+        self,
+        model_path: Path,
+        adapter_path: Path | None,
+        tokenizer: PreTrainedTokenizerBase,
+        renderer: PromptRenderer,
+        examples: ExampleBank | None = None,
+        n_threads: int | None = None,
     ) -> None:
-        super().__init__(tokenizer, renderer, has_adapter=adapter_path is not None)
+        super().__init__(tokenizer, renderer, has_adapter=adapter_path is not None, examples=examples)
         ll = _llama()
         self.ll = ll
         self.model_path, self.adapter_path = model_path, adapter_path
@@ -186,21 +195,23 @@ class LlamaCppReplier(StreamingReplier):
             self._contexts["adapter"] = _Context(self._model, adapter, self.n_threads)
         # llama_decode releases the GIL, so the two contexts can decode at the same time.
         self._pool = ThreadPoolExecutor(max_workers=len(self._contexts), thread_name_prefix="llama.cpp")
-        self._rng = np.random.default_rng()
+        self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
     def replies(
-        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), rows: Sequence[Row] | None = None, background: bool = True
+        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
     ) -> Iterator[list[Reply]]:
-        """Up to MAX_SEQUENCES comments decode together, each row in its own context."""
-        rows = tuple(rows or self.rows)
-        for start in range(0, len(comments), MAX_SEQUENCES):
-            chunk = comments[start : start + MAX_SEQUENCES]
-            jobs = [(self.renderer.prompt(comment).input_ids, row) for comment in chunk for row in rows]
+        """As many comments decode together as fill MAX_SEQUENCES in the busiest context (the base
+        one serves both the persona-only and the examples pane)."""
+        panes = tuple(panes or self.panes)
+        chunk_size = max(1, MAX_SEQUENCES // max(Counter(PANE_ROW[pane] for pane in panes).values()))
+        for start in range(0, len(comments), chunk_size):
+            chunk = comments[start : start + chunk_size]
+            jobs = [job for comment in chunk for job in self._jobs(comment, panes)]
             final: list[Reply] = []
-            for final in self._stream_jobs(jobs, settings, background):
+            for final in self._stream_jobs(jobs, panes * len(chunk), settings, background):
                 pass
             for i in range(len(chunk)):
-                yield final[i * len(rows) : (i + 1) * len(rows)]
+                yield final[i * len(panes) : (i + 1) * len(panes)]
 
     def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
         stops = set(self.renderer.stop_ids)
@@ -269,33 +280,20 @@ class LlamaCppReplier(StreamingReplier):
         ``moved``: the decoded entries were the sequences' own last tokens, so their positions advance."""
         step, still = {}, []
         for index, state in zip(wanted, states):
-            token = self._choose(context.logits(index, self.n_vocab), settings)
+            logits = torch.from_numpy(context.logits(index, self.n_vocab).copy())[None]
+            token = choose(logits, [state.history], settings, self._rng)[0]
             step[state.place] = token
             if moved:
                 state.pos += 1
             state.next_token = token
-            state.written += 1
-            if token in stops or state.written >= settings.max_new_tokens:
+            state.history.append(token)
+            if token in stops or len(state.history) >= settings.max_new_tokens:
                 context.drop(state.seq)
             else:
                 still.append(state)
         if step:
             out.put(step)
         return still
-
-    def _choose(self, logits: np.ndarray, settings: GenerationSettings) -> int:
-        if settings.temperature <= 0:
-            return int(logits.argmax())
-        scaled = logits.astype(np.float64) / settings.temperature
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        if settings.top_p < 1:
-            order = np.argsort(-probs)
-            keep = np.cumsum(probs[order]) - probs[order] < settings.top_p  # the smallest set reaching top_p
-            kept = np.zeros_like(probs)
-            kept[order[keep]] = probs[order[keep]]
-            probs = kept / kept.sum()
-        return int(self._rng.choice(len(probs), p=probs))
 
     def close(self) -> None:
         self._pool.shutdown()

@@ -18,8 +18,10 @@ fixed token segments. Each example is then ``head + comment + middle + reply + e
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,11 @@ SLOT = "comment"
 _COMMENT_SENTINEL = "\ue000COMMENT\ue000"
 _REPLY_SENTINEL = "\ue000REPLY\ue000"
 IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy skips
+
+
+def _slot(kind: str, i: int) -> str:
+    """The sentinel of an earlier turn's comment (``C``) or reply (``R``)."""
+    return f"\ue000{kind}{i}\ue000"
 
 
 class PromptError(ValueError):
@@ -169,24 +176,60 @@ class PromptRenderer:
         (what an exported Ollama template wraps around the comment)."""
         return self._head_text, self._middle_text
 
-    def prompt(self, comment: str) -> Prompt:
-        ids = [*self._head, *self._text_ids(self._lead + comment), *self._middle]
-        return Prompt(ids, self._head_text + comment + self._middle_text)
+    def prompt(self, comment: str, examples: Sequence[tuple[str, str]] = ()) -> Prompt:
+        """The generation prompt for ``comment``; ``examples`` are (comment, reply) pairs of the
+        creator's that go first as earlier user/assistant turns (the persona stays in the first
+        user turn, so every prompt starts with the same tokens and the persona's cache is shared)."""
+        ids, text, lead = self._before_comment(examples)
+        return Prompt([*ids, *self._text_ids(lead + comment), *self._middle], text + comment + self._middle_text)
 
-    def example(self, comment: str, reply: str, max_length: int) -> Example:
+    def _before_comment(self, examples: Sequence[tuple[str, str]]) -> tuple[list[int], str, str]:
+        """Token ids and text of a prompt up to its last comment (the persona's head, then each
+        example's comment and reply in the template's turns), and the whitespace that the last
+        comment is tokenized with."""
+        ids, text, lead = list(self._head), self._head_text, self._lead
+        parts = self._turn_parts(len(examples)) if examples else ()
+        for (comment, reply), after_comment, after_reply in zip(examples, parts[1::2], parts[2::2]):
+            # Each slot is tokenized as the single-turn prompt and the training example do: a
+            # comment with the whitespace before it, a reply on its own.
+            ids += [*self._text_ids(lead + comment), *self._template_ids(after_comment), *self._text_ids(reply)]
+            lead = after_reply[len(after_reply.rstrip()) :]
+            ids += self._template_ids(after_reply.rstrip())
+            text += comment + after_comment + reply + after_reply
+        return ids, text, lead
+
+    @functools.lru_cache(maxsize=16)
+    def _turn_parts(self, n: int) -> tuple[str, ...]:
+        """The template's text around the slots of a conversation with ``n`` earlier turns:
+        ``head, comment_0, parts[1], reply_0, parts[2], comment_1, ...`` (parts[0] is the head)."""
+        messages = [{"role": "user", "content": self.persona.fill(_slot("C", 0))}]
+        for i in range(n):
+            messages += [{"role": "assistant", "content": _slot("R", i)}, {"role": "user", "content": _slot("C", i + 1)}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pieces = re.split("\ue000([CR]\\d+)\ue000", text)
+        expected = [name for i in range(n) for name in (f"C{i}", f"R{i}")] + [f"C{n}"]
+        if pieces[1::2] != expected or pieces[0] != self._head_text or pieces[-1] != self._middle_text:
+            raise PromptError(
+                f"the chat template of {self.tokenizer.name_or_path!r} does not render earlier turns before the "
+                "persona's prompt unchanged; the creator's examples cannot go into this template as turns"
+            )
+        return tuple(pieces[0::2][:-1])
+
+    def example(self, comment: str, reply: str, max_length: int, examples: Sequence[tuple[str, str]] = ()) -> Example:
         """Prompt + reply + end of turn; only the reply and the end of turn are learned.
 
         An example longer than ``max_length`` loses the end of its comment, never its reply or its
         end of turn, so the model still learns to stop. Raises PromptError if even the reply alone
-        does not fit.
+        does not fit. ``examples``: earlier turns, as in :meth:`prompt`.
         """
-        comment_ids = self._text_ids(self._lead + comment)
+        before, _, lead = self._before_comment(examples)
+        comment_ids = self._text_ids(lead + comment)
         reply_ids = self._text_ids(reply)
         if not reply_ids:
             # Some tokenizers drop control characters (SmolLM2's drops most of U+0001-U+001F).
             raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")
         answer = [*self._before_reply, *reply_ids, *self._end]
-        fixed = len(self._head) + len(self._middle) + len(answer)
+        fixed = len(before) + len(self._middle) + len(answer)
         room = max_length - fixed
         if room < 1:
             raise PromptError(
@@ -196,7 +239,7 @@ class PromptRenderer:
         cut = max(0, len(comment_ids) - room)
         if cut:
             comment_ids = comment_ids[:room]
-        prompt = [*self._head, *comment_ids, *self._middle]
+        prompt = [*before, *comment_ids, *self._middle]
         return Example([*prompt, *answer], [IGNORE_INDEX] * len(prompt) + answer, cut)
 
     def _template_ids(self, text: str) -> list[int]:
@@ -228,7 +271,9 @@ class Seq2SeqRenderer:
         head, tail = persona.fill(_COMMENT_SENTINEL).split(_COMMENT_SENTINEL)
         self._head, self._tail = self._ids(head), [*self._ids(tail), tokenizer.eos_token_id]
 
-    def prompt(self, comment: str) -> Prompt:
+    def prompt(self, comment: str, examples: Sequence[tuple[str, str]] = ()) -> Prompt:
+        if examples:
+            raise PromptError("an encoder-decoder model has no earlier turns to show the creator's examples in")
         return Prompt([*self._head, *self._ids(comment), *self._tail], self.persona.fill(comment))
 
     def example(self, comment: str, reply: str, max_length: int) -> Example:

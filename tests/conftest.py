@@ -80,8 +80,10 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-adapter")
     get_peft_model(model, lora).save_pretrained(folder)
     (folder / "persona.txt").write_text((ROOT / "prompts" / "persona.txt").read_text())
-    # What a training run saves beside the weights: the held-out pairs it evaluated on.
+    # What a training run saves beside the weights: the held-out pairs it evaluated on, and the
+    # pairs it trained on (the creator's examples that the prompt panes retrieve).
     (folder / "heldout.jsonl").write_text((ROOT / "data" / "heldout.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "examples.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     return folder
 
 

@@ -17,7 +17,7 @@ from inference.default_model import ROOT
 from inference.generate import load_replier
 from training.data import load_pairs
 
-SETTINGS = (24, 0.0, 1.0)  # max_new_tokens, temperature, top_p
+SETTINGS = (24, 0.0, 1.0, 1.0, 0, "examples")  # max_new_tokens, temperature, top_p, repetition penalty, no-repeat n-gram, prompt pane
 
 
 def free_port() -> int:
@@ -30,7 +30,7 @@ def free_port() -> int:
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
     flywheel = tmp_path_factory.mktemp("flywheel")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend), flywheel, adapter_held_out(str(tiny_adapter_dir)))
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes), flywheel, adapter_held_out(str(tiny_adapter_dir)))
     app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo, flywheel
     demo.close()
@@ -48,6 +48,22 @@ def test_reply_endpoint_returns_both_replies_and_the_prompt(client):
     assert base and tuned and base != tuned
     assert "tokens/s" in base_stats and "tokens/s" in tuned_stats
     assert "Thanks, great video!" in prompt and "<|im_start|>assistant" in prompt
+
+
+def test_the_prompt_pane_shows_the_creators_examples_or_the_persona_alone(client, tiny_adapter_dir):
+    """The exact prompt view shows the retrieved examples as earlier turns; the persona-only pane has none."""
+    from inference.adapter_files import adapter_examples
+    from inference.retrieval import ExampleBank
+
+    comment = "What learning rate should I use for LoRA?"
+    shown = ExampleBank(adapter_examples(str(tiny_adapter_dir))).similar(comment)
+    *_, with_examples = client.predict(comment, *SETTINGS, api_name="/reply")
+    *_, persona_only = client.predict(comment, *SETTINGS[:-1], "base", api_name="/reply")
+    prompt_side = with_examples.split("── fine-tuned ──")[0]
+    assert all(c in prompt_side and r in prompt_side for c, r in shown)
+    assert persona_only.split("── fine-tuned ──")[0].count("<|im_start|>assistant") == 1
+    with pytest.raises(Exception, match="Unknown prompt pane"):
+        client.predict(comment, *SETTINGS[:-1], "adapter", api_name="/reply")
 
 
 def test_replies_stream_in_steps(client):
@@ -110,7 +126,7 @@ def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
 
 def test_app_without_adapter_says_so(tiny_model_dir):
     replier = load_replier(str(tiny_model_dir), None, quantization="none")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend), None, [])
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend, replier.panes), None, [])
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
@@ -169,16 +185,17 @@ def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client,
     _, flywheel = server
     held = dict(adapter_held_out(str(tiny_adapter_dir)))
     before = (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
-    comment, a, b, c, verdict = client.predict(api_name="/blind_round")
+    comment, *replies, verdict = client.predict(api_name="/blind_round")
     assert comment in held and verdict == "Which reply sounds most like you?"
-    replies = [a, b, c]
-    assert held[comment] in replies  # the creator's real reply is one of the three, unlabeled
-    letter = "ABC"[replies.index(held[comment])]
+    assert len(replies) == 4  # persona only, persona + examples, fine-tuned, and the real reply
+    assert held[comment] in replies  # the creator's real reply is one of them, unlabeled
+    letter = "ABCD"[replies.index(held[comment])]
     verdict, tally = client.predict(api_name=f"/blind_pick_{letter}")
-    assert f"You picked **{letter}**: your real reply" in verdict and "fine-tuned" in verdict and "base + prompt" in verdict
+    assert f"You picked **{letter}**: your real reply" in verdict
+    assert all(name in verdict for name in ("fine-tuned", "prompt only", "prompt + your examples"))
     assert "1 round(s)" in tally and "your real reply 1" in tally
     lines = (flywheel / "preferences.jsonl").read_text().splitlines()[before:]
-    assert len(lines) == 2 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
+    assert len(lines) == 3 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
     with pytest.raises(Exception, match="This round is decided"):
         client.predict(api_name="/blind_pick_A")
 
@@ -310,7 +327,7 @@ def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(
     for adapter, expected in ((other, pairs), (bare, [])):
         held = adapter_held_out(str(adapter))
         assert held == expected
-        demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend), None, held)
+        demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend, replier.panes), None, held)
         app_module.launch(demo, "127.0.0.1", free_port(), block=False)
         try:
             client = Client(demo.local_url, verbose=False)

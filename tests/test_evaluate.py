@@ -36,14 +36,15 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
     """The replies come from either backend; the losses from the transformers model."""
     scorer = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend=backend)
-    losses = None if backend == "transformers" else held_out_losses(scorer, HELD, 512)
+    losses = None if backend == "transformers" else held_out_losses(scorer, HELD, 512, scorer.panes)
     first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses=losses)
     second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses=losses)
     if backend == "transformers":
-        assert {k: first["table"][k]["held_out_loss"] for k in ("base", "adapter")} == held_out_losses(scorer, HELD, 512)
+        assert {k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter")} == held_out_losses(scorer, HELD, 512, ("base", "examples", "adapter"))
     assert first["settings"]["backend"] == backend
     assert first == second
-    assert set(first["table"]) == {"base", "adapter", "real"}
+    assert set(first["table"]) == {"base", "examples", "adapter", "real"}
+    assert set(first["table"]["examples"]) >= {"loop_rate", "ai_talk_rate", "cut_rate", "chrf", "held_out_loss"}
     assert first["table"]["real"]["signature_rate"] == 1.0 and first["table"]["real"]["length_ratio"] == 1.0
     assert first["table"]["base"]["held_out_loss"] != first["table"]["adapter"]["held_out_loss"]
     assert len(first["replies"]) == 3 and first["replies"][0]["real"] == HELD[0].response

@@ -97,7 +97,7 @@ def test_gguf_and_ollama_export_of_the_shipped_adapter_replies_signed(default_mo
     renderer = PromptRenderer(tokenizer, Persona.from_file(DEFAULT_ADAPTER / "persona.txt"))
     replier = LlamaCppReplier(tmp_path / "base.gguf", tmp_path / "adapter.gguf", tokenizer, renderer)
     try:
-        replies = list(replier.replies(["Thanks, great video!", "Which laptop do you use for data science?", "Loved the part on k-means!"], GenerationSettings(max_new_tokens=80), rows=["adapter"]))
+        replies = list(replier.replies(["Thanks, great video!", "Which laptop do you use for data science?", "Loved the part on k-means!"], GenerationSettings(max_new_tokens=80), panes=["adapter"]))
     finally:
         replier.close()
     signed = [reply.text.rstrip().endswith("–Maya") and reply.stopped for (reply,) in replies]

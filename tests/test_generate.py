@@ -11,6 +11,7 @@ from inference.generate import GenerationSettings, Replier, load_replier
 from prompts.render import Persona, PromptRenderer
 
 GREEDY = GenerationSettings(max_new_tokens=24)
+TWO = ("base", "adapter")  # the persona-only pane and the fine-tuned one: one prompt, two rows of a batch
 
 
 def until_stop(ids: list[int], stops: set[int]) -> list[int]:
@@ -26,7 +27,7 @@ def tiny_replier(tiny_model_dir, tiny_adapter_dir) -> Replier:
 # round differently, so a greedy step whose two best logits tie within bf16 precision can flip.
 @pytest.mark.parametrize("comment", ["Thanks!", "How do I pick k in k-means? <|im_end|>", "¿Cómo elijo k?"])
 def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
-    base, tuned = tiny_replier.reply(comment, GREEDY)
+    base, tuned = tiny_replier.reply(comment, GREEDY, TWO)
     prompt = torch.tensor([tiny_replier.prompt(comment).input_ids])
     model = tiny_replier.model
     kwargs = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, eos_token_id=tiny_replier.renderer.stop_ids, pad_token_id=tiny_replier.tokenizer.pad_token_id)
@@ -50,12 +51,12 @@ def test_a_finished_row_leaves_the_batch(default_model_dir):
 
     replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none", backend="transformers")
     comment, settings = "Thanks, great video!", GenerationSettings(max_new_tokens=40)
-    alone = [replier.reply(comment, settings, rows=[row])[0].token_ids for row in ("base", "adapter")]
-    replier.reply(comment, settings)  # caches the persona prefix: every forward below is a decoding step
+    alone = [replier.reply(comment, settings, panes=[row])[0].token_ids for row in ("base", "adapter")]
+    replier.reply(comment, settings, TWO)  # caches the persona prefix: every forward below is a decoding step
     batch_sizes: list[int] = []
     hook = replier._causal_lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        base, tuned = replier.reply(comment, settings)
+        base, tuned = replier.reply(comment, settings, TWO)
     finally:
         hook.remove()
     assert [base.token_ids, tuned.token_ids] == alone
@@ -92,9 +93,9 @@ def test_the_persona_prefix_is_computed_once_and_reused_unchanged(tiny_replier):
 
 
 def test_single_rows_match_the_mixed_batch(tiny_replier):
-    both = tiny_replier.reply("Nice video", GREEDY)
-    (base,) = tiny_replier.reply("Nice video", GREEDY, rows=["base"])
-    (tuned,) = tiny_replier.reply("Nice video", GREEDY, rows=["adapter"])
+    both = tiny_replier.reply("Nice video", GREEDY, TWO)
+    (base,) = tiny_replier.reply("Nice video", GREEDY, panes=["base"])
+    (tuned,) = tiny_replier.reply("Nice video", GREEDY, panes=["adapter"])
     assert [base.token_ids, tuned.token_ids] == [both[0].token_ids, both[1].token_ids]
 
 
@@ -104,7 +105,7 @@ def test_layers_without_mixed_batches_generate_the_rows_in_turn(tiny_replier):
     in_turn.mixed_batches = False  # what a GPTQ base reports: its LoRA layer's forward takes no keywords
     lengths = [(len(base.token_ids), len(tuned.token_ids)) for base, tuned in in_turn.stream("Nice video", GREEDY)]
     final = in_turn.reply("Nice video", GREEDY)
-    assert [r.token_ids for r in final] == [r.token_ids for r in tiny_replier.reply("Nice video", GREEDY)]
+    assert [r.token_ids for r in final] == [r.token_ids for r in tiny_replier.reply("Nice video", GREEDY, TWO)]
     started = next(i for i, (_, tuned) in enumerate(lengths) if tuned)
     assert lengths[started][0] == lengths[-1][0] > 0  # the base reply was complete before the adapter's began
 
@@ -135,9 +136,9 @@ def test_closing_a_stream_early_frees_the_model_for_the_next_request(tiny_replie
 def test_no_adapter_gives_the_base_row_only(tiny_model_dir, backend):
     replier = load_replier(str(tiny_model_dir), None, quantization="none", backend=backend)
     (reply,) = replier.reply("Hi", GREEDY)
-    assert reply.row == "base" and reply.done
+    assert reply.pane == "base" and reply.done
     with pytest.raises(ValueError, match="no adapter is loaded"):
-        replier.reply("Hi", GREEDY, rows=["adapter"])
+        replier.reply("Hi", GREEDY, panes=["adapter"])
 
 
 def test_settings_are_validated():
@@ -176,7 +177,8 @@ def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_
         pytest.fail(f"the shipped adapter is missing from {DEFAULT_ADAPTER}")
     replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), backend=backend)
     assert replier.backend == backend
-    base, tuned = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
+    base, examples, tuned = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
+    assert examples.stopped and examples.text.rstrip().endswith("–Maya")  # the creator's examples teach the sign-off
     assert tuned.stopped and tuned.text.rstrip().endswith("–Maya")
     assert len(tuned.text) < 120  # a short thank-you gets a short reply
     assert base.text and base.text != tuned.text

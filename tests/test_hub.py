@@ -56,7 +56,7 @@ def trained_folder(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_upload_payload_is_the_adapter_and_its_card(trained_folder):
     names = {p.relative_to(trained_folder).as_posix() for p in upload_files(trained_folder)}
-    for required in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "training_summary.json", "loss_curve.png", CARD_FILE):
+    for required in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "examples.jsonl", "training_summary.json", "loss_curve.png", CARD_FILE):
         assert required in names
     assert not any(n.startswith("checkpoints/") or n.endswith((".bin", ".pt")) for n in names)
     assert any(n.startswith("runs/") for n in names)

@@ -48,8 +48,8 @@ def assert_same_or_parted_at_a_tie(transformers_replier, prompt_ids: list[int], 
     if mine.token_ids == theirs.token_ids:
         return True
     at = next(i for i, (a, b) in enumerate(zip(mine.token_ids, theirs.token_ids)) if a != b)
-    (best, runner_up), gap = top_two(transformers_replier, prompt_ids + theirs.token_ids[:at], mine.row)
-    assert {mine.token_ids[at], theirs.token_ids[at]} == {best, runner_up} and gap < TIE, (mine.row, at, gap)
+    (best, runner_up), gap = top_two(transformers_replier, prompt_ids + theirs.token_ids[:at], mine.pane)
+    assert {mine.token_ids[at], theirs.token_ids[at]} == {best, runner_up} and gap < TIE, (mine.pane, at, gap)
     return False
 
 
@@ -61,7 +61,7 @@ def test_greedy_replies_equal_transformers_float32(llama_replier, transformers_r
         reference = transformers_replier.reply(comment, GREEDY)
         assert ours[0].token_ids != ours[1].token_ids  # the adapter really is applied to its row
         for mine, theirs in zip(ours, reference):
-            assert mine.row == theirs.row
+            assert mine.pane == theirs.pane
             assert len(theirs.token_ids) == GREEDY.max_new_tokens or theirs.stopped
             identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment).input_ids, mine, theirs)
     assert identical >= 2 * len(COMMENTS) - 2, identical
@@ -91,7 +91,7 @@ def test_many_comments_decode_together_to_the_same_replies(llama_replier, transf
     identical = 0
     for comment, replies in zip(comments, together):
         alone = llama_replier.reply(comment, GREEDY)
-        assert [r.row for r in replies] == ["base", "adapter"]
+        assert [r.pane for r in replies] == ["base", "adapter"]
         for mine, theirs in zip(replies, alone):
             identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment).input_ids, mine, theirs)
     assert identical >= 2 * len(comments) - 3
@@ -158,3 +158,46 @@ def test_a_model_llama_cpp_cannot_convert_falls_back_to_transformers_when_auto(m
     assert "llama.cpp cannot run" in caplog.text and "pre-tokenizer" in caplog.text
     with pytest.raises(ExportError, match="convert_hf_to_gguf.py could not convert"):
         load_replier(str(tmp_path), None, quantization="none", backend="llama.cpp")
+
+
+PENALIZED = GenerationSettings(max_new_tokens=24, repetition_penalty=1.5, no_repeat_ngram=3)
+
+
+def has_repeated_ngram(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_repetition_rules_mean_the_same_in_both_engines(llama_replier, transformers_replier):
+    """Penalty and no-repeat n-gram change what greedy decoding writes, and change it the same way
+    in llama.cpp as in transformers."""
+    changed = identical = 0
+    for comment in COMMENTS:
+        plain = transformers_replier.reply(comment, GenerationSettings(max_new_tokens=PENALIZED.max_new_tokens))
+        ours, reference = llama_replier.reply(comment, PENALIZED), transformers_replier.reply(comment, PENALIZED)
+        for mine, theirs, before in zip(ours, reference, plain):
+            assert not has_repeated_ngram(mine.token_ids, 3) and not has_repeated_ngram(theirs.token_ids, 3)
+            identical += mine.token_ids == theirs.token_ids
+            changed += theirs.token_ids != before.token_ids
+    assert changed >= 1  # the tiny model loops without the rules
+    assert identical >= 2 * len(COMMENTS) - 2, identical
+
+
+def test_the_examples_pane_decodes_the_same_in_both_engines(llama_replier, transformers_replier):
+    """Three panes, two of them with other prompts on the base weights: llama.cpp's base context
+    serves both, transformers decodes one prompt after the other; the replies agree."""
+    from inference.retrieval import ExampleBank
+
+    bank = ExampleBank([("Thanks!", "You're welcome! –Maya"), ("What is k-means?", "A clustering method. –Maya"), ("Nice video", "Thank you! –Maya")])
+    panes = ("base", "examples", "adapter")
+    llama_replier.examples = transformers_replier.examples = bank
+    try:
+        identical = 0
+        for comment in COMMENTS[:3]:
+            ours, reference = llama_replier.reply(comment, GREEDY, panes), transformers_replier.reply(comment, GREEDY, panes)
+            assert [r.pane for r in ours] == list(panes)
+            assert ours[0].token_ids != ours[1].token_ids  # the examples change the base model's reply
+            identical += sum(mine.token_ids == theirs.token_ids for mine, theirs in zip(ours, reference))
+        assert identical >= 3 * 3 - 1, identical
+    finally:
+        llama_replier.examples = transformers_replier.examples = None

@@ -66,7 +66,7 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert summary["data"]["hash"] and summary["config_hash"] == config.training_hash()
     assert summary["voice"]["table"]["adapter"]["held_out_loss"] < summary["voice"]["table"]["base"]["held_out_loss"]
     assert "## Voice fidelity" in (folder / "README.md").read_text()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "loss_curve.png", "README.md"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "examples.jsonl", "loss_curve.png", "README.md"):
         assert (folder / name).is_file(), name
     from inference.adapter_files import adapter_held_out
     from training.data import load_pairs

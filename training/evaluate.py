@@ -3,13 +3,16 @@
 On the held-out comments, the base model (+ persona prompt) and the adapter each reply (greedy, so
 two runs agree), and both are compared with the creator's real replies: length ratio to the real
 reply, signature rate, emoji rate, replying in the comment's language, replies copied verbatim from
-the training set (memorization), and the held-out loss on reply tokens. Runs at the end of every
+the training set (memorization), the content measures of inference.quality (loops, talk about being
+an AI, replies cut at the cap, chrF to the real reply) and the held-out loss on reply tokens. Runs at the end of every
 training run; the table goes into training_summary.json, the model card and the console.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import re
 import statistics
@@ -18,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.generate import GenerationSettings, Replier, StreamingReplier
+from inference.generate import PANE_NAMES, PANE_ROW, WITH_EXAMPLES, GenerationSettings, Pane, Replier, StreamingReplier
+from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
 from prompts.render import IGNORE_INDEX, is_signed
 from training.data import Pair
@@ -26,8 +30,6 @@ from training.data import Pair
 EVAL_SETTINGS = GenerationSettings(max_new_tokens=120)
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\U0001f1e6-\U0001f1ff]")
 MIN_WORDS_FOR_LANGUAGE = 4  # language detection on shorter text is a coin toss
-SOURCES = ("base", "adapter", "real")
-LABELS = {"base": "base + prompt", "adapter": "fine-tuned", "real": "creator's real replies"}
 
 
 def language(text: str) -> str | None:
@@ -60,95 +62,162 @@ def reply_stats(replies: Sequence[str], pairs: Sequence[Pair], signature: str | 
     }
 
 
-def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int) -> dict[str, float]:
-    """Loss on the reply tokens of the held-out pairs, with the adapter off and on."""
+def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int, panes: Sequence[Pane] = ("base", "adapter")) -> dict[str, float]:
+    """Loss on the reply tokens of the held-out pairs for each pane: with the adapter off or on, and
+    with the creator's retrieved examples as earlier turns where the pane shows them."""
     import torch
 
-    from training.data import tokenize_pairs
     from training.collate import ReplyCollator
 
-    examples, _ = tokenize_pairs(pairs, replier.renderer, max_length)
     collate = ReplyCollator(replier.tokenizer.pad_token_id)
     model = replier.model
     device = next(model.parameters()).device
 
-    def loss() -> float:
+    def loss(pane: Pane) -> float:
         total = count = 0
         with torch.inference_mode():
-            for e in examples:
+            for pair in pairs:
+                shown = replier.examples.similar(pair.comment) if pane in WITH_EXAMPLES and replier.examples else ()
+                # Room for the examples as well, so that they never cut the comment itself.
+                e = replier.renderer.example(pair.comment, pair.response, max_length * (1 + len(shown)), shown)
                 n = sum(label != IGNORE_INDEX for label in e.labels)
                 batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
                 total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
                 count += n
         return total / count
 
-    with model.disable_adapter():
-        base = loss()
-    return {"base": base, "adapter": loss()}
+    losses = {}
+    for pane in panes:
+        with model.disable_adapter() if PANE_ROW[pane] == "base" else contextlib.nullcontext():
+            losses[pane] = loss(pane)
+    return losses
 
 
 def evaluate(
-    replier: StreamingReplier, held_out: Sequence[Pair], trained: Sequence[Pair], max_length: int = 512, losses: dict[str, float] | None = None
+    replier: StreamingReplier,
+    held_out: Sequence[Pair],
+    trained: Sequence[Pair],
+    max_length: int = 512,
+    losses: dict[str, float] | None = None,
+    panes: Sequence[Pane] | None = None,
+    settings: GenerationSettings = EVAL_SETTINGS,
 ) -> dict[str, Any]:
-    """Every metric for base, fine-tuned and real replies, plus each held-out reply for reading.
+    """Every metric for each pane (by default every pane the replier offers) and the real replies,
+    plus each held-out reply for reading.
 
     ``replier`` writes the replies (llama.cpp on a CPU). The held-out losses are ``losses`` when the
-    caller has them (a training run has just measured both on these pairs), else measured here,
+    caller has them (a training run has just measured them on these pairs), else measured here,
     which needs the transformers model.
     """
     from tqdm.auto import tqdm
 
+    panes = tuple(panes or replier.panes)
     if losses is None:
         if not isinstance(replier, Replier):
             raise TypeError(f"the held-out losses need the transformers model, not {replier.backend}: pass losses=held_out_losses(...)")
-        losses = held_out_losses(replier, held_out, max_length)
+        losses = held_out_losses(replier, held_out, max_length, panes)
     signature = replier.renderer.persona.signature
-    generated: dict[str, list[str]] = {"base": [], "adapter": []}
-    stopped = {"base": 0, "adapter": 0}
+    generated: dict[str, list[str]] = {pane: [] for pane in panes}
+    stopped: dict[str, list[bool]] = {pane: [] for pane in panes}
     comments = [pair.comment for pair in held_out]
-    for replies in tqdm(replier.replies(comments, EVAL_SETTINGS, background=False), total=len(comments), desc=f"voice evaluation ({replier.backend})"):
+    for replies in tqdm(replier.replies(comments, settings, panes, background=False), total=len(comments), desc=f"voice evaluation ({replier.backend})"):
         for reply in replies:
-            generated[reply.row].append(reply.text)
-            stopped[reply.row] += reply.stopped
+            generated[reply.pane].append(reply.text)
+            stopped[reply.pane].append(reply.stopped)
     trained_replies = {p.response.strip() for p in trained}
-    table = {
-        "base": reply_stats(generated["base"], held_out, signature, trained_replies),
-        "adapter": reply_stats(generated["adapter"], held_out, signature, trained_replies),
-        "real": reply_stats([p.response for p in held_out], held_out, signature, trained_replies),
+    real = [p.response for p in held_out]
+    table: dict[str, dict[str, Any]] = {}
+    for pane in panes:
+        table[pane] = {
+            **reply_stats(generated[pane], held_out, signature, trained_replies),
+            **content_stats(generated[pane], stopped[pane], real),
+            "stopped_rate": sum(stopped[pane]) / len(held_out),
+            "held_out_loss": losses.get(pane),
+        }
+    table["real"] = {
+        **reply_stats(real, held_out, signature, trained_replies),
+        "loop_rate": sum(map(loops, real)) / len(real),
+        "ai_talk_rate": sum(map(talks_like_an_ai, real)) / len(real),
     }
-    for source in ("base", "adapter"):
-        table[source]["stopped_rate"] = stopped[source] / len(held_out)
-        table[source]["held_out_loss"] = losses[source]
     return {
         "comments": len(held_out),
-        "settings": {"max_new_tokens": EVAL_SETTINGS.max_new_tokens, "decoding": "greedy", "backend": replier.backend},
+        "settings": {**dataclasses.asdict(settings), "backend": replier.backend},
+        "panes": list(panes),
         "table": table,
-        "replies": [{"comment": p.comment, "real": p.response, "base": b, "adapter": a} for p, b, a in zip(held_out, generated["base"], generated["adapter"])],
+        "replies": [{"comment": p.comment, "real": p.response, **{pane: generated[pane][i] for pane in panes}} for i, p in enumerate(held_out)],
     }
 
 
 ROWS = [
+    ("loop_rate", "loops a phrase 3+ times", "{:.0%}"),
+    ("ai_talk_rate", "talks about being an AI", "{:.0%}"),
+    ("cut_rate", "cut at the token cap", "{:.0%}"),
+    ("chrf", "chrF to the real reply (0-100)", "{:.1f}"),
+    ("held_out_loss", "held-out loss on reply tokens", "{:.3f}"),
     ("length_ratio", "reply length / real reply length (median)", "{:.2f}"),
     ("signature_rate", "ends with the signature", "{:.0%}"),
     ("emoji_rate", "contains an emoji", "{:.0%}"),
     ("same_language_rate", "replies in the comment's language", "{:.0%}"),
     ("memorized_rate", "copied verbatim from the training replies", "{:.0%}"),
-    ("stopped_rate", "ends on its own (not at the token cap)", "{:.0%}"),
-    ("held_out_loss", "held-out loss on reply tokens", "{:.3f}"),
 ]
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| metric | " + " | ".join(LABELS[s] for s in SOURCES) + " |", "|---|---|---|---|"]
+    """The voice table: one column per pane and the creator's real replies."""
+    sources = [*result.get("panes", ("base", "adapter")), "real"]
+    lines = ["| metric | " + " | ".join(PANE_NAMES.get(s, "creator's real replies") for s in sources) + " |", "|---" * (len(sources) + 1) + "|"]
     for key, label, fmt in ROWS:
         cells = []
-        for source in SOURCES:
+        for source in sources:
             value = result["table"][source].get(key)
             cells.append("–" if value is None else fmt.format(value))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     backend = f", replies by {settings['backend']}" if "backend" in settings else ""
-    return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, greedy decoding, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+    return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, {decoding_text(settings)}, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+
+
+VERDICT_MEASURES = [  # (key, what it is, higher is better)
+    ("chrf", "chrF to the real replies", True),
+    ("held_out_loss", "held-out loss", False),
+    ("loop_rate", "loops", False),
+    ("ai_talk_rate", "AI talk", False),
+]
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One plain sentence, with the numbers: where the fine-tuned pane beats the strongest prompt
+    pane (by chrF) and where it does not. '' for a table without both (or from before chrF)."""
+    table = result["table"]
+    prompts = [pane for pane in ("examples", "base") if table.get(pane, {}).get("chrf") is not None]
+    if not prompts or table.get("adapter", {}).get("chrf") is None:
+        return ""
+    best = max(prompts, key=lambda pane: table[pane]["chrf"])
+    tuned, prompt = table["adapter"], table[best]
+    better, worse = [], []
+    for key, name, higher in VERDICT_MEASURES:
+        if tuned.get(key) is None or prompt.get(key) is None or tuned[key] == prompt[key]:
+            continue
+        fmt = "{:.0%}" if key.endswith("_rate") else ("{:.1f}" if key == "chrf" else "{:.3f}")
+        text = f"{name} ({fmt.format(tuned[key])} vs {fmt.format(prompt[key])})"
+        (better if (tuned[key] > prompt[key]) == higher else worse).append(text)
+    head = f"On {result['comments']} held-out comments, the fine-tuned model against the strongest prompt ({PANE_NAMES[best]}): "
+    parts = []
+    if better:
+        parts.append("better on " + ", ".join(better))
+    if worse:
+        parts.append("worse on " + ", ".join(worse))
+    return head + ("; ".join(parts) or "no difference") + "."
+
+
+def decoding_text(settings: dict[str, Any]) -> str:
+    """How the replies were decoded, in words (the settings saved with a voice table)."""
+    parts = ["greedy decoding" if not settings.get("temperature") else f"sampling at temperature {settings['temperature']}"]
+    if settings.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition penalty {settings['repetition_penalty']}")
+    if settings.get("no_repeat_ngram"):
+        parts.append(f"no {settings['no_repeat_ngram']}-token phrase twice")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses come from transformers")
+    parser.add_argument("--panes", nargs="+", choices=list(PANE_ROW), help="which panes to evaluate (default: every pane the app shows for this adapter)")
     parser.add_argument("--json", type=Path, help="also write the full result (with every reply) here")
     args = parser.parse_args(argv)
     held_out = load_pairs(args.eval_data)
     scorer = load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
     replier = load_replier(args.base_model, args.adapter, args.quantization, backend=args.backend)
-    result = evaluate(replier, held_out, load_pairs(args.data), losses=held_out_losses(scorer, held_out, 512))
+    panes = tuple(args.panes or replier.panes)
+    result = evaluate(replier, held_out, load_pairs(args.data), losses=held_out_losses(scorer, held_out, 512, panes), panes=panes)
     print(markdown_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.utils import filter_repo_objects
 
+from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE
 from training.report import PLOT_FILE, SUMMARY_FILE
 
 CARD_FILE = "README.md"
@@ -29,6 +30,8 @@ UPLOAD_PATTERNS = [
     "chat_template.jinja",
     "special_tokens_map.json",
     "persona.txt",
+    HELD_OUT_FILE,  # anonymised: the app's blind test and example comments on a Space that loads from the Hub
+    EXAMPLES_FILE,  # anonymised: the creator's examples that the prompt panes retrieve
     SUMMARY_FILE,
     PLOT_FILE,
     CARD_FILE,
@@ -151,9 +154,13 @@ def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
 def voice_section(summary: dict[str, Any]) -> str:
     if "voice" not in summary:
         return ""
-    from training.evaluate import markdown_table
+    from training.evaluate import markdown_table, verdict
 
-    return "## Voice fidelity\n\nGenerated replies to the held-out comments, compared with the creator's real replies:\n\n" + markdown_table(summary["voice"])
+    return (
+        "## Voice fidelity\n\nGenerated replies to the held-out comments from every pane (the base model with the persona "
+        "prompt, with the persona and the creator's most similar past replies as earlier turns, and fine-tuned), compared "
+        "with the creator's real replies:\n\n" + markdown_table(summary["voice"]) + "\n" + verdict(summary["voice"]) + "\n"
+    )
 
 
 def upload_files(folder: Path) -> list[Path]:

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference.adapter_files import SUMMARY_FILE
 from inference.default_model import ROOT, hub_id
 
 if TYPE_CHECKING:
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
     from training.examples import Prepared
 
-SUMMARY_FILE = "training_summary.json"
 PLOT_FILE = "loss_curve.png"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "llama_cpp_python")
 

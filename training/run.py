@@ -112,7 +112,7 @@ def train(config: TrainConfig) -> int:
     model = run.trainer.accelerator.unwrap_model(run.trainer.model)
     if config.method == "lora":
         model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
-    save_adapter(model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, output, weights)
+    save_adapter(model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, prepared.train_pairs, output, weights)
 
     from training import report
     from training.hub import CARD_FILE, model_card, push_adapter
@@ -262,7 +262,7 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     from inference.adapter_files import HELD_OUT_FILE
     from inference.generate import Replier
     from inference.loading import fsdp_enabled
-    from training.evaluate import evaluate, markdown_table
+    from training.evaluate import evaluate, held_out_losses, markdown_table
     from training.model import ready_for_generation
 
     config = prepared.config
@@ -278,10 +278,15 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
               f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}")
         return
     ready_for_generation(model)
-    trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True)
+    from inference.retrieval import ExampleBank
+
+    examples = ExampleBank([(p.comment, p.response) for p in prepared.train_pairs])
+    trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True, examples=examples)
     # The held-out losses of the table are the ones the run measured, with the adapter off (before
     # training) and on: the same reply tokens of the same pairs.
     replier = voice_replier(config, trained, Path(config.output_dir))
+    # The examples pane's loss is measured here: the run measured the persona-only prompt's.
+    losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples",))}
     result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, config.max_length, losses=losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
 
@@ -297,13 +302,16 @@ def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> Stream
     from inference.llamacpp import LlamaCppReplier
 
     files = gguf_files(config.base_model, output, config.backend)
-    return LlamaCppReplier(*files, trained.tokenizer, trained.renderer) if files else trained
+    return LlamaCppReplier(*files, trained.tokenizer, trained.renderer, trained.examples) if files else trained
 
 
-def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], output: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the adapter, tokenizer, persona and held-out pairs so that a kill leaves the old files or
-    the new ones. The held-out pairs (anonymised) travel with the adapter: the app's blind test and
-    examples are the creator's own comments, not this repository's sample. ``weights``: the trained
+def save_adapter(
+    model, tokenizer, persona: Persona, held_out: list[Pair], trained_on: list[Pair], output: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the adapter, tokenizer, persona, held-out and training pairs so that a kill leaves the
+    old files or the new ones. The pairs (anonymised) travel with the adapter: the app's blind test
+    and example comments are the creator's own, not this repository's sample, and the prompt panes
+    retrieve the creator's examples from the training pairs. ``weights``: the trained
     weights gathered from FSDP's shards (ReplyTrainer.trained_weights), when the model's are shards.
 
     Everything is written into a staging folder first and then moved in file by file (a rename
@@ -311,7 +319,7 @@ def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], outpu
     """
     import torch
 
-    from inference.adapter_files import HELD_OUT_FILE
+    from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE
 
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
@@ -323,8 +331,9 @@ def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], outpu
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
-    rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in held_out)
-    (staging / HELD_OUT_FILE).write_text("".join(rows), encoding="utf-8")
+    for name, pairs in ((HELD_OUT_FILE, held_out), (EXAMPLES_FILE, trained_on)):
+        rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in pairs)
+        (staging / name).write_text("".join(rows), encoding="utf-8")
     for path in staging.iterdir():
         os.replace(path, output / path.name)
     staging.rmdir()

@@ -1,0 +1,92 @@
+"""Reply quality of every pane on the held-out set, in one run: the content measures
+(inference.quality), chrF to the creator's real reply and the held-out loss, for each decoding
+setting asked for; the time 30 comments take through ``inference.compare``; and the replies,
+shuffled with their sources hidden, for a blind reading.
+
+    python -m bench.reply_quality [--decoding 1.0:0 1.3:0 1.0:4] [--out bench/out/reply_quality]
+
+``--decoding PENALTY:NGRAM`` is a repetition penalty and a no-repeat n-gram size (0 = off); the
+default is the shipped GenerationSettings. Writes ``OUT/result.json`` (every table and reply),
+``OUT/blind.jsonl`` (id, comment, reply; shuffled) and ``OUT/blind_key.json`` (id -> pane and
+decoding), and prints Markdown tables for bench/RESULTS.md with the machine and its CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+from inference.compare import compare, read_comments
+from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
+from inference.generate import PANE_ROW, GenerationSettings, load_replier
+from training.data import load_pairs
+from training.evaluate import EVAL_SETTINGS, evaluate, held_out_losses, markdown_table
+from training.report import environment
+
+PANES = tuple(PANE_ROW)  # every pane, the fine-tuned one with examples too
+
+
+def decoding(text: str) -> GenerationSettings:
+    penalty, _, ngram = text.partition(":")
+    return dataclasses.replace(EVAL_SETTINGS, repetition_penalty=float(penalty), no_repeat_ngram=int(ngram or 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--eval-data", type=Path, default=ROOT / "data" / "heldout.jsonl")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "train.jsonl", help="the training pairs (for the memorization rate)")
+    parser.add_argument("--decoding", nargs="+", type=decoding, default=[EVAL_SETTINGS], help="PENALTY:NGRAM settings to compare")
+    parser.add_argument("--blind", type=int, default=20, help="held-out comments per pane and setting in the blind file")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reply_quality")
+    args = parser.parse_args()
+
+    held_out, trained = load_pairs(args.eval_data), load_pairs(args.data)
+    scorer = load_replier(args.base_model, args.adapter, "none", backend="transformers")
+    losses = held_out_losses(scorer, held_out, 512, PANES)
+    replier = load_replier(args.base_model, args.adapter, backend="auto")
+    results = []
+    for settings in args.decoding:
+        started = time.perf_counter()
+        result = evaluate(replier, held_out, trained, losses=losses, panes=PANES, settings=settings)
+        result["seconds"] = time.perf_counter() - started
+        results.append(result)
+
+    comments = read_comments(ROOT / "data" / "heldout.jsonl")[:30]
+    started = time.perf_counter()
+    list(compare(replier, comments, GenerationSettings(), replier.renderer.persona.signature))
+    compare_s = time.perf_counter() - started
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    blind, key = [], {}
+    rng = random.Random(0)
+    for r, result in enumerate(results):
+        for pane in PANES:
+            for i, row in enumerate(result["replies"][: args.blind]):
+                blind.append({"comment": row["comment"], "reply": row[pane]})
+                key_entry = {"pane": pane, "decoding": dataclasses.asdict(args.decoding[r]), "comment_index": i}
+                blind[-1]["_key"] = key_entry
+    rng.shuffle(blind)
+    with (args.out / "blind.jsonl").open("w", encoding="utf-8") as f:
+        for n, item in enumerate(blind):
+            key[n] = item.pop("_key")
+            f.write(json.dumps({"id": n, **item}, ensure_ascii=False) + "\n")
+    (args.out / "blind_key.json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+
+    env = environment()
+    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; llama.cpp replies, losses from transformers (full-precision base)\n")
+    for settings, result in zip(args.decoding, results):
+        print(f"### repetition penalty {settings.repetition_penalty}, no-repeat n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n")
+        print(markdown_table(result))
+    print(f"30 comments through inference.compare (panes {', '.join(replier.panes)}, max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s")
+    print(f"blind reading file: {args.out / 'blind.jsonl'} ({len(blind)} replies); key: {args.out / 'blind_key.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The content measures a careful reader applies first: loops, talk about being an AI, chrF."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.quality import chrf, content_stats, flags, loops, talks_like_an_ai
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Thanks! Thanks! Thanks!", True),  # a sentence three times
+        ("I love this video and I love this video and I love this video so much", True),  # a phrase three times
+        ("Great question! Start with the elbow method, then check the silhouette score. –Maya", False),
+        ("Thanks! Thanks a lot, really. –Maya", False),  # twice is style, not a loop
+        ("k-means, k-means and more k-means: the elbow method helps with k-means. –Maya", False),
+    ],
+)
+def test_loops(reply, expected):
+    assert loops(reply) is expected
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("As a data science AI, I'm designed to help you learn. –Maya", True),
+        ("I'm just an AI assistant, but here's what I think", True),
+        ("As a language model I don't have personal opinions", True),
+        ("I don't have personal experience with that laptop", True),
+        ("Language models like GPT learn from next-token prediction. –Maya", False),
+        ("I built a chatbot with LangChain in the last video. –Maya", False),
+        ("AI is moving fast, I agree! –Maya", False),
+    ],
+)
+def test_talks_like_an_ai(reply, expected):
+    assert talks_like_an_ai(reply) is expected
+
+
+def test_chrf_rewards_the_closer_reply():
+    real = ["Try the elbow method first. –Maya", "You're welcome! –Maya"]
+    assert chrf(real, real) == pytest.approx(100.0)
+    close = chrf(["Try the elbow method. –Maya", "You're welcome –Maya"], real)
+    far = chrf(["Bananas are yellow.", "The weather is nice today."], real)
+    assert 0 <= far < close < 100
+
+
+def test_content_stats_and_flags_count_each_failure():
+    replies = ["Hi! Hi! Hi!", "As an AI I cannot say.", "Thanks for watching! –Maya", "Long reply that was cut"]
+    stats = content_stats(replies, [True, True, True, False], ["Hi –Maya", "Good point –Maya", "Thanks for watching! –Maya", "Sure –Maya"])
+    assert stats["loop_rate"] == 0.25 and stats["ai_talk_rate"] == 0.25 and stats["cut_rate"] == 0.25
+    assert flags("Hi! Hi! Hi!", stopped=False) == ["loops", "cut at the token cap"]
+    assert flags("Thanks! –Maya", stopped=True) == []
