@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from inference.generate import GenerationSettings, load_replier
+from inference.generate import PANE_ROW, GenerationSettings, load_replier
 from inference.gguf_convert import adapter_gguf, base_gguf
 from inference.llamacpp import CONTEXT_TOKENS, MAX_SEQUENCES, LlamaCppReplier
 
@@ -26,7 +26,7 @@ def llama_replier(tiny_model_dir, tiny_adapter_dir, transformers_replier):
     """float32 GGUF files, so that both engines compute the same numbers up to summation order."""
     base = base_gguf(str(tiny_model_dir), outtype="f32")
     adapter = adapter_gguf(tiny_adapter_dir, str(tiny_model_dir))
-    replier = LlamaCppReplier(base, adapter, transformers_replier.tokenizer, transformers_replier.renderer)
+    replier = LlamaCppReplier(base, adapter, transformers_replier.tokenizer, transformers_replier.renderer, transformers_replier.examples)
     yield replier
     replier.close()
 
@@ -48,7 +48,7 @@ def assert_same_or_parted_at_a_tie(transformers_replier, prompt_ids: list[int], 
     if mine.token_ids == theirs.token_ids:
         return True
     at = next(i for i, (a, b) in enumerate(zip(mine.token_ids, theirs.token_ids)) if a != b)
-    (best, runner_up), gap = top_two(transformers_replier, prompt_ids + theirs.token_ids[:at], mine.pane)
+    (best, runner_up), gap = top_two(transformers_replier, prompt_ids + theirs.token_ids[:at], PANE_ROW[mine.pane])
     assert {mine.token_ids[at], theirs.token_ids[at]} == {best, runner_up} and gap < TIE, (mine.pane, at, gap)
     return False
 
@@ -59,12 +59,14 @@ def test_greedy_replies_equal_transformers_float32(llama_replier, transformers_r
     for comment in COMMENTS:
         ours = llama_replier.reply(comment, GREEDY)
         reference = transformers_replier.reply(comment, GREEDY)
-        assert ours[0].token_ids != ours[1].token_ids  # the adapter really is applied to its row
+        assert [r.pane for r in ours] == ["base", "examples", "adapter"]
+        assert ours[0].token_ids != ours[2].token_ids  # the adapter really is applied to its row
+        assert ours[0].token_ids != ours[1].token_ids  # and the creator's examples reach the base model
         for mine, theirs in zip(ours, reference):
             assert mine.pane == theirs.pane
             assert len(theirs.token_ids) == GREEDY.max_new_tokens or theirs.stopped
-            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment).input_ids, mine, theirs)
-    assert identical >= 2 * len(COMMENTS) - 2, identical
+            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs)
+    assert identical >= 3 * len(COMMENTS) - 2, identical
 
 
 def test_an_adapter_that_is_zero_leaves_the_base_unchanged(tiny_model_dir, transformers_replier, tmp_path):
@@ -91,10 +93,10 @@ def test_many_comments_decode_together_to_the_same_replies(llama_replier, transf
     identical = 0
     for comment, replies in zip(comments, together):
         alone = llama_replier.reply(comment, GREEDY)
-        assert [r.pane for r in replies] == ["base", "adapter"]
+        assert [r.pane for r in replies] == ["base", "examples", "adapter"]
         for mine, theirs in zip(replies, alone):
-            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment).input_ids, mine, theirs)
-    assert identical >= 2 * len(comments) - 3
+            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs)
+    assert identical >= 3 * len(comments) - 3
 
 
 def test_the_same_request_always_gets_the_same_replies(llama_replier):
@@ -183,21 +185,12 @@ def test_repetition_rules_mean_the_same_in_both_engines(llama_replier, transform
     assert identical >= 2 * len(COMMENTS) - 2, identical
 
 
-def test_the_examples_pane_decodes_the_same_in_both_engines(llama_replier, transformers_replier):
-    """Three panes, two of them with other prompts on the base weights: llama.cpp's base context
-    serves both, transformers decodes one prompt after the other; the replies agree."""
-    from inference.retrieval import ExampleBank
-
-    bank = ExampleBank([("Thanks!", "You're welcome! –Maya"), ("What is k-means?", "A clustering method. –Maya"), ("Nice video", "Thank you! –Maya")])
-    panes = ("base", "examples", "adapter")
-    llama_replier.examples = transformers_replier.examples = bank
-    try:
-        identical = 0
-        for comment in COMMENTS[:3]:
-            ours, reference = llama_replier.reply(comment, GREEDY, panes), transformers_replier.reply(comment, GREEDY, panes)
-            assert [r.pane for r in ours] == list(panes)
-            assert ours[0].token_ids != ours[1].token_ids  # the examples change the base model's reply
-            identical += sum(mine.token_ids == theirs.token_ids for mine, theirs in zip(ours, reference))
-        assert identical >= 3 * 3 - 1, identical
-    finally:
-        llama_replier.examples = transformers_replier.examples = None
+def test_the_examples_pane_alone_decodes_as_in_the_full_request(llama_replier):
+    """The base context serves the persona-only and the examples pane at once: either alone gives
+    the same reply as both together (the examples are read into a sequence of their own)."""
+    same = 0
+    for comment in COMMENTS:
+        together = llama_replier.reply(comment, GREEDY)
+        (alone,) = llama_replier.reply(comment, GREEDY, ["examples"])
+        same += alone.token_ids == together[1].token_ids
+    assert same >= len(COMMENTS) - 1  # a batch of two runs other kernels: one near-tie may flip
