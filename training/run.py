@@ -37,7 +37,7 @@ from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, Pair, file_hash
 from training.distributed import check_launch, error_prefix, is_main, quiet_unless_main, wait_for_everyone, world_size
 from training.doctor import DoctorError, diagnose_prepared, format_report
-from training.estimate import EstimateError
+from training.architecture import EstimateError
 from training.examples import Prepared, prepare_examples
 
 if TYPE_CHECKING:
@@ -173,7 +173,8 @@ def set_up(prepared: Prepared) -> Run:
 
     from inference.loading import compute_dtype
     from training.cpu import return_large_blocks_to_the_system
-    from training.estimate import GiB, checkpointing_plan, estimate_for_config, memory_limit
+    from training.estimate import checkpointing_plan, estimate_for_config
+    from training.memory import GiB, memory_limit
     from training.model import count_parameters, load_training_base, trainable_model
     from training.trainer import build_trainer
 
