@@ -25,6 +25,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from errors import ReplytuneError
+
 PERSONA_PATH = Path(__file__).with_name("persona.txt")
 SLOT = "comment"
 # Sentinels that no tokenizer treats specially and no persona contains.
@@ -33,7 +35,7 @@ _REPLY_SENTINEL = "\ue000REPLY\ue000"
 IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy skips
 
 
-class PromptError(ValueError):
+class PromptError(ReplytuneError, ValueError):
     """A persona template or chat template that cannot be used, with the reason and the fix."""
 
 

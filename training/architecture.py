@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from errors import ReplytuneError
 from inference.default_model import ROOT
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
 
 
-class EstimateError(ValueError):
+class EstimateError(ReplytuneError, ValueError):
     """A model config that cannot be read, or settings the estimate cannot use."""
 
 

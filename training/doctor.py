@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from errors import ReplytuneError, exits_on_error
 from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_signed
 from training.data import DataError, Pair, check_no_overlap
 
@@ -45,7 +46,7 @@ class Finding:
         return f"  [{'ok' if self.ok else 'FAIL'}] {self.check}: {self.detail}"
 
 
-class DoctorError(RuntimeError):
+class DoctorError(ReplytuneError, RuntimeError):
     """The data doctor found problems; the message is its report."""
 
 
@@ -187,6 +188,7 @@ def diagnose_prepared(prepared: Prepared) -> tuple[list[Finding], str]:
     return diagnose(prepared.train_pairs, prepared.train_examples, prepared.eval_pairs, prepared.renderer, app, collate)
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
     from training.examples import prepare_examples

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from errors import exits_on_error
 from training.architecture import EstimateError, linear_packing, meta_model, model_widths, read_model_config, text_config
 from training.distributed import launch_plan, world_size
 from training.memory import GiB, memory_limit
@@ -329,6 +330,7 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * {"gib": GiB, "g": GiB, "gb": 1e9, "mib": 2**20, "m": 2**20, "mb": 1e6}[unit]
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.estimate", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--model", default=None, help="model id or config path (default: the recipe's base model)")
@@ -338,20 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", type=parse_size, default=None, help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB")
     parser.add_argument("--accelerate-config", default=None, help="the run's accelerate config (e.g. training/configs/accelerate/fsdp.yaml): its processes, and whether FSDP shards the model")
     args = parser.parse_args(argv)
-    from training.config import ConfigError, load_config
+    from training.config import load_config
 
     flags = ["--config", args.config]
     flags += ["--base-model", args.model] if args.model else []
     flags += ["--batch-size", str(args.batch_size)] if args.batch_size else []
-    try:
-        train_config, _ = load_config(flags)
-        # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
-        limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
-        devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
-        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
-    except (ConfigError, EstimateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    train_config, _ = load_config(flags)
+    # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
+    limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
+    devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
+    result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
     print(
         f"{train_config.base_model}: {result.parameters / 1e6:,.1f}M parameters, {result.trainable / 1e6:,.2f}M trainable; "
         f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"

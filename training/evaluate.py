@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from errors import exits_on_error
 from inference.generate import GenerationSettings, Replier, StreamingReplier
 from inference.loading import BACKENDS, QUANTIZATIONS
 from prompts.render import IGNORE_INDEX, is_signed
@@ -151,6 +152,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, greedy decoding, at most {settings['max_new_tokens']} new tokens{backend}.\n"
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
     from inference.generate import load_replier
