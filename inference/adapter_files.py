@@ -9,6 +9,7 @@ from inference.jsonl import Problem, jsonl_rows
 from prompts.render import Persona
 
 HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
+PERSONA_FILE = "persona.txt"  # beside an adapter's weights: the persona it was trained with
 
 
 def adapter_file(adapter: str, name: str) -> Path | None:
@@ -25,9 +26,14 @@ def adapter_file(adapter: str, name: str) -> Path | None:
         return None
 
 
+def write_persona(folder: Path, persona: Persona) -> None:
+    """Save the persona beside an adapter's weights, where adapter_persona reads it back."""
+    (folder / PERSONA_FILE).write_text(persona.template + "\n", encoding="utf-8")
+
+
 def adapter_persona(adapter: str) -> Persona | None:
     """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
-    path = adapter_file(adapter, "persona.txt")
+    path = adapter_file(adapter, PERSONA_FILE)
     return Persona.from_file(path) if path else None
 
 

@@ -312,7 +312,7 @@ def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], outpu
     """
     import torch
 
-    from inference.adapter_files import HELD_OUT_FILE
+    from inference.adapter_files import HELD_OUT_FILE, write_persona
 
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
@@ -323,7 +323,7 @@ def save_adapter(model, tokenizer, persona: Persona, held_out: list[Pair], outpu
         shutil.rmtree(staging)  # left by a save that was killed
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
-    (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    write_persona(staging, persona)
     rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in held_out)
     (staging / HELD_OUT_FILE).write_text("".join(rows), encoding="utf-8")
     for path in staging.iterdir():
