@@ -35,6 +35,7 @@ SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # What the converters need from the vendored llama.cpp tree (the rest is the C++ source).
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+CONVERTERS_FOLDER = "llama.cpp-converters-0.3.36"  # in the cache: the parts, unpacked once
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
 
@@ -49,7 +50,7 @@ class ConvertersUnavailable(ReplytuneError, RuntimeError):
 
 def converters_dir() -> Path:
     """llama.cpp's converter scripts from the pinned sdist, fetched and unpacked on first use."""
-    target = cache_dir() / "llama.cpp-converters-0.3.36"
+    target = cache_dir() / CONVERTERS_FOLDER
     if all((target / part).exists() for part in CONVERTER_PARTS):
         return target
     sdist = _download_sdist(cache_dir() / "sdists")
