@@ -164,18 +164,13 @@ def estimate(
     estimate is per device. ``sharded`` (FSDP, FULL_SHARD): each device keeps 1/devices of the
     weights, trainable parameters, gradients and optimizer state, and gathers whole layers while it
     computes them: the one it computes and the next, which it prefetches."""
-    from training.collate import packed_row_length
-
     model = meta_model(config)
     total, frozen, trainable, in_layers = _weights(model, WEIGHT_BYTES[storage], compute_bytes, lora_r, target_modules)
     trained_bytes = 4 if lora_r is not None else compute_bytes
-    hidden, inner, layers = model_widths(config)
+    layers = model_widths(config)[2]
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
-    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
-    tokens = rows * row_len
-    per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
-    scores = _attention_scores(config, rows, row_len, batch_size, seq_len, shared_prefix, on_cpu)
+    tokens, layer_activations, layer_input = _activations(config, compute_bytes, batch_size, seq_len, shared_prefix, packed_tokens, on_cpu)
     share = devices if sharded else 1
     return Estimate(
         parameters=int(total),
@@ -190,8 +185,8 @@ def estimate(
         gathered=((frozen - in_layers) + 2 * (in_layers + trainable * trained_bytes) / layers) * (1 - 1 / devices) if sharded else 0.0,
         devices=devices,
         layers=layers,
-        layer_activations=tokens * per_layer_token + scores * _score_bytes(config, compute_bytes),
-        layer_input=tokens * hidden * compute_bytes,
+        layer_activations=layer_activations,
+        layer_input=layer_input,
         logits=_logits(config, tokens, learned_tokens),
         runtime=CPU_RUNTIME_BYTES if on_cpu else 0.0,
         loading=_loading(config, total, frozen) if on_cpu else 0.0,
@@ -207,6 +202,21 @@ def _loading(config: PretrainedConfig, total: float, frozen: float) -> float:
         return frozen
     stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
     return total * stored
+
+
+def _activations(
+    config: PretrainedConfig, compute_bytes: int, batch_size: int, seq_len: int, shared_prefix: int, packed_tokens: int | None, on_cpu: bool
+) -> tuple[int, float, float]:
+    """(tokens of the largest batch, what one layer keeps for backward when it is not checkpointed,
+    what a checkpointed layer keeps: its input). A batch with a shared prefix is one packed row."""
+    from training.collate import packed_row_length
+
+    hidden, inner, _ = model_widths(config)
+    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
+    tokens = rows * row_len
+    per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
+    scores = _attention_scores(config, rows, row_len, batch_size, seq_len, shared_prefix, on_cpu)
+    return tokens, tokens * per_layer_token + scores * _score_bytes(config, compute_bytes), tokens * hidden * compute_bytes
 
 
 def _attention_scores(config: PretrainedConfig, rows: int, row_len: int, batch_size: int, seq_len: int, shared_prefix: int, on_cpu: bool) -> int:
