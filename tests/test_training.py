@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.checkpoints import ResumeError
 from training.config import TrainConfig
-from training.run import ResumeError, train
+from training.run import train
 from training.model import count_parameters
 from training.trainer import RunStats
 
