@@ -13,12 +13,14 @@ import functools
 import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
+from errors import exits_on_error
 from inference.compare import compare, pane_labels, to_html
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
 from inference.generate import LIMITS, PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
@@ -98,8 +100,6 @@ def respond(
     if not comment:
         yield notice, "", "", "" if replier.has_adapter else NO_ADAPTER_TEXT, "", ""
         return
-    if prompt_pane not in replier.panes or prompt_pane not in ("base", "examples"):
-        raise gr.Error(f"Unknown prompt pane {prompt_pane!r}; choose one of {', '.join(p for p in replier.panes if p != 'adapter')}.")
     try:
         settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), int(no_repeat_ngram))
     except ValueError as exc:
@@ -334,7 +334,8 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+@exits_on_error
+def main(argv: list[str] | None = None) -> int:
     from inference.generate import load_replier
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = pane_labels(settings.base_model, settings.adapter, replier.backend, replier.panes)
     demo = build_demo(replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter))
     launch(demo, settings.host, settings.port)
+    return 0
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, block: bool = True) -> gr.Blocks:
@@ -363,4 +365,4 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, bl
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -56,7 +56,7 @@ def flop_per_token(model_config) -> float:
     """The speed issue's convention: a LoRA step costs about 6 FLOP per weight per token (forward,
     backward through the activations, and the weight-gradient share the 6N rule counts); the input
     embedding is a lookup, so it counts only when it is also the output head (tied)."""
-    from training.estimate import meta_model
+    from training.architecture import meta_model
 
     model = meta_model(model_config)
     embedding = model.get_input_embeddings().weight
@@ -95,7 +95,7 @@ def random_mistral(folder: Path, tokenizer_path: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     from inference.loading import load_tokenizer
-    from training.estimate import read_model_config
+    from training.architecture import read_model_config
 
     tokenizer = load_tokenizer(tokenizer_path)
     config = read_model_config(MISTRAL)
@@ -224,7 +224,7 @@ def main() -> None:
         return
 
     from inference.default_model import DEFAULT_BASE_MODEL
-    from training.estimate import read_model_config
+    from training.architecture import read_model_config
     from training.report import cpu_flags, environment
 
     out = Path(tempfile.mkdtemp(prefix="replytune-bench-"))

@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from errors import ReplytuneError
 from inference.jsonl import Problem, jsonl_rows
 from prompts.render import Persona
 
+class AdapterFileError(ReplytuneError, ValueError):
+    """A file beside an adapter's weights that cannot be read, with its path and line."""
+
+
 HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
+PERSONA_FILE = "persona.txt"  # beside an adapter's weights: the persona it was trained with
 SUMMARY_FILE = "training_summary.json"  # the run's summary, with its voice table
 EXAMPLES_FILE = "examples.jsonl"  # beside them too: the training pairs, for the prompts that show the creator's examples
 
@@ -29,9 +35,14 @@ def adapter_file(adapter: str, name: str) -> Path | None:
         return None
 
 
+def write_persona(folder: Path, persona: Persona) -> None:
+    """Save the persona beside an adapter's weights, where adapter_persona reads it back."""
+    (folder / PERSONA_FILE).write_text(persona.template + "\n", encoding="utf-8")
+
+
 def adapter_persona(adapter: str) -> Persona | None:
     """The persona an adapter was trained with (persona.txt beside its weights), if it has one."""
-    path = adapter_file(adapter, "persona.txt")
+    path = adapter_file(adapter, PERSONA_FILE)
     return Persona.from_file(path) if path else None
 
 
@@ -66,6 +77,6 @@ def _adapter_pairs(adapter: str | None, name: str) -> list[tuple[str, str]]:
     pairs = []
     for where, row in jsonl_rows(path, path.read_text(encoding="utf-8")):
         if isinstance(row, Problem) or not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("comment", "response")):
-            raise ValueError(f"{where}: not a {{'comment', 'response'}} row ({row if isinstance(row, Problem) else repr(row)[:80]})")
+            raise AdapterFileError(f"{where}: not a {{'comment', 'response'}} row ({row if isinstance(row, Problem) else repr(row)[:80]})")
         pairs.append((row["comment"], row["response"]))
     return pairs

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from errors import exits_on_error
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT, hub_id
 from inference.retrieval import K_EXAMPLES
 from inference.generate import PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
@@ -125,6 +126,7 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
     )
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_BASE_MODEL
     from inference.generate import load_replier

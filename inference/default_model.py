@@ -23,6 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from errors import ReplytuneError
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: data/, prompts/, adapters/
@@ -48,7 +50,7 @@ def from_hub_id(name: str) -> str:
     return DEFAULT_BASE_MODEL if name == DEFAULT_BASE_MODEL_HUB_ID else name
 
 
-class DefaultModelUnavailable(RuntimeError):
+class DefaultModelUnavailable(ReplytuneError, RuntimeError):
     """The embedded default model could not be fetched or converted."""
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from errors import exits_on_error
 from inference.default_model import from_hub_id
 from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir, is_gptq
 from prompts.render import PromptRenderer
@@ -124,6 +125,7 @@ def export(adapter: Path, out: Path, targets: tuple[Target, ...] = TARGETS, base
     return written
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.export", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder written by `python -m training.run`")
@@ -132,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", help="the base the adapter was trained on (default: from its training_summary.json or adapter_config.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        written = export(args.adapter, args.out, tuple(args.targets), args.base_model)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    written = export(args.adapter, args.out, tuple(args.targets), args.base_model)
     for path in written:
         print(f"wrote {path}")
     if "ollama" in args.targets:

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from inference.default_model import DEFAULT_BASE_MODEL, DefaultModelUnavailable, cache_dir, default_model_gguf
+from errors import ReplytuneError
+from inference.default_model import DEFAULT_BASE_MODEL, cache_dir, default_model_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,22 @@ SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # What the converters need from the vendored llama.cpp tree (the rest is the C++ source).
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+CONVERTERS_FOLDER = "llama.cpp-converters-0.3.36"  # in the cache: the parts, unpacked once
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
 
-class ExportError(ValueError):
+class ExportError(ReplytuneError, ValueError):
     """An adapter or base that cannot be converted, naming the file and the fix."""
+
+
+class ConvertersUnavailable(ReplytuneError, RuntimeError):
+    """llama.cpp's converters could not be fetched: the pinned llama-cpp-python sdist they ship in
+    did not download, or not intact."""
 
 
 def converters_dir() -> Path:
     """llama.cpp's converter scripts from the pinned sdist, fetched and unpacked on first use."""
-    target = cache_dir() / "llama.cpp-converters-0.3.36"
+    target = cache_dir() / CONVERTERS_FOLDER
     if all((target / part).exists() for part in CONVERTER_PARTS):
         return target
     sdist = _download_sdist(cache_dir() / "sdists")
@@ -70,14 +77,14 @@ def _download_sdist(folder: Path) -> Path:
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0 or not sdist.is_file():
             said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "nothing"
-            raise DefaultModelUnavailable(
+            raise ConvertersUnavailable(
                 f"could not download the {LLAMA_CPP_PYTHON} sdist from the package registry (pip said: {said}); "
                 f"put {SDIST_NAME} into {folder}, or use --backend transformers"
             )
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
         sdist.unlink()
-        raise DefaultModelUnavailable(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} (corrupt download); it was deleted, run again")
+        raise ConvertersUnavailable(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} (corrupt download); it was deleted, run again")
     return sdist
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from errors import ReplytuneError
+
 PERSONA_PATH = Path(__file__).with_name("persona.txt")
 SLOT = "comment"
 # Sentinels that no tokenizer treats specially and no persona contains.
@@ -40,7 +42,7 @@ def _slot(kind: str, i: int) -> str:
     return f"\ue000{kind}{i}\ue000"
 
 
-class PromptError(ValueError):
+class PromptError(ReplytuneError, ValueError):
     """A persona template or chat template that cannot be used, with the reason and the fix."""
 
 

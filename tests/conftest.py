@@ -1,24 +1,40 @@
 """Shared fixtures: tiny real models built from a config, the embedded default, a Mistral-style tokenizer.
 
-Nothing here reaches the Hub (the suite runs with HF_HUB_OFFLINE=1): the default model comes from
-the package registry into $REPLYTUNE_CACHE once, and everything else is built locally.
+Nothing here reaches the Hub (the suite runs with HF_HUB_OFFLINE=1), and nothing writes into the
+user's caches: each run has its own folder for $REPLYTUNE_CACHE and the Hub cache, removed at the end.
+The default model comes from the user's cache when it has one (minutes saved), else from the package
+registry into the run's folder, once per run; everything else is built locally.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import reads it
-
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from inference.default_model import DEFAULT_BASE_MODEL, ROOT
-from inference.loading import load_tokenizer
-from tests.helpers import build_tiny_model
+from inference.default_model import CACHE_ENV, DEFAULT_BASE_MODEL, FOLDER_NAME, GGUF_MEMBER, ROOT, cache_dir
+from inference.gguf_convert import CONVERTERS_FOLDER
+
+# Set at import, not in a fixture: the Hugging Face libraries read these once, when they are
+# imported (just below), and transformers writes a remote-code model's modules under HF_HOME.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+USER_CACHE = cache_dir()
+RUN_CACHE = Path(tempfile.mkdtemp(prefix="replytune-tests-"))
+os.environ[CACHE_ENV] = str(RUN_CACHE / "replytune")
+os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")
+os.environ["HF_HUB_CACHE"] = str(RUN_CACHE / "huggingface" / "hub")
+
+from inference.loading import load_tokenizer  # noqa: E402
+from tests.helpers import build_tiny_model  # noqa: E402
+
+# What the default model costs minutes to build, each renamed into place only when complete and
+# never written again: a run reads the user's finished copies through links rather than rebuilding.
+FINISHED = (FOLDER_NAME, Path(GGUF_MEMBER).name, CONVERTERS_FOLDER)
 
 # The chat template of mistralai/Mistral-7B-Instruct-v0.2 (no system role; BOS in the template).
 MISTRAL_TEMPLATE = (
@@ -29,6 +45,24 @@ MISTRAL_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's caches go with it (the links to the user's files, not the files): here rather than
+    after the fixture below, so that a run that selects no test leaves nothing behind either."""
+    shutil.rmtree(RUN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches() -> Path:
+    """The run's own replytune cache (see RUN_CACHE), linked to the user's finished default model
+    files where there are any."""
+    run_cache = cache_dir()
+    run_cache.mkdir(parents=True)
+    for name in FINISHED:
+        if (USER_CACHE / name).exists():
+            (run_cache / name).symlink_to(USER_CACHE / name)
+    return run_cache
 
 
 @pytest.fixture(scope="session")

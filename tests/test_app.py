@@ -62,7 +62,7 @@ def test_the_prompt_pane_shows_the_creators_examples_or_the_persona_alone(client
     prompt_side = with_examples.split("── fine-tuned ──")[0]
     assert all(c in prompt_side and r in prompt_side for c, r in shown)
     assert persona_only.split("── fine-tuned ──")[0].count("<|im_start|>assistant") == 1
-    with pytest.raises(Exception, match="Unknown prompt pane"):
+    with pytest.raises(Exception, match="not in the list of choices"):  # Gradio's Radio refuses it
         client.predict(comment, *SETTINGS[:-1], "adapter", api_name="/reply")
 
 
@@ -130,7 +130,7 @@ def test_app_without_adapter_says_so(tiny_model_dir):
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict("Hi", *SETTINGS, api_name="/reply")
+        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict("Hi", *SETTINGS[:-1], "base", api_name="/reply")
         assert base and "No adapter is loaded" in tuned and "python -m training.run" in tuned
     finally:
         demo.close()
@@ -284,7 +284,7 @@ def test_malicious_comments_get_replies_or_a_clear_notice(client, comment):
     assert base and tuned
     if len(comment) > app_module.MAX_COMMENT_CHARS:
         assert f"only the first {app_module.MAX_COMMENT_CHARS:,} were used" in notice
-        assert len(prompt) < app_module.MAX_COMMENT_CHARS + 2_000
+        assert comment[: app_module.MAX_COMMENT_CHARS] in prompt and comment[: app_module.MAX_COMMENT_CHARS + 1] not in prompt
     else:
         assert notice == "" and comment in prompt
 
@@ -332,8 +332,8 @@ def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(
         try:
             client = Client(demo.local_url, verbose=False)
             if expected:
-                comment, a, b, c, _ = client.predict(api_name="/blind_round")
-                assert comment in dict(pairs) and dict(pairs)[comment] in (a, b, c)
+                comment, *replies, _ = client.predict(api_name="/blind_round")
+                assert comment in dict(pairs) and dict(pairs)[comment] in replies
             else:
                 with pytest.raises(Exception, match="carries no held-out comments"):
                     client.predict(api_name="/blind_round")

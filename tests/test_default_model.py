@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,16 @@ def test_converted_model_generates_coherent_text(default_model_dir):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_the_suite_keeps_its_caches_apart_from_the_users(default_model_dir):
+    """conftest gives each run one folder for every cache, set before the Hub library read it."""
+    from huggingface_hub import constants
+
+    run = Path(os.environ["REPLYTUNE_CACHE"]).parent
+    assert run.name.startswith("replytune-tests-")
+    assert default_model_dir.parent == run / "replytune"
+    assert Path(constants.HF_HUB_CACHE) == run / "huggingface" / "hub"
 
 
 def test_second_call_reuses_the_cached_folder(default_model_dir, monkeypatch):

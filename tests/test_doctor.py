@@ -6,9 +6,9 @@ import pytest
 from transformers import DataCollatorForLanguageModeling
 
 from prompts.render import Persona, PromptRenderer
+from training.collate import ReplyCollator, TrainingCollator, shared_prefix_length
 from training.data import Pair, tokenize_pairs
 from training.doctor import diagnose
-from training.collate import ReplyCollator
 
 PERSONA = Persona.from_file()
 
@@ -22,14 +22,26 @@ def renderer(chatml_tokenizer):
     return PromptRenderer(chatml_tokenizer, PERSONA)
 
 
+def packed(renderer, train):
+    """What training feeds the model on a CPU: each batch packed into one row behind the prompt
+    prefix every example shares (TrainingCollator, as training.trainer builds it)."""
+    examples, _ = tokenize_pairs(train, renderer, 512)
+    prefix = shared_prefix_length(examples, 8, 64, linear_attention=True)
+    assert prefix > 0
+    return TrainingCollator(renderer.tokenizer.pad_token_id, prefix)
+
+
 def run(renderer, train, evals=None, app=None, collate=None):
     examples, _ = tokenize_pairs(train, renderer, 512)
-    findings, example = diagnose(train, examples, evals or pairs(3, start=100), renderer, app or renderer, collate or ReplyCollator(renderer.tokenizer.pad_token_id))
+    findings, example = diagnose(train, examples, evals or pairs(3, start=100), renderer, app or renderer, collate or packed(renderer, train))
     return {f.check: f for f in findings}, example
 
 
-def test_defaults_pass_and_show_an_example(renderer):
-    findings, example = run(renderer, pairs(8))
+@pytest.mark.parametrize("batches", ["packed", "padded"])
+def test_defaults_pass_and_show_an_example(renderer, batches):
+    collate = packed(renderer, pairs(8)) if batches == "packed" else TrainingCollator(renderer.tokenizer.pad_token_id)
+    findings, example = run(renderer, pairs(8), collate=collate)
+    assert list(findings) == ["end of turn learned", "one BOS", "loss on the reply only", "training prompt = app prompt", "signature"]
     assert all(f.ok for f in findings.values()), [f.line() for f in findings.values() if not f.ok]
     assert example.endswith("[Thanks][ for][ watching][!][ –][Maya][<|im_end|>]")
 
@@ -44,7 +56,10 @@ def test_pad_equals_eos_collator_is_caught(renderer, chatml_tokenizer):
     finally:
         tokenizer.pad_token = original
     assert not findings["end of turn learned"].ok
-    assert "pad token equal to EOS" in findings["end of turn learned"].detail
+    assert findings["end of turn learned"].detail.startswith(
+        f"8 example(s) do not learn the end-of-turn token (id {tokenizer.eos_token_id}), so the model never learns to stop; "
+        "is the pad token equal to EOS in the collator? data.jsonl:1, data.jsonl:2"
+    )
     assert not findings["loss on the reply only"].ok  # that collator learns the prompt too
 
 
@@ -52,7 +67,11 @@ def test_doubled_bos_is_caught(mistral_tokenizer):
     renderer = PromptRenderer(mistral_tokenizer, PERSONA)
     renderer._head = [mistral_tokenizer.bos_token_id, *renderer._head]  # what a literal <s> in the template does
     findings, _ = run(renderer, pairs(8))
-    assert not findings["one BOS"].ok and "data.jsonl:1" in findings["one BOS"].detail
+    assert not findings["one BOS"].ok
+    assert findings["one BOS"].detail == (
+        "8 example(s) start with two BOS tokens (a literal BOS in the template plus the tokenizer's own): "
+        "data.jsonl:1, data.jsonl:2, data.jsonl:3, data.jsonl:4, data.jsonl:5 and 3 more"
+    )
 
 
 def test_mask_that_leaks_the_prompt_is_caught(renderer):
@@ -63,26 +82,36 @@ def test_mask_that_leaks_the_prompt_is_caught(renderer):
 
     findings, _ = run(renderer, pairs(8), collate=no_mask)
     assert not findings["loss on the reply only"].ok
-    assert "100.0%" in findings["loss on the reply only"].detail
+    assert findings["loss on the reply only"].detail.startswith("8 example(s) learn tokens outside the reply (prompt or comment in the loss")
+    assert findings["loss on the reply only"].detail.endswith("tokens learned (100.0%)")
 
 
 def test_different_dash_in_signature_is_caught(renderer):
     findings, _ = run(renderer, pairs(8, sign=" -Maya"))
     detail = findings["signature"].detail
     assert not findings["signature"].ok
-    assert "U+2013" in detail and "U+002D" in detail and "data.jsonl:1" in detail
+    assert detail == ("the persona signs '–Maya' (U+2013), but 8 repl(ies) sign '-Maya' (U+002D): data.jsonl:1, data.jsonl:2, "
+                      "data.jsonl:3, data.jsonl:4, data.jsonl:5 and 3 more; write it the same way everywhere")
 
 
 def test_app_prompt_that_differs_from_training_is_caught(renderer, chatml_tokenizer):
     app = PromptRenderer(chatml_tokenizer, Persona(PERSONA.template.replace("friendly", "formal")))
     findings, _ = run(renderer, pairs(8), app=app)
     assert not findings["training prompt = app prompt"].ok
+    assert findings["training prompt = app prompt"].detail.startswith("11 comment(s) are rendered differently by the app (from character ")
     assert "'riendly, plain" in findings["training prompt = app prompt"].detail
 
 
-def test_train_eval_overlap_is_caught(renderer):
-    findings, _ = run(renderer, pairs(8), evals=pairs(2))
-    assert not findings["train/eval overlap"].ok
+def test_the_app_prompt_is_built_from_the_persona_the_adapter_folder_gives_back(chatml_tokenizer, monkeypatch, default_model_dir):
+    """The doctor asks the app's own reader (inference.adapter_files) for the persona; a folder that
+    gave back another persona than training used would fail the check."""
+    from inference import adapter_files
+    from training.config import TrainConfig
+    from training.doctor import app_renderer
+
+    assert app_renderer(TrainConfig(), PERSONA).prompt("Hi").input_ids == PromptRenderer(chatml_tokenizer, PERSONA).prompt("Hi").input_ids
+    monkeypatch.setattr(adapter_files, "adapter_persona", lambda folder: Persona(PERSONA.template.replace("friendly", "formal")))
+    assert "formal" in app_renderer(TrainConfig(), PERSONA).prompt("Hi").text
 
 
 def test_doctor_cli_passes_on_the_project_defaults(capsys, default_model_dir):

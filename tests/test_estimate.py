@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from training.config import TrainConfig
-from training.estimate import GiB, EstimateError, estimate, estimate_for_config, main, read_model_config
+from training.architecture import EstimateError, read_model_config
+from training.estimate import estimate, estimate_for_config, main
+from training.memory import GiB
 
 
 def test_mistral_7b_is_estimated_offline_from_its_shipped_config(capsys):
@@ -60,21 +62,32 @@ def test_the_table_adds_up_to_the_total_it_prints(checkpointed, on_cpu):
     assert sum(line.split()[-2] == "*" for line in lines if line.startswith("activations")) == 1
 
 
-@pytest.mark.parametrize("available_gib, checkpointed", [(2.0, "some"), (20.0, "none")])
-def test_on_a_cpu_the_memory_limit_is_half_of_what_the_machine_has_available(default_model_dir, monkeypatch, available_gib, checkpointed):
-    """A low-memory machine still recomputes layers; a roomy one does not pay for it."""
-    import training.estimate as estimate_module
-    from training.estimate import checkpointing_plan, memory_limit
+@pytest.mark.parametrize("room", ["tight", "roomy"])
+def test_on_a_cpu_the_memory_limit_is_half_of_what_the_machine_has_available(default_model_dir, monkeypatch, room):
+    """A low-memory machine recomputes layers, no more than it must; a roomy one does not pay for it.
+    The machines are sized from the estimate itself, which depends on this CPU's compute dtype."""
+    import training.memory
+    from training.estimate import checkpointing_plan
+    from training.memory import memory_limit
 
-    monkeypatch.setattr(estimate_module, "available_memory", lambda: available_gib * GiB)
     config = TrainConfig()
+    unlimited = estimate_for_config(config, 512, on_cpu=True, learned_tokens=config.batch_size * 100)
+    none, every = unlimited.total_with(0), unlimited.total_with(unlimited.layers)
+    need = none if room == "roomy" else (none + every) / 2
+    monkeypatch.setattr(training.memory, "available_memory", lambda: 2 * need)
     limit, source = memory_limit(config)
-    assert limit == pytest.approx(available_gib / 2 * GiB)
-    assert source == f"50% of the {available_gib:.1f} GiB available when the run started"
+    assert limit == pytest.approx(need)
+    assert source == f"50% of the {2 * need / GiB:.1f} GiB available when the run started"
     result = estimate_for_config(config, 512, on_cpu=True, limit=limit, learned_tokens=config.batch_size * 100)
-    assert (result.checkpointed_layers > 0) == (checkpointed == "some")
-    assert result.total <= limit or result.checkpointed_layers == result.layers
-    assert "gradient checkpointing: off" in checkpointing_plan(result, limit, False) or checkpointed == "some"
+    k = result.checkpointed_layers
+    assert result.total <= limit
+    assert k == 0 or result.total_with(k - 1) > limit  # one layer fewer would not fit
+    plan = checkpointing_plan(result, limit, False)
+    if room == "roomy":
+        assert k == 0 and plan == f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
+    else:
+        assert 0 < k < result.layers
+        assert plan == f"gradient checkpointing: {k} of {result.layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
     assert memory_limit(TrainConfig(memory_limit_gib=3.0)) == (3.0 * GiB, "--memory-limit-gib")
 
 

@@ -149,3 +149,14 @@ def test_bad_input_gets_one_clear_error(tiny_model_dir, tiny_adapter_dir, tmp_pa
     shutil.copy(tiny_model_dir / "config.json", weightless / "config.json")
     with pytest.raises(ExportError, match=r"no-weights: no model weights"):
         export(tiny_adapter_dir, tmp_path / "out", ("gguf",), base_model=str(weightless))
+
+
+def test_a_corrupt_converters_sdist_is_refused_and_deleted(tmp_path):
+    """The llama.cpp converters' download has an error of its own, not the default model's."""
+    from inference.gguf_convert import SDIST_NAME, ConvertersUnavailable, _download_sdist
+
+    sdist = tmp_path / SDIST_NAME
+    sdist.write_bytes(b"not the sdist")
+    with pytest.raises(ConvertersUnavailable, match=r"is not the pinned \w+ \(corrupt download\); it was deleted"):
+        _download_sdist(tmp_path)
+    assert not sdist.exists()

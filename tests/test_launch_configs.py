@@ -14,7 +14,9 @@ import torch
 from inference.default_model import ROOT
 from tests.helpers import launch_environment
 from training.config import CONFIGS_DIR, load_config
-from training.estimate import CUDA_CONTEXT_BYTES, GiB, estimate_for_config, launch_plan
+from training.distributed import launch_plan
+from training.estimate import CUDA_CONTEXT_BYTES, estimate_for_config
+from training.memory import GiB
 
 ACCELERATE_CONFIGS = sorted((CONFIGS_DIR / "accelerate").glob("*.yaml"))
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.checkpoints import ResumeError
 from training.config import TrainConfig
-from training.run import ResumeError, train
+from training.run import train
 from training.model import count_parameters
 from training.trainer import RunStats
 
@@ -288,7 +289,8 @@ def test_checkpointing_some_layers_recomputes_only_those_with_the_same_gradients
 
 
 def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, capsys):
-    from training.estimate import GiB, estimate_for_config
+    from training.estimate import estimate_for_config
+    from training.memory import GiB
 
     config = tiny_config(epochs=1)
     estimate = estimate_for_config(config, 64, limit=None)

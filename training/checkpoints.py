@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from errors import ReplytuneError
 from inference.loading import fsdp_enabled
 from training.distributed import world_size
 
@@ -41,15 +42,15 @@ CHECKPOINT_OVERHEAD_BYTES = 16 * 2**20
 RUN_FILE = "run.json"  # beside the checkpoints: what they were trained from, checked on --resume
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ReplytuneError, RuntimeError):
     """--resume cannot continue: no unfinished run, or the data or settings changed since."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(ReplytuneError, RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); the message says how to go on."""
 
 
-class DiskSpaceError(RuntimeError):
+class DiskSpaceError(ReplytuneError, RuntimeError):
     """The output disk cannot hold the checkpoints this run will keep."""
 
 

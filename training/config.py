@@ -17,13 +17,14 @@ from typing import Any, Literal
 
 import yaml
 
+from errors import ReplytuneError
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 
 CONFIGS_DIR = ROOT / "training" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(ReplytuneError, ValueError):
     """A configuration that cannot run, with every problem listed."""
 
 

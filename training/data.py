@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from errors import ReplytuneError
 from inference.jsonl import Problem, jsonl_rows
 from prompts.render import Example, PromptError, PromptRenderer
 
@@ -36,7 +37,7 @@ MAX_PROBLEMS_SHOWN = 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DataError(ValueError):
+class DataError(ReplytuneError, ValueError):
     """Bad training data: the message names the file, the line and the field."""
 
 

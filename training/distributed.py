@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def world_size() -> int:
@@ -66,6 +67,25 @@ def check_launch() -> None:
             "and this machine has none. On a CPU, launch with --config_file training/configs/accelerate/ddp.yaml "
             "or torchrun --nproc-per-node N: the same adapter, each process holding the whole model"
         )
+
+
+def launch_plan(path: Path) -> tuple[int, bool]:
+    """(processes, whether FSDP shards the model) of an accelerate config file: what
+    training.estimate needs to plan the memory of each process."""
+    import yaml
+
+    from training.config import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as an accelerate config ({exc})") from None
+    if not isinstance(data, dict) or "num_processes" not in data:
+        raise ConfigError(f"{path}: no num_processes; expected an accelerate config (accelerate config --config_file {path})")
+    fsdp = data.get("distributed_type") == "FSDP"
+    if fsdp and (data.get("fsdp_config") or {}).get("fsdp_offload_params"):
+        raise ConfigError(f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound")
+    return int(data["num_processes"]), fsdp
 
 
 def error_prefix() -> str:

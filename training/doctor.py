@@ -2,33 +2,40 @@
 ruin small fine-tunes, before any training time is spent. Also run at the start of every
 `python -m training.run` (skip with --no-doctor).
 
-Each check looks at what the model will really see: the token ids and labels after the collator.
+Each check looks at what the model will really see: the token ids and labels after the collator
+that training uses (training.collate.TrainingCollator, packing a batch behind its shared prefix).
 
 * the end-of-turn token is learned in every example (a pad = EOS collator masks it, and the model
   never learns to stop);
 * exactly one BOS (a literal ``<s>`` plus the tokenizer's own doubles it);
 * the label mask covers exactly the reply and its end of turn (loss on the prompt inflates the
   apparent gain); the share of learned tokens is reported;
-* the prompt rendered for training is identical to what the app sends (the app reads the persona
-  that travels with the adapter);
+* the prompt rendered for training is identical to what the app sends (the app loads the tokenizer
+  afresh and reads the persona that travels with the adapter);
 * the signature is written the same way in the persona and in the replies (an en dash in one and
-  a hyphen in the other teaches the model two signatures);
-* no held-out comment is also trained on.
+  a hyphen in the other teaches the model two signatures).
+
+That no held-out comment is also trained on is not checked here: training.examples refuses such data
+before the doctor runs.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from errors import ReplytuneError, exits_on_error
 from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_signed
-from training.data import DataError, Pair, check_no_overlap
+from training.data import Pair
 
 if TYPE_CHECKING:
+    from training.config import TrainConfig
     from training.examples import Prepared
 
 DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212-~"
@@ -45,7 +52,7 @@ class Finding:
         return f"  [{'ok' if self.ok else 'FAIL'}] {self.check}: {self.detail}"
 
 
-class DoctorError(RuntimeError):
+class DoctorError(ReplytuneError, RuntimeError):
     """The data doctor found problems; the message is its report."""
 
 
@@ -55,12 +62,28 @@ def _where(pairs: Sequence[Pair], indexes: list[int]) -> str:
 
 
 def collated_labels(examples: Sequence[Example], collate: Callable[[list[dict[str, Any]]], dict]) -> list[list[int]]:
-    """Each example's labels as the collator hands them to the model (padding cut off again)."""
+    """Each example's labels as the loss receives them from the collator, aligned with its input ids
+    (label t: the token learned at position t; padding cut off again).
+
+    TrainingCollator hands ReplyTrainer ``shift_labels`` (the token each position predicts) and,
+    with a shared prefix, packs the batch into one row whose ``segments`` say which example a
+    position belongs to (-1: the prefix all share). A collator without ``shift_labels`` hands the
+    model ``labels``, which a transformers model shifts itself."""
     out = []
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
-        out.extend(batch["labels"][i, : len(e.input_ids)].tolist() for i, e in enumerate(chunk))
+        if "shift_labels" not in batch:
+            out.extend(batch["labels"][i, : len(e.input_ids)].tolist() for i, e in enumerate(chunk))
+            continue
+        shift = batch["shift_labels"]
+        for i, example in enumerate(chunk):
+            if "segments" in batch:
+                predicted = shift[0][(batch["segments"][0] == -1) | (batch["segments"][0] == i)]
+            else:
+                predicted = shift[i, : len(example.input_ids)]
+            # Position t predicts token t + 1; nothing predicts the first token.
+            out.append([IGNORE_INDEX, *predicted[:-1].tolist()])
     return out
 
 
@@ -129,14 +152,6 @@ def _codepoints(text: str) -> str:
     return " ".join(f"U+{ord(c):04X}" for c in text if not c.isalnum())
 
 
-def check_overlap(train: Sequence[Pair], evals: Sequence[Pair]) -> Finding:
-    try:
-        check_no_overlap(list(train), list(evals))
-    except DataError as exc:
-        return Finding("train/eval overlap", False, str(exc))
-    return Finding("train/eval overlap", True, f"none of the {len(evals)} held-out comments is trained on")
-
-
 def show_example(renderer: PromptRenderer, example: Example, labels: list[int]) -> str:
     """One example token by token, learned tokens marked, so a person can see what is trained."""
     tokenizer = renderer.tokenizer
@@ -163,7 +178,6 @@ def diagnose(
         check_label_mask(train_pairs, train_examples, labels, renderer),
         check_app_prompt(list(train_pairs) + list(eval_pairs), renderer, app_renderer),
         check_signature(list(train_pairs) + list(eval_pairs), renderer.persona.signature),
-        check_overlap(train_pairs, eval_pairs),
     ]
     shortest = min(range(len(train_examples)), key=lambda i: len(train_examples[i].input_ids))
     return findings, show_example(renderer, train_examples[shortest], labels[shortest])
@@ -175,18 +189,30 @@ def format_report(findings: list[Finding], example: str) -> str:
     return "\n".join([head, *(f.line() for f in findings), "  one example, learned tokens in [brackets]:", "    " + example])
 
 
-def diagnose_prepared(prepared: Prepared) -> tuple[list[Finding], str]:
-    """The checks on a run's prepared examples, against the prompt the app will send."""
+def app_renderer(config: TrainConfig, persona: Persona) -> PromptRenderer:
+    """The renderer the app will build for this run's adapter, as inference.generate.load_replier
+    builds it: the base's tokenizer loaded afresh, and the persona as the adapter folder gives it
+    back (written and read by inference.adapter_files, as training.run saves it)."""
+    from inference.adapter_files import adapter_persona, write_persona
     from inference.loading import load_tokenizer
-    from training.collate import ReplyCollator
 
-    config = prepared.config
-    # The app loads the tokenizer afresh and reads the persona copied into the adapter.
-    app = PromptRenderer(load_tokenizer(config.base_model, config.trust_remote_code), Persona.from_file(config.persona))
-    collate = ReplyCollator(prepared.tokenizer.pad_token_id)
+    with tempfile.TemporaryDirectory(prefix="replytune-doctor-") as folder:
+        write_persona(Path(folder), persona)
+        saved = adapter_persona(folder)
+    return PromptRenderer(load_tokenizer(config.base_model, config.trust_remote_code), saved)
+
+
+def diagnose_prepared(prepared: Prepared) -> tuple[list[Finding], str]:
+    """The checks on a run's prepared examples, batched as the trainer batches them (trainer.py's
+    TrainingCollator, with the same shared prefix), against the prompt the app will send."""
+    from training.collate import TrainingCollator
+
+    collate = TrainingCollator(prepared.tokenizer.pad_token_id, prepared.shared_prefix())
+    app = app_renderer(prepared.config, prepared.persona)
     return diagnose(prepared.train_pairs, prepared.train_examples, prepared.eval_pairs, prepared.renderer, app, collate)
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
     from training.examples import prepare_examples

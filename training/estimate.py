@@ -17,19 +17,22 @@ for Mistral-7B without downloading its 14 GB of weights. Each part is counted fr
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import yaml
+from errors import exits_on_error
+from training.architecture import EstimateError, linear_packing, meta_model, model_widths, read_model_config, text_config
+from training.distributed import launch_plan, world_size
+from training.memory import GiB, memory_limit
 
-from inference.default_model import ROOT
-from training.distributed import local_processes, world_size
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
-MODEL_CONFIGS = ROOT / "training" / "model_configs"  # config.json of the recipes' models, a few KB each
+    from training.config import TrainConfig
 
 Storage = Literal["nf4", "gptq", "int8", "bf16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit"]
@@ -45,11 +48,6 @@ CPU_RUNTIME_BYTES = 0.75 * 2**30  # Python + torch + transformers + peft + bitsa
 # What a GPU holds beside the tensors torch allocates (CUDA context, cuBLAS workspace): in what
 # nvidia-smi reports, not in torch.cuda.max_memory_allocated, which the estimate is of.
 CUDA_CONTEXT_BYTES = 0.5 * 2**30
-GiB = 2**30
-
-
-class EstimateError(ValueError):
-    """A model config that cannot be read, or settings the estimate cannot use."""
 
 
 @dataclass
@@ -136,38 +134,8 @@ class Estimate:
         return "\n".join(lines)
 
 
-def read_model_config(name: str):
-    """A transformers config from a shipped file, a local folder or file, or the Hub (online only)."""
-    from transformers import AutoConfig
-
-    from inference.loading import resolve_base_model
-
-    shipped = MODEL_CONFIGS / f"{name.replace('/', '--')}.json"
-    path = shipped if shipped.is_file() else Path(resolve_base_model(name))
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if "model_type" not in data:
-            raise EstimateError(f"{path}: no model_type; expected a transformers config.json")
-        return AutoConfig.for_model(**data)
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except OSError as exc:
-        shipped_names = ", ".join(sorted(p.stem.replace("--", "/") for p in MODEL_CONFIGS.glob("*.json")))
-        raise EstimateError(f"{name}: no config found ({exc}); shipped offline: {shipped_names}") from None
-
-
-def meta_model(config):
-    """The architecture with shapes only: no memory, no weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        return auto.from_config(config)
-
-
 def estimate(
-    config,
+    config: PretrainedConfig,
     *,
     storage: Storage,
     compute_bytes: int,
@@ -196,40 +164,13 @@ def estimate(
     estimate is per device. ``sharded`` (FSDP, FULL_SHARD): each device keeps 1/devices of the
     weights, trainable parameters, gradients and optimizer state, and gathers whole layers while it
     computes them: the one it computes and the next, which it prefetches."""
-    from training.attention import GROUPED, training_attention
-    from training.collate import packed_row_length
-
     model = meta_model(config)
     total, frozen, trainable, in_layers = _weights(model, WEIGHT_BYTES[storage], compute_bytes, lora_r, target_modules)
-
     trained_bytes = 4 if lora_r is not None else compute_bytes
-    # On a CPU the process maps the checkpoint file while it loads (quantizing it, for NF4), and
-    # those pages count in its resident memory until loading ends; a quantized checkpoint's file is
-    # about its quantized size.
-    stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
-    loading = (frozen if getattr(config, "quantization_config", None) else total * stored) if on_cpu else 0.0
-    hidden, inner, layers = model_widths(config)
-    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
-    tokens = rows * row_len
-    per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
-    # On a CPU, training attention is the plain softmax(QK^T)V path (see load_base_model), which
-    # keeps each layer's attention probabilities per head and query-key pair: in the compute dtype
-    # (inference.attention), or transformers' eager float32 softmax plus its compute-dtype copy.
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
-    score_bytes = compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
-    if shared_prefix and linear_packing(config, on_cpu):
-        # Packed rows attend example by example (training.attention.packed_attention): the prefix
-        # causally, each example's own tokens against the prefix and themselves.
-        own = seq_len - shared_prefix
-        scores = shared_prefix**2 + batch_size * own * (shared_prefix + own)
-    else:
-        scores = rows * row_len**2
-    per_layer_scores = heads * scores * score_bytes if on_cpu else 0
+    layers = model_widths(config)[2]
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
-    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    logits = (tokens if learned_tokens is None else min(learned_tokens, tokens)) * vocab * 4 * 2  # float32 logits and their gradient
+    tokens, layer_activations, layer_input = _activations(config, compute_bytes, batch_size, seq_len, shared_prefix, packed_tokens, on_cpu)
     share = devices if sharded else 1
     return Estimate(
         parameters=int(total),
@@ -244,16 +185,72 @@ def estimate(
         gathered=((frozen - in_layers) + 2 * (in_layers + trainable * trained_bytes) / layers) * (1 - 1 / devices) if sharded else 0.0,
         devices=devices,
         layers=layers,
-        layer_activations=tokens * per_layer_token + per_layer_scores,
-        layer_input=tokens * hidden * compute_bytes,
-        logits=logits,
+        layer_activations=layer_activations,
+        layer_input=layer_input,
+        logits=_logits(config, tokens, learned_tokens),
         runtime=CPU_RUNTIME_BYTES if on_cpu else 0.0,
-        loading=loading,
+        loading=_loading(config, total, frozen) if on_cpu else 0.0,
         checkpointed_layers=checkpointed_layers,
     )
 
 
-def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float, float]:
+def _loading(config: PretrainedConfig, total: float, frozen: float) -> float:
+    """Bytes of the checkpoint file a CPU process maps while it loads (quantizing it, for NF4): those
+    pages count in its resident memory until loading ends. A quantized checkpoint's file is about
+    its quantized size."""
+    if getattr(config, "quantization_config", None):
+        return frozen
+    stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
+    return total * stored
+
+
+def _activations(
+    config: PretrainedConfig, compute_bytes: int, batch_size: int, seq_len: int, shared_prefix: int, packed_tokens: int | None, on_cpu: bool
+) -> tuple[int, float, float]:
+    """(tokens of the largest batch, what one layer keeps for backward when it is not checkpointed,
+    what a checkpointed layer keeps: its input). A batch with a shared prefix is one packed row."""
+    from training.collate import packed_row_length
+
+    hidden, inner, _ = model_widths(config)
+    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
+    tokens = rows * row_len
+    per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
+    scores = _attention_scores(config, rows, row_len, batch_size, seq_len, shared_prefix, on_cpu)
+    return tokens, tokens * per_layer_token + scores * _score_bytes(config, compute_bytes), tokens * hidden * compute_bytes
+
+
+def _attention_scores(config: PretrainedConfig, rows: int, row_len: int, batch_size: int, seq_len: int, shared_prefix: int, on_cpu: bool) -> int:
+    """The attention probabilities one layer keeps, per head (0 on a GPU). On a CPU, training
+    attention is the plain softmax(QK^T)V path (see load_base_model), which keeps them per head and
+    query-key pair."""
+    if not on_cpu:
+        return 0
+    text = text_config(config)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
+    if shared_prefix and linear_packing(config, on_cpu):
+        # Packed rows attend example by example (training.attention.packed_attention): the prefix
+        # causally, each example's own tokens against the prefix and themselves.
+        own = seq_len - shared_prefix
+        return heads * (shared_prefix**2 + batch_size * own * (shared_prefix + own))
+    return heads * rows * row_len**2
+
+
+def _score_bytes(config: PretrainedConfig, compute_bytes: int) -> int:
+    """Bytes per attention probability: in the compute dtype (inference.attention), or transformers'
+    eager float32 softmax plus its compute-dtype copy."""
+    from training.attention import GROUPED, training_attention
+
+    text = text_config(config)
+    return compute_bytes if training_attention(text) == GROUPED else 4 + compute_bytes
+
+
+def _logits(config: PretrainedConfig, tokens: int, learned_tokens: int | None) -> float:
+    """Bytes of the output head's float32 logits and their gradient, at the learned positions."""
+    vocab = text_config(config).vocab_size
+    return (tokens if learned_tokens is None else min(learned_tokens, tokens)) * vocab * 4 * 2
+
+
+def _weights(model: torch.nn.Module, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float, float]:
     """(parameters, bytes of the frozen weights, trainable parameters, bytes of the frozen block
     linear weights) of a meta model: its block linear layers stored at ``quantized_bytes`` per
     weight, the rest in the compute dtype, LoRA of rank ``lora_r`` on ``target_modules`` (None:
@@ -286,59 +283,8 @@ def _weights(model, quantized_bytes: float, compute_bytes: int, lora_r: int | No
     return total, frozen, total if lora_r is None else trainable, in_layers
 
 
-def linear_packing(config, on_cpu: bool) -> bool:
-    """Whether packed rows attend example by example (a CPU training the model with
-    training.attention's grouped attention), rather than over the whole row."""
-    from training.attention import GROUPED, training_attention
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return on_cpu and training_attention(text) == GROUPED
-
-
-def model_widths(config) -> tuple[int, int, int]:
-    """(hidden size, MLP width, layers that keep activations) of a decoder or encoder-decoder config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None)
-    inner = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", 0) + getattr(text, "num_decoder_layers", 0)
-    if not hidden or not layers:
-        raise EstimateError(f"{text.model_type}: cannot read the hidden size and layer count from its config")
-    return hidden, inner, layers
-
-
-# On a CPU with no limit given: this share of the memory available when the run starts. The
-# estimate is within ~20% of measured peaks, a run's heap grows ~0.05-0.1 GiB per epoch past it
-# (bench/RESULTS.md), and the rest of the machine (the app, a browser) keeps running beside it.
-CPU_MEMORY_SHARE = 0.5
-
-
-def available_memory() -> float:
-    """Bytes the OS can give this process now without swapping (psutil: MemAvailable on Linux)."""
-    import psutil
-
-    return float(psutil.virtual_memory().available)
-
-
-def memory_limit(train_config) -> tuple[float, str]:
-    """Bytes a run may use, and where that number came from: ``memory_limit_gib``, else on a GPU 90%
-    of the card (the rest is the CUDA context and the allocator's slack), else CPU_MEMORY_SHARE of
-    the memory available now."""
-    import torch
-
-    if train_config.memory_limit_gib is not None:
-        return train_config.memory_limit_gib * GiB, "--memory-limit-gib"
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        return 0.9 * total, f"90% of the GPU's {total / GiB:.1f} GiB"
-    available, processes = available_memory(), local_processes()
-    share = f"{CPU_MEMORY_SHARE:.0%} of the {available / GiB:.1f} GiB available when the run started"
-    if processes == 1:
-        return CPU_MEMORY_SHARE * available, share
-    return CPU_MEMORY_SHARE * available / processes, f"{share}, shared by this machine's {processes} processes"
-
-
 def estimate_for_config(
-    train_config,
+    train_config: TrainConfig,
     seq_len: int | None = None,
     on_cpu: bool | None = None,
     limit: float | None = None,
@@ -386,6 +332,7 @@ def estimate_for_config(
 
 
 def parse_size(text: str) -> float:
+    """Bytes of a size given on the command line: 24GiB, 40GB, 8000MiB (no unit: GiB)."""
     match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text, re.IGNORECASE)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 24GiB or 8000MiB")
@@ -393,6 +340,7 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * {"gib": GiB, "g": GiB, "gb": 1e9, "mib": 2**20, "m": 2**20, "mb": 1e6}[unit]
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.estimate", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--model", default=None, help="model id or config path (default: the recipe's base model)")
@@ -402,20 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", type=parse_size, default=None, help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB")
     parser.add_argument("--accelerate-config", default=None, help="the run's accelerate config (e.g. training/configs/accelerate/fsdp.yaml): its processes, and whether FSDP shards the model")
     args = parser.parse_args(argv)
-    from training.config import ConfigError, load_config
+    from training.config import load_config
 
     flags = ["--config", args.config]
     flags += ["--base-model", args.model] if args.model else []
     flags += ["--batch-size", str(args.batch_size)] if args.batch_size else []
-    try:
-        train_config, _ = load_config(flags)
-        # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
-        limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
-        devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
-        result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
-    except (ConfigError, EstimateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    train_config, _ = load_config(flags)
+    # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
+    limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
+    devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
+    result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
     print(
         f"{train_config.base_model}: {result.parameters / 1e6:,.1f}M parameters, {result.trainable / 1e6:,.2f}M trainable; "
         f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"
@@ -427,20 +371,6 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "fits" if result.total <= args.gpu_memory else "does not fit"
         print(f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about {CUDA_CONTEXT_BYTES / GiB:.1f} GiB of CUDA context)")
     return 0
-
-
-def launch_plan(path: Path) -> tuple[int, bool]:
-    """(processes, whether FSDP shards the model) of an accelerate config file."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise EstimateError(f"{path}: cannot read it as an accelerate config ({exc})") from None
-    if not isinstance(data, dict) or "num_processes" not in data:
-        raise EstimateError(f"{path}: no num_processes; expected an accelerate config (accelerate config --config_file {path})")
-    fsdp = data.get("distributed_type") == "FSDP"
-    if fsdp and (data.get("fsdp_config") or {}).get("fsdp_offload_params"):
-        raise EstimateError(f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound")
-    return int(data["num_processes"]), fsdp
 
 
 def checkpointing_plan(result: Estimate, limit: float, forced: bool) -> str:

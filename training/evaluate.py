@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from errors import exits_on_error
 from inference.generate import PANE_NAMES, PANE_ROW, WITH_EXAMPLES, GenerationSettings, Pane, Replier, StreamingReplier
 from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
@@ -220,6 +221,7 @@ def decoding_text(settings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
     from inference.generate import load_replier

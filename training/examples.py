@@ -203,7 +203,7 @@ class Prepared:
 
         from inference.internals.transformers import attention_known
         from training.collate import shared_prefix_length
-        from training.estimate import linear_packing, model_widths, read_model_config
+        from training.architecture import linear_packing, model_widths, read_model_config
 
         if self.seq2seq or not attention_known():
             return 0

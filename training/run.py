@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.default_model import DefaultModelUnavailable, hub_id
+from errors import EXIT_ERROR, ReplytuneError
+from inference.default_model import hub_id
 from prompts.render import Persona, PromptError
 from training.checkpoints import (
     CHECKPOINTS,
     NO_ROOM_ERRNOS,
     RUN_FILE,
-    CheckpointWriteError,
-    DiskSpaceError,
-    ResumeError,
     check_disk_space,
     last_complete_checkpoint,
     prepare_output,
@@ -37,7 +35,6 @@ from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, Pair, file_hash
 from training.distributed import check_launch, error_prefix, is_main, quiet_unless_main, wait_for_everyone, world_size
 from training.doctor import DoctorError, diagnose_prepared, format_report
-from training.estimate import EstimateError
 from training.examples import Prepared, prepare_examples
 
 if TYPE_CHECKING:
@@ -48,7 +45,7 @@ if TYPE_CHECKING:
     from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(ReplytuneError, RuntimeError):
     """Training stopped on a diverging loss or out of memory; the message names the step and the way on."""
 
 
@@ -61,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         check_launch()
         print_settings(config, sources)
         return train(config)
-    except (ConfigError, DataError, PromptError, DefaultModelUnavailable, ResumeError, DoctorError, DiskSpaceError, CheckpointWriteError, TrainingStopped, EstimateError, PermissionError, FileNotFoundError) as exc:
+    except (ReplytuneError, PermissionError, FileNotFoundError) as exc:
+        # Besides replytune's own errors, two that the OS or a library raises with a message naming
+        # the fix: no Hugging Face token to push with, or a folder it may not write (PermissionError),
+        # and a path given that is not there (FileNotFoundError).
         # Every process of a launched run reads the same settings and files: the main one says
         # what is wrong with them. Anything else may be one process's own (its GPU ran out of memory).
         if is_main() or not isinstance(exc, (ConfigError, DataError, PromptError)):
             print(f"{error_prefix()}error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 def _quiet_when_disk_full(args: threading.ExceptHookArgs) -> None:
@@ -173,7 +173,8 @@ def set_up(prepared: Prepared) -> Run:
 
     from inference.loading import compute_dtype
     from training.cpu import return_large_blocks_to_the_system
-    from training.estimate import GiB, checkpointing_plan, estimate_for_config, memory_limit
+    from training.estimate import checkpointing_plan, estimate_for_config
+    from training.memory import GiB, memory_limit
     from training.model import count_parameters, load_training_base, trainable_model
     from training.trainer import build_trainer
 
@@ -319,7 +320,7 @@ def save_adapter(
     """
     import torch
 
-    from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE
+    from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE, write_persona
 
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
@@ -330,7 +331,7 @@ def save_adapter(
         shutil.rmtree(staging)  # left by a save that was killed
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
-    (staging / "persona.txt").write_text(persona.template + "\n", encoding="utf-8")
+    write_persona(staging, persona)
     for name, pairs in ((HELD_OUT_FILE, held_out), (EXAMPLES_FILE, trained_on)):
         rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in pairs)
         (staging / name).write_text("".join(rows), encoding="utf-8")

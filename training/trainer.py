@@ -20,6 +20,7 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
+from errors import ReplytuneError
 from inference.internals.transformers import attention_implementation, checkpoint_errors_named
 from prompts.render import IGNORE_INDEX, Example
 from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
@@ -31,7 +32,7 @@ from training.distributed import is_main, world_size
 RUNS = "runs"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(ReplytuneError, RuntimeError):
     """The training loss became NaN or infinite; the run stops before the update that would spread it."""
 
     def __init__(self, step: int, value: float) -> None:

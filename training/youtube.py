@@ -25,13 +25,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from errors import ReplytuneError
+
 API_URL = "https://www.googleapis.com/youtube/v3"
 KEY_ENV = "YOUTUBE_API_KEY"
 PAGE_SIZE = 100  # the API's maximum for commentThreads.list
 TIMEOUT_S = 30
 
 
-class FetchError(RuntimeError):
+class FetchError(ReplytuneError, RuntimeError):
     """The API refused or could not be reached; the message is one line and says what to do."""
 
 
