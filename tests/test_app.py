@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 
 import pytest
 from gradio_client import Client
@@ -15,15 +14,10 @@ from inference.adapter_files import adapter_held_out
 from inference.compare import pane_labels
 from inference.default_model import ROOT
 from inference.generate import load_replier
+from tests.helpers import free_port
 from training.data import load_pairs
 
 SETTINGS = (24, 0.0, 1.0)  # max_new_tokens, temperature, top_p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
