@@ -255,7 +255,8 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
 
     client = Client(inbox_app.local_url, verbose=False)
     counts, table, picked = client.predict(None, api_name="/inbox")
-    assert counts == "11 waiting · 0 approved · 0 posted" and picked == UNANSWERED[0] and len(table["data"]) == 11
+    assert counts == "11 waiting · 0 approved · 0 posted" and len(table["data"]) == 11
+    assert picked["value"] == UNANSWERED[0] and [value for _, value in picked["choices"]] == UNANSWERED  # newest first
     comment, reply = client.predict(UNANSWERED[0], api_name="/inbox_pick")
     assert comment == "@viewer1: How do I start with topic 1, @viewer1?" and reply == inbox.load(drafted)[UNANSWERED[0]].draft
     client.predict(UNANSWERED[0], "My own answer, @viewer1. –Maya", api_name="/inbox_approve")

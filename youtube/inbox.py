@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from youtube.api import KEY_ENV, ApiError, Client, NetworkError, YouTubeError, default_api_url
+from youtube.auth import AuthError
 from youtube.fetch import thread_page, write_atomically
 
 if TYPE_CHECKING:
@@ -379,6 +380,9 @@ def _post_one(state: Path, client: Client, item: Item, run: PostRun) -> None:
             _set(state, item, "approved")
             raise _stopped(state, exc, run) from None
         return
+    except AuthError as exc:  # no access token, so the call was never sent
+        _set(state, item, "approved")
+        raise _stopped(state, exc, run) from None
     except NetworkError as exc:
         raise _stopped(state, exc, run) from None  # it may have been posted: stays "posting", looked up next time
     run.posted.append(_set(state, item, "posted", reply_id=answer.get("id", "")))
