@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -68,6 +72,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_app(flags: list[str], env: dict[str, str], timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`python app.py FLAGS` in its own process on a free port of 127.0.0.1, once it answers; its URL."""
+    from inference.default_model import ROOT
+
+    port = free_port()
+    command = [sys.executable, "app.py", *flags, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return process, url
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"app.py did not start: {process.stderr.read()[-2000:]}") from None
+            time.sleep(0.5)
 
 
 def comment_thread(i: int, channel: str, owner_reply: bool, others: int = 0, published: str = "2026-11-30T12:00:00Z") -> dict:

@@ -64,7 +64,7 @@ def explain(status: int, reason: str, message: str) -> str:
         return "comments are turned off for this channel's videos, so there is nothing to fetch"
     if reason == "channelNotFound":
         return "no channel with that id: pass the channel id (it starts with UC), not its @handle or name"
-    return f"the YouTube API answered {status} {reason}: {message}".replace("  ", " ").rstrip(": ")
+    return f"the YouTube API answered {status}{' ' + reason if reason else ''}: {message or 'no message'}"
 
 
 def _error(status: int, body: bytes) -> ApiError:
