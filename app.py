@@ -377,7 +377,7 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
     parser.add_argument(
         "--inbox",
         default=env.get("INBOX_DIR", ""),
-        help="the comment inbox's state folder (python -m youtube.inbox pull --state DIR); shows the Inbox tab [env INBOX_DIR]",
+        help="the comment inbox's state folder (python -m youtube.inbox pull --state DIR); shows the Inbox tab, where whoever reaches the app can approve and post: keep such an app private [env INBOX_DIR]",
     )
     args = parser.parse_args(argv)
     adapter = None if args.adapter.strip().lower() in (NO_ADAPTER, "") else args.adapter

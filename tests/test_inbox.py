@@ -190,6 +190,15 @@ def test_a_revoked_sign_in_is_one_line_and_keeps_every_approval(api, drafted, ca
     assert statuses(drafted)["approved"] == 2 and api.inserts == []
 
 
+def test_posting_before_signing_in_says_how_to_sign_in(api, drafted, capsys):
+    approve_all(drafted, UNANSWERED[:1])
+    auth.default_token_file().unlink()
+    assert run(drafted, "post") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: not signed in to YouTube") and "python -m youtube.inbox login --client-secrets" in line
+    assert statuses(drafted)["approved"] == 1
+
+
 def test_the_quota_running_out_mid_batch_keeps_the_rest_approved_for_later(api, drafted, capsys):
     approve_all(drafted, UNANSWERED[:5])
     api.quota_after_inserts = 2
@@ -237,6 +246,16 @@ def test_no_token_in_the_inbox_state_the_output_or_the_repository(api, drafted, 
     assert not any(token in token_file.read_text() for token in api.access_tokens)  # access tokens live in memory only
     with pytest.raises(auth.AuthError, match="inside the repository"):
         auth.load(ROOT / "youtube-token.json", api.token_url)
+
+
+def test_the_app_shows_the_inbox_only_when_given_a_state_folder(monkeypatch, tmp_path):
+    import app as app_module
+
+    monkeypatch.delenv("INBOX_DIR", raising=False)
+    assert app_module.parse_app_settings([]).inbox_dir is None
+    monkeypatch.setenv("INBOX_DIR", str(tmp_path))
+    assert app_module.parse_app_settings([]).inbox_dir == tmp_path
+    assert app_module.parse_app_settings(["--inbox", str(tmp_path / "other")]).inbox_dir == tmp_path / "other"
 
 
 @pytest.fixture

@@ -361,14 +361,26 @@ def post(state: Path, client: Client, echo: Callable[[str], None] = print) -> Po
     run = PostRun()
     for item in [i for i in load(state).values() if i.status == "posting"]:
         _resolve(state, client, item, run)
-    for item in [i for i in load(state).values() if i.status == "approved"]:
-        _post_one(state, client, item, run)
-        echo(f"{item.id}: {item.status}")
+    for comment_id in [i.id for i in load(state).values() if i.status == "approved"]:
+        if item := _claim(state, comment_id):
+            _post_one(state, client, item, run)
+            echo(f"{item.id}: {item.status}")
     return run
 
 
+def _claim(state: Path, comment_id: str) -> Item | None:
+    """Record the item ``posting`` before the call, so that a crash after it is looked up, never
+    posted blind; None if the creator changed their mind (skipped it) since the batch began. The
+    text posted is the one recorded here."""
+    with editing(state) as items:
+        item = items[comment_id]
+        if item.status != "approved":
+            return None
+        item.status = "posting"
+        return dataclasses.replace(item)
+
+
 def _post_one(state: Path, client: Client, item: Item, run: PostRun) -> None:
-    _set(state, item, "posting")  # recorded before the call: a crash after it is looked up, never posted blind
     try:
         answer = client.post("comments", {"part": "snippet"}, {"snippet": {"parentId": item.id, "textOriginal": item.final}})
     except ApiError as exc:
