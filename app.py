@@ -3,7 +3,8 @@ adapter reply side by side, streamed from one model in memory.
 
 UI only: the model is loaded once in ``main()``, never at import; what it serves comes from flags
 or the environment (what Hugging Face Spaces sets as Space variables and secrets; flags win).
-Replies, comparison and model loading live in ``inference/``, the flywheel's files in ``training/``.
+Replies, comparison and model loading live in ``inference/``, the flywheel's files in ``training/``,
+the comment inbox in ``youtube/``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from inference.generate import LIMITS, PANE_NAMES, GenerationSettings, Pane, Rep
 from inference.quality import flags
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
+from youtube import inbox
+from youtube.api import YouTubeError
 
 logger = logging.getLogger("replytune.app")
 
@@ -180,10 +183,18 @@ def pick(flywheel_dir: Path | None, choice: str, state: dict | None) -> tuple:
     return state, f"You picked **{choice}**: {blind_name(sources[index])}. {reveal}.{stored}", tally_text(tally)
 
 
-def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, held_out: list[tuple[str, str]], verdict: str = "") -> gr.Blocks:
+def build_demo(
+    replier: StreamingReplier,
+    labels: dict[str, str],
+    flywheel_dir: Path | None,
+    held_out: list[tuple[str, str]],
+    verdict: str = "",
+    inbox_dir: Path | None = None,
+) -> gr.Blocks:
     """The page. ``held_out``: the (comment, real reply) pairs that travelled with the adapter, for
     the blind test and the example comments; ``verdict``: what the adapter's voice evaluation found
-    against the strongest prompt (training.evaluate.verdict), said plainly in the header."""
+    against the strongest prompt (training.evaluate.verdict), said plainly in the header;
+    ``inbox_dir``: the comment inbox's state folder, if any."""
     examples = [comment for comment, _ in held_out[:12]]
     with gr.Blocks(title="replytune: prompt vs fine-tuned") as demo:
         gr.Markdown(
@@ -199,6 +210,9 @@ def build_demo(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: 
                 blind_tab(replier, held_out, flywheel_dir)
         with gr.Tab("Batch compare"):
             batch_tab(replier, labels, max_new_tokens, examples)
+        if inbox_dir is not None:
+            with gr.Tab("Inbox"):
+                inbox_tab(replier, inbox_dir, demo)
     return demo
 
 
@@ -288,6 +302,85 @@ def batch_tab(replier: StreamingReplier, labels: dict[str, str], max_new_tokens:
     batch_button.click(functools.partial(compare_batch, replier, labels), [batch_input, max_new_tokens], batch_output, api_name="compare")
 
 
+def inbox_view(inbox_dir: Path, selected: str | None = None) -> tuple:
+    """The Inbox tab's counts, table and comment picker (keeping ``selected`` while it is listed)."""
+    items = inbox.to_answer(inbox_dir)
+    rows = [[i.status, i.author, i.text, i.final] for i in items]
+    choices = [(f"{i.author}: {i.text[:80]}", i.id) for i in items]
+    keep = selected if selected in {i.id for i in items} else (items[0].id if items else None)
+    return inbox.counts_line(inbox_dir), rows, gr.Dropdown(choices=choices, value=keep)
+
+
+def inbox_pick(inbox_dir: Path, comment_id: str | None) -> tuple[str, str]:
+    """The picked comment (with its author, as the creator sees it on YouTube) and its reply."""
+    item = inbox.load(inbox_dir).get(comment_id or "")
+    return (f"{item.author}: {item.text}", item.final) if item else ("", "")
+
+
+def inbox_action(action: str, inbox_dir: Path, replier: StreamingReplier, comment_id: str | None, text: str) -> tuple:
+    """Edit, Approve, Skip or Regenerate the picked comment, then the refreshed view and its reply."""
+    if not comment_id:
+        raise gr.Error("Pick a comment first.")
+    if action == "regenerate" and not replier.has_adapter:
+        raise gr.Error(NO_ADAPTER_TEXT)
+    try:
+        if action == "edit":
+            item = inbox.edit(inbox_dir, comment_id, text)
+        elif action == "approve":
+            item = inbox.approve(inbox_dir, comment_id, text)
+        elif action == "skip":
+            item = inbox.skip(inbox_dir, comment_id)
+        else:
+            item = inbox.regenerate(inbox_dir, replier, comment_id)
+    except YouTubeError as exc:
+        raise gr.Error(str(exc)) from None
+    return (*inbox_view(inbox_dir, comment_id), item.final, f"{item.author}'s comment: {item.status}.")
+
+
+def inbox_post(inbox_dir: Path, dry_run: bool) -> tuple:
+    """Post the approved replies, or show them (dry run); sign-in and API from the environment, as
+    `python -m youtube.inbox post` takes them."""
+    from youtube import auth
+    from youtube.api import Client, default_api_url
+
+    try:
+        if dry_run:
+            message = "\n".join(f"- {line}" for line in inbox.preview(inbox_dir)) or "Nothing approved to post."
+        else:
+            sign_in = auth.load(auth.default_token_file(), auth.default_token_url())
+            message = f"Posted: {inbox.post(inbox_dir, Client(default_api_url(), sign_in=sign_in), echo=logger.info)}."
+    except YouTubeError as exc:
+        raise gr.Error(str(exc)) from None
+    return (*inbox_view(inbox_dir), message)
+
+
+def inbox_tab(replier: StreamingReplier, inbox_dir: Path, demo: gr.Blocks) -> None:
+    """The comments waiting for an answer, each with its draft: Edit, Approve, Skip, Regenerate,
+    and Post for what was approved. The state is youtube.inbox's; drafts come from
+    `python -m youtube.inbox draft` (Refresh shows them)."""
+    gr.Markdown(f"Comments pulled with `python -m youtube.inbox pull --state {inbox_dir}`, drafted by `... draft`. Nothing is posted until you approve it and press Post.")
+    counts = gr.Markdown(elem_id="inbox-counts")
+    table = gr.Dataframe(headers=["status", "author", "comment", "reply"], interactive=False, wrap=True, elem_id="inbox-table")
+    refresh = gr.Button("Refresh")
+    picked = gr.Dropdown(label="Comment", allow_custom_value=True, elem_id="inbox-pick")
+    comment = gr.Textbox(label="Comment", interactive=False, elem_id="inbox-comment")
+    reply = gr.Textbox(label="Reply (edit it here)", lines=4, elem_id="inbox-reply")
+    with gr.Row():
+        buttons = {action: gr.Button(action.capitalize(), variant="primary" if action == "approve" else "secondary", elem_id=f"inbox-{action}") for action in ("edit", "approve", "skip", "regenerate")}
+    done = gr.Markdown(elem_id="inbox-done")
+    with gr.Row():
+        dry_run = gr.Checkbox(label="Dry run (show what would be posted)", value=False)
+        post = gr.Button("Post approved replies", variant="primary", elem_id="inbox-post")
+    posted = gr.Markdown(elem_id="inbox-posted")
+    view = functools.partial(inbox_view, inbox_dir)
+    demo.load(view, None, [counts, table, picked])
+    refresh.click(view, picked, [counts, table, picked], api_name="inbox")
+    picked.change(functools.partial(inbox_pick, inbox_dir), picked, [comment, reply], api_name="inbox_pick")
+    for action, button in buttons.items():
+        button.click(functools.partial(inbox_action, action, inbox_dir, replier), [picked, reply], [counts, table, picked, reply, done], api_name=f"inbox_{action}")
+    post.click(functools.partial(inbox_post, inbox_dir), dry_run, [counts, table, picked, posted], api_name="inbox_post")
+
+
 @dataclass(frozen=True)
 class AppSettings:
     base_model: str
@@ -297,6 +390,7 @@ class AppSettings:
     host: str | None
     port: int | None
     flywheel_dir: Path | None
+    inbox_dir: Path | None = None
 
 
 def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
@@ -319,6 +413,11 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
         default=env.get("FLYWHEEL_DIR", "" if on_space else str(ROOT / "flywheel")),
         help="folder for saved corrections and preferences; empty turns saving off (off on a public Space unless set) [env FLYWHEEL_DIR]",
     )
+    parser.add_argument(
+        "--inbox",
+        default=env.get("INBOX_DIR", ""),
+        help="the comment inbox's state folder (python -m youtube.inbox pull --state DIR); shows the Inbox tab, where whoever reaches the app can approve and post: keep such an app private [env INBOX_DIR]",
+    )
     args = parser.parse_args(argv)
     adapter = None if args.adapter.strip().lower() in (NO_ADAPTER, "") else args.adapter
     if adapter and not Path(adapter).exists() and Path(adapter) == DEFAULT_ADAPTER:
@@ -331,6 +430,7 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
         host=args.host,
         port=args.port,
         flywheel_dir=Path(args.flywheel_dir) if args.flywheel_dir else None,
+        inbox_dir=Path(args.inbox) if args.inbox else None,
     )
 
 
@@ -349,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     held_out = adapter_held_out(settings.adapter)
     labels = pane_labels(settings.base_model, settings.adapter, replier.backend, replier.panes)
-    demo = build_demo(replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter))
+    demo = build_demo(replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter), settings.inbox_dir)
     launch(demo, settings.host, settings.port)
     return 0
 

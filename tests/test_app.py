@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 
 import pytest
 from gradio_client import Client
@@ -15,15 +14,10 @@ from inference.adapter_files import adapter_held_out
 from inference.compare import pane_labels
 from inference.default_model import ROOT
 from inference.generate import load_replier
+from tests.helpers import free_port, start_app
 from training.data import load_pairs
 
 SETTINGS = (24, 0.0, 1.0, 1.0, 0, "examples")  # max_new_tokens, temperature, top_p, repetition penalty, no-repeat n-gram, prompt pane
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -204,25 +198,9 @@ def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client,
 def app_process(tiny_model_dir, tiny_adapter_dir):
     """`python app.py` itself, in its own process, so that its memory is measured alone."""
     import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    port = free_port()
-    command = [sys.executable, "app.py", "--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--quantization", "none", "--host", "127.0.0.1", "--port", str(port), "--flywheel-dir", ""]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"app.py did not start: {process.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+    flags = ["--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--quantization", "none", "--flywheel-dir", ""]
+    process, url = start_app(flags, {**os.environ, "HF_HUB_OFFLINE": "1"})
     yield process, url
     process.terminate()
     process.wait(timeout=30)

@@ -22,7 +22,8 @@ ENTRY_POINTS = [
     ("training.evaluate", ["--eval-data", "{tmp}/none.jsonl"], "none.jsonl: file not found"),
     ("inference.export", ["--adapter", "{tmp}/none", "--out", "{tmp}/out"], "none: no such folder; pass --adapter a folder written by"),
     ("inference.compare", ["--comments", "{tmp}/none.txt"], "No such file or directory"),
-    ("training.youtube", ["--channel", "UC0"], "no API key: set YOUTUBE_API_KEY"),
+    ("youtube.fetch", ["--channel", "UC0"], "no API key: set YOUTUBE_API_KEY"),
+    ("youtube.inbox", ["pull", "--state", "{tmp}/inbox", "--channel", "UC0"], "no API key: set YOUTUBE_API_KEY"),
 ]
 
 
