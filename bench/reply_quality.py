@@ -50,20 +50,22 @@ def main() -> None:
     scorer = load_replier(args.base_model, args.adapter, "none", backend="transformers")
     losses = held_out_losses(scorer, held_out, 512, PANES)
     replier = load_replier(args.base_model, args.adapter, backend="auto")
+    args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for settings in args.decoding:
         started = time.perf_counter()
         result = evaluate(replier, held_out, trained, losses=losses, panes=PANES, settings=settings)
         result["seconds"] = time.perf_counter() - started
         results.append(result)
+        # Written after every setting: a long grid stopped early keeps what it measured.
+        (args.out / "result.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(markdown_table(result), flush=True)
 
     comments = read_comments(ROOT / "data" / "heldout.jsonl")[:30]
     started = time.perf_counter()
     list(compare(replier, comments, GenerationSettings(), replier.renderer.persona.signature))
     compare_s = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     blind, key = [], {}
     rng = random.Random(0)
     for r, result in enumerate(results):
