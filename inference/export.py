@@ -24,7 +24,7 @@ from typing import Literal
 
 from errors import exits_on_error
 from inference.default_model import from_hub_id
-from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir, is_gptq
+from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir
 from prompts.render import PromptRenderer
 
 Target = Literal["gguf", "ollama", "merged"]
@@ -82,7 +82,7 @@ def export_merged(adapter: Path, base_model: str, out: Path) -> Path:
     """The adapter merged into the full-precision base, saved in the base's own dtype."""
     import torch
 
-    from inference.loading import load_adapter, load_base_model, load_tokenizer, local_model_dir
+    from inference.loading import is_gptq, load_adapter, load_base_model, load_tokenizer, local_model_dir
 
     base_dir = local_model_dir(base_model)
     if is_gptq(base_dir):

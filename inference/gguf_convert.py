@@ -27,6 +27,7 @@ from typing import Literal
 
 from errors import ReplytuneError
 from inference.default_model import DEFAULT_BASE_MODEL, cache_dir, default_model_gguf
+from inference.loading import is_gptq, local_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +127,10 @@ def check_adapter_dir(adapter: Path) -> dict:
     return config
 
 
-def is_gptq(base_dir: Path) -> bool:
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
-
-
 def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
     """The base model as a GGUF file: the embedded wheel's own file, or a cached conversion."""
     if base_model == DEFAULT_BASE_MODEL:
         return default_model_gguf()
-    from inference.loading import local_model_dir
-
     folder = local_model_dir(base_model)
     if is_gptq(folder):
         raise ExportError(
@@ -157,8 +151,6 @@ def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
 
 def adapter_gguf(adapter: str | Path, base_model: str) -> Path:
     """The LoRA adapter as a GGUF file (f32, as trained), converted once per adapter content."""
-    from inference.loading import local_model_dir
-
     folder = Path(adapter) if Path(adapter).exists() else local_model_dir(str(adapter))
     check_adapter_dir(folder)
     base_dir = local_model_dir(base_model)

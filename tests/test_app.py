@@ -14,7 +14,7 @@ import app as app_module
 from inference.adapter_files import adapter_held_out
 from inference.compare import pane_labels
 from inference.default_model import ROOT
-from inference.generate import load_replier
+from inference.engines import load_replier
 from training.data import load_pairs
 
 SETTINGS = (24, 0.0, 1.0, 1.0, 0, "examples")  # max_new_tokens, temperature, top_p, repetition penalty, no-repeat n-gram, prompt pane

@@ -14,7 +14,8 @@ import torch
 
 from inference.default_model import DEFAULT_BASE_MODEL
 from inference.export import export, main, modelfile
-from inference.generate import GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings
 from inference.gguf_convert import ExportError
 from inference.llamacpp import LlamaCppReplier
 from inference.loading import load_tokenizer

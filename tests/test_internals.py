@@ -11,7 +11,8 @@ import torch
 from packaging.version import Version
 
 import inference.internals as internals
-from inference.generate import GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings
 from inference.internals import bitsandbytes as bnb_internals
 from inference.internals import gptqmodel as gptq_internals
 from inference.internals import peft as peft_internals

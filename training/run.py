@@ -288,22 +288,16 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     replier = voice_replier(config, trained, Path(config.output_dir))
     # The examples pane's loss is measured here: the run measured the persona-only prompt's.
     losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples",))}
-    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, config.max_length, losses=losses)
+    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
 
 
 def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> StreamingReplier:
     """What writes the voice evaluation's replies: the saved adapter in llama.cpp on a CPU (seconds
     instead of minutes), or the trained model itself."""
-    from inference.loading import resolve_backend
+    from inference.engines import engine_replier
 
-    if resolve_backend(config.backend, config.base_model) != "llama.cpp":
-        return trained
-    from inference.gguf_convert import gguf_files
-    from inference.llamacpp import LlamaCppReplier
-
-    files = gguf_files(config.base_model, output, config.backend)
-    return LlamaCppReplier(*files, trained.tokenizer, trained.renderer, trained.examples) if files else trained
+    return engine_replier(config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained)
 
 
 def save_adapter(
