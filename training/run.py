@@ -314,7 +314,7 @@ def save_adapter(
     """
     import torch
 
-    from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE, write_persona
+    from inference.adapter_files import write_examples, write_held_out, write_persona
 
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
@@ -326,9 +326,8 @@ def save_adapter(
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     write_persona(staging, persona)
-    for name, pairs in ((HELD_OUT_FILE, held_out), (EXAMPLES_FILE, trained_on)):
-        rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in pairs)
-        (staging / name).write_text("".join(rows), encoding="utf-8")
+    write_held_out(staging, ((p.comment, p.response) for p in held_out))
+    write_examples(staging, ((p.comment, p.response) for p in trained_on))
     for path in staging.iterdir():
         os.replace(path, output / path.name)
     staging.rmdir()
