@@ -91,16 +91,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference.internals.transformers import drop_gguf_quantizer
+
     logger.info("converting %s to a Hugging Face folder (once)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # float32 is the GGUF loader's fast path; the weights are stored in bfloat16, SmolLM2's own dtype.
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model = model.to(torch.bfloat16)
-    # The loaded weights are plain tensors now; what is left of the GGUF quantizer only blocks saving
-    # and would make later loads look for the GGUF file again.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    drop_gguf_quantizer(model)  # the loaded weights are plain tensors now
     model.config.name_or_path = DEFAULT_BASE_MODEL_HUB_ID
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -99,8 +99,8 @@ def train(config: TrainConfig) -> int:
     wait_for_everyone()
     if not is_main():
         checkpoint = last_complete_checkpoint(output) if config.resume else None
-    run = set_up(prepared)
-    base = base_evaluation(run.trainer, checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
+    base = base_evaluation(checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
+    run = set_up(prepared, base)
     fit(run, checkpoint)
     base_eval = base.loss
     final_eval = run.trainer.evaluate()["eval_loss"]
@@ -167,8 +167,9 @@ class Run:
     total: int
 
 
-def set_up(prepared: Prepared) -> Run:
-    """Seed, compute dtype, memory plan, model and Trainer; prints what was chosen."""
+def set_up(prepared: Prepared, base: BaseEvaluation) -> Run:
+    """Seed, compute dtype, memory plan, model and Trainer (with ``base``, which records the base
+    model's held-out loss); prints what was chosen."""
     from transformers import set_seed
 
     from inference.loading import compute_dtype
@@ -201,12 +202,13 @@ def set_up(prepared: Prepared) -> Run:
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
-    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix)
+    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base)
     return Run(config, trainer, stats, estimate, trainable, total)
 
 
-def base_evaluation(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> BaseEvaluation:
-    """The base model's held-out loss: measured by the Trainer before its first step, read back on --resume.
+def base_evaluation(checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> BaseEvaluation:
+    """The base model's held-out loss: measured by the Trainer before its first step (build_trainer
+    asks for that evaluation when this callback has no loss yet), read back on --resume.
 
     Not with trainer.evaluate() before train(): in a run of several processes, the model that
     evaluate() prepared is never wrapped in DDP afterwards (accelerate skips a model it has
@@ -223,10 +225,7 @@ def base_evaluation(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Pa
             write_json_atomic(run_file, {**run_info, "base_eval_loss": loss})
         print(f"base model held-out loss (before training): {loss:.4f}")
 
-    callback = BaseEvaluation(record)
-    trainer.add_callback(callback)
-    trainer.args.eval_on_start = True
-    return callback
+    return BaseEvaluation(record)
 
 
 def fit(run: Run, checkpoint: Path | None) -> None:
