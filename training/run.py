@@ -167,8 +167,8 @@ class Run:
     total: int
 
 
-def set_up(prepared: Prepared, base: BaseEvaluation) -> Run:
-    """Seed, compute dtype, memory plan, model and Trainer (with ``base``, which records the base
+def set_up(prepared: Prepared, base_eval: BaseEvaluation) -> Run:
+    """Seed, compute dtype, memory plan, model and Trainer (with ``base_eval``, which records the base
     model's held-out loss); prints what was chosen."""
     from transformers import set_seed
 
@@ -202,7 +202,7 @@ def set_up(prepared: Prepared, base: BaseEvaluation) -> Run:
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
-    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base)
+    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base_eval)
     return Run(config, trainer, stats, estimate, trainable, total)
 
 
