@@ -436,7 +436,7 @@ def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    from inference.generate import load_replier
+    from inference.engines import load_replier
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings: AppSettings = parse_app_settings(argv)

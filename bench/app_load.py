@@ -88,7 +88,8 @@ def main() -> None:
     import app as app_module
     from inference.default_model import DEFAULT_BASE_MODEL
     from inference.adapter_files import adapter_held_out
-    from inference.generate import GenerationSettings, load_replier
+    from inference.engines import load_replier
+    from inference.generate import GenerationSettings
     from inference.default_model import DEFAULT_ADAPTER
     from inference.compare import pane_labels
     from training.report import environment

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-from inference.generate import load_replier
+from inference.engines import load_replier
 from prompts.render import IGNORE_INDEX
 from training.data import load_pairs, tokenize_pairs
 from training.evaluate import held_out_losses

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from inference.compare import read_comments
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-from inference.generate import load_replier
+from inference.engines import load_replier
 from tests.helpers import FakeYouTube, comment_thread, start_app, thread_page  # the tests' local API: the only fake, at the network edge
 from training.evaluate import EVAL_SETTINGS
 from training.report import environment

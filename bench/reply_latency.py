@@ -17,7 +17,10 @@ from pathlib import Path
 
 from inference.compare import read_comments
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-from inference.generate import GenerationSettings, StreamingReplier, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings, StreamingReplier
+from inference.llamacpp import LlamaCppReplier
+from inference.loading import ENGINES
 from training.report import environment
 
 MODES = {
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--comments", type=Path, default=ROOT / "data" / "heldout.jsonl")
     parser.add_argument("--many", type=Path, nargs="+", default=[ROOT / "data" / "heldout.jsonl", ROOT / "data" / "train.jsonl"], help="comments for the many-at-once rows")
     parser.add_argument("--limit", type=int, default=8, help="comments in the per-comment table")
-    parser.add_argument("--backends", nargs="+", choices=("llama.cpp", "transformers"), default=["llama.cpp", "transformers"])
+    parser.add_argument("--backends", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
@@ -106,11 +109,11 @@ def main() -> None:
             started = time.perf_counter()
             done = list(replier.replies(many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)))
             notes.append(f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s")
-        if backend == "llama.cpp":
+        if isinstance(replier, LlamaCppReplier):  # the ceiling is llama.cpp's own decoding of the same file
             ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
             notes.append(f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
                          f"the app's longer reply reaches {speed / ceiling:.0%} of it")
-            replier.close()
+        replier.close()
 
     env = environment()
     libs = env["libraries"]

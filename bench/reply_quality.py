@@ -22,7 +22,8 @@ from pathlib import Path
 
 from inference.compare import compare, read_comments
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-from inference.generate import PANE_ROW, GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import PANE_ROW, GenerationSettings
 from training.data import load_pairs
 from training.evaluate import EVAL_SETTINGS, evaluate, held_out_losses, markdown_table
 from training.report import environment
@@ -54,7 +55,7 @@ def main() -> None:
     results = []
     for settings in args.decoding:
         started = time.perf_counter()
-        result = evaluate(replier, held_out, trained, losses=losses, panes=PANES, settings=settings)
+        result = evaluate(replier, held_out, trained, losses, panes=PANES, settings=settings)
         result["seconds"] = time.perf_counter() - started
         results.append(result)
         # Written after every setting: a long grid stopped early keeps what it measured.

@@ -156,7 +156,7 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, tr
 
 def held_out_loss(base_model: str, adapter: Path, heldout_file: Path) -> float:
     """Reply-token loss on a held-out file, measured the same way for every adapter."""
-    from inference.generate import load_replier
+    from inference.engines import load_replier
     from training.data import load_pairs
     from training.evaluate import held_out_losses
 

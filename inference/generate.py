@@ -2,7 +2,7 @@
 
 :class:`StreamingReplier` is what every backend shares (prompts, streaming, stop tokens, limits);
 :class:`Replier` is the transformers backend (GPUs, GPTQ, ``--backend transformers``), and
-inference.llamacpp the CPU one. :func:`load_replier` picks one for the machine.
+inference.llamacpp the CPU one. inference.engines picks one for the machine and loads it.
 
 In the transformers backend the base reply and the fine-tuned reply are two rows of one batch: peft's per-row ``adapter_names``
 routes the ``"__base__"`` row around the LoRA weights and the other row through them, so there is
@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,7 +39,7 @@ from transformers import (
 )
 
 from inference.internals.peft import routed, rows_can_have_different_adapters
-from inference.loading import Backend, Quantization, resolve_backend, unwrapped
+from inference.loading import unwrapped
 from inference.retrieval import ExampleBank
 from prompts.render import Prompt, PromptRenderer
 
@@ -136,11 +135,31 @@ Job = tuple[list[int], Row]  # a prompt's token ids and the weights (base or ada
 
 
 class StreamingReplier:
-    """What every reply backend shares: the prompt, the streaming of replies as they grow, the stop
-    tokens and limits. A backend implements :meth:`_generate`, which decodes a list of jobs and puts
-    ``{place: token}`` on a queue after every step.
+    """What every reply engine shares: the prompt, the streaming of replies as they grow, the stop
+    tokens and limits. ``examples``: the creator's pairs that the ``examples`` panes retrieve from
+    (None: no such pane).
 
-    ``examples``: the creator's pairs that the ``examples`` panes retrieve from (None: no such pane).
+    An engine implements one method, ``_generate(jobs, settings, out, cancel)``, the protocol
+    between a decoding loop and the consumer of the stream:
+
+    - ``jobs`` is a list of :data:`Job`: a prompt's token ids and the :data:`Row` (base weights
+      alone, or with the adapter) that answers it. A job's index in the list is its *place*, where
+      its reply sits in the list that :meth:`stream` yields; several jobs may share a prompt.
+    - After every decoding step it puts one ``{place: token}`` dict on the ``out`` queue, with a
+      token for each job still decoding (a step may hold any subset of the places). A job's end-of-
+      turn token is put like any other; the consumer ends that reply on it, and the engine must
+      stop decoding that job. The consumer also ends a reply at ``settings.max_new_tokens`` tokens,
+      so the engine must not decode more than that per job.
+    - It returns when every job has ended. It never puts the end marker or its own exception:
+      :meth:`_run` wraps it, puts whatever it raises on the queue (the consumer re-raises it) and
+      then ``_DONE``. A step that takes longer than STEP_TIMEOUT_S raises TimeoutError in the
+      consumer instead of hanging.
+    - ``cancel`` is set when the consumer stops reading (the stream was closed early, or raised):
+      the engine checks it between steps and returns at once.
+    - It runs on a worker thread (or on the calling thread with ``background=False``) while the
+      consumer holds ``self._lock``: an engine's decoding state (peft's routing hooks, llama.cpp's
+      KV cache) is shared, so it is never entered by two decoding loops at once, and ``_generate``
+      must not take the lock itself.
     """
 
     backend = "?"
@@ -186,7 +205,7 @@ class StreamingReplier:
         """Yield the replies (one per pane, in ``panes`` order) after every decoding step.
 
         The model runs on a thread of its own that ends with the replies, so that the app's
-        long-lived threads never keep OpenMP workers (see load_replier). ``background=False`` runs it
+        long-lived threads never keep OpenMP workers (see inference.engines.load_replier). ``background=False`` runs it
         on the calling thread before yielding anything: for batch evaluation on a main thread that
         has already trained, where a second set of OpenMP workers would slow every step.
         """
@@ -287,7 +306,11 @@ class StreamingReplier:
             out.put(_DONE)
 
     def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+        """Decode ``jobs``, putting ``{place: token}`` on ``out`` after every step (the class docstring has the protocol)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the engine holds outside Python's memory (llama.cpp's model and contexts); nothing here."""
 
 
 class Replier(StreamingReplier):
@@ -390,44 +413,3 @@ class Replier(StreamingReplier):
             ids = torch.tensor([prefix] * len(rows), device=device)
             self._prefix_caches[rows] = self._causal_lm(input_ids=ids, use_cache=True, **self._last_logits_only).past_key_values
         return copy.deepcopy(self._prefix_caches[rows])
-
-
-def load_replier(
-    base_model: str,
-    adapter: str | None,
-    quantization: Quantization = "nf4",
-    trust_remote_code: bool = False,
-    backend: Backend = "auto",
-) -> StreamingReplier:
-    """Load the base once, attach the adapter if one is given, and use the prompt that travelled with it.
-
-    With llama.cpp (the CPU default) the base is a GGUF file and ``quantization`` does not apply:
-    the GGUF file carries its own (the embedded default's is Q4_1). The loading runs on a thread of
-    its own that ends with it. Replies are generated on short-lived threads (see stream); a thread
-    that has run torch keeps its OpenMP worker threads, and when they outnumber the cores libgomp
-    stops spin-waiting between parallel regions, which made every reply 1.7x slower after a model
-    was loaded on the main thread (measured: 3.5 s instead of 2.0 s for a 31-token pair).
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as pool:
-        return pool.submit(_load_replier, base_model, adapter, quantization, trust_remote_code, backend).result()
-
-
-def _load_replier(base_model: str, adapter: str | None, quantization: Quantization, trust_remote_code: bool, backend: Backend) -> StreamingReplier:
-    from inference.adapter_files import adapter_examples, adapter_persona
-    from inference.loading import load_adapter, load_base_model, load_tokenizer
-    from prompts.render import Persona
-
-    tokenizer = load_tokenizer(base_model, trust_remote_code)
-    persona = (adapter_persona(adapter) if adapter else None) or Persona.from_file()
-    renderer = PromptRenderer(tokenizer, persona)
-    examples = ExampleBank(pairs) if (pairs := adapter_examples(adapter)) else None
-    if resolve_backend(backend, base_model) == "llama.cpp":
-        from inference.gguf_convert import gguf_files
-        from inference.llamacpp import LlamaCppReplier
-
-        if files := gguf_files(base_model, adapter, backend):
-            return LlamaCppReplier(*files, tokenizer, renderer, examples)
-    model = load_base_model(base_model, quantization, trust_remote_code=trust_remote_code)
-    if adapter:
-        model = load_adapter(model, adapter)
-    return Replier(model, tokenizer, renderer, has_adapter=adapter is not None, examples=examples)

@@ -27,6 +27,8 @@ from typing import Literal
 
 from errors import ReplytuneError
 from inference.default_model import DEFAULT_BASE_MODEL, cache_dir, default_model_gguf
+from inference.loading import is_gptq, local_model_dir
+from inference.registry import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +71,10 @@ def converters_dir() -> Path:
 
 
 def _download_sdist(folder: Path) -> Path:
-    sdist = folder / SDIST_NAME
-    if not sdist.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        logger.info("downloading llama.cpp's GGUF converters (%s sdist, about 77 MB) from the package registry", LLAMA_CPP_PYTHON)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(folder), LLAMA_CPP_PYTHON]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0 or not sdist.is_file():
-            said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "nothing"
-            raise ConvertersUnavailable(
-                f"could not download the {LLAMA_CPP_PYTHON} sdist from the package registry (pip said: {said}); "
-                f"put {SDIST_NAME} into {folder}, or use --backend transformers"
-            )
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        sdist.unlink()
-        raise ConvertersUnavailable(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} (corrupt download); it was deleted, run again")
-    return sdist
+    return pip_download(
+        LLAMA_CPP_PYTHON, SDIST_NAME, folder, "llama.cpp's GGUF converters (its sdist, about 77 MB)", ConvertersUnavailable,
+        f"Put {SDIST_NAME} into {folder}, or use --backend transformers.", sha256=SDIST_SHA256,
+    )
 
 
 def _run_converter(script: str, args: list[str], what: str) -> None:
@@ -126,17 +115,10 @@ def check_adapter_dir(adapter: Path) -> dict:
     return config
 
 
-def is_gptq(base_dir: Path) -> bool:
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
-
-
 def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
     """The base model as a GGUF file: the embedded wheel's own file, or a cached conversion."""
     if base_model == DEFAULT_BASE_MODEL:
         return default_model_gguf()
-    from inference.loading import local_model_dir
-
     folder = local_model_dir(base_model)
     if is_gptq(folder):
         raise ExportError(
@@ -157,8 +139,6 @@ def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
 
 def adapter_gguf(adapter: str | Path, base_model: str) -> Path:
     """The LoRA adapter as a GGUF file (f32, as trained), converted once per adapter content."""
-    from inference.loading import local_model_dir
-
     folder = Path(adapter) if Path(adapter).exists() else local_model_dir(str(adapter))
     check_adapter_dir(folder)
     base_dir = local_model_dir(base_model)

@@ -7,6 +7,7 @@ quantized (a GPTQ model, say) keeps its own quantization; it needs the optional 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -26,22 +27,10 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "int8", "none"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "int8", "none")
-Backend = Literal["auto", "llama.cpp", "transformers"]
-BACKENDS: tuple[Backend, ...] = ("auto", "llama.cpp", "transformers")
-
-
-def resolve_backend(backend: Backend, base_model: str) -> Literal["llama.cpp", "transformers"]:
-    """``auto``: llama.cpp on a CPU (its kernels decode several times faster there than torch's),
-    transformers on a GPU and for a GPTQ base (llama.cpp cannot read GPTQ weights)."""
-    if backend != "auto":
-        return backend
-    import torch
-
-    if torch.cuda.is_available():
-        return "transformers"
-    from inference.gguf_convert import is_gptq
-
-    return "transformers" if is_gptq(local_model_dir(base_model)) else "llama.cpp"
+Engine = Literal["llama.cpp", "transformers"]  # what writes the replies (inference.engines picks one)
+ENGINES: tuple[Engine, ...] = ("llama.cpp", "transformers")
+Backend = Literal["auto", "llama.cpp", "transformers"]  # an engine, or auto: the one for this machine
+BACKENDS: tuple[Backend, ...] = ("auto", *ENGINES)
 
 
 # oneDNN, behind torch's bfloat16 CPU matmuls, keeps a compiled kernel for every shape it has met,
@@ -62,6 +51,12 @@ def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
 def resolve_base_model(name: str) -> str:
     """A local folder or Hub id as given; the embedded default's name becomes its cached folder."""
     return str(default_model_dir()) if name == DEFAULT_BASE_MODEL else name
+
+
+def is_gptq(model_dir: Path) -> bool:
+    """Whether the model in ``model_dir`` is a GPTQ checkpoint (its config.json says so)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
 def local_model_dir(name: str) -> Path:

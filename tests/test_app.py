@@ -13,7 +13,7 @@ import app as app_module
 from inference.adapter_files import adapter_held_out
 from inference.compare import pane_labels
 from inference.default_model import ROOT
-from inference.generate import load_replier
+from inference.engines import load_replier
 from tests.helpers import free_port, start_app
 from training.data import load_pairs
 

@@ -14,7 +14,8 @@ import torch
 
 from inference.default_model import DEFAULT_BASE_MODEL
 from inference.export import export, main, modelfile
-from inference.generate import GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings
 from inference.gguf_convert import ExportError
 from inference.llamacpp import LlamaCppReplier
 from inference.loading import load_tokenizer
@@ -83,7 +84,9 @@ def test_modelfile_template_renders_the_renderers_prompt_byte_for_byte(default_m
     renderer = PromptRenderer(load_tokenizer(DEFAULT_BASE_MODEL), persona)
     text = modelfile(renderer, max_new_tokens=160)
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0" in text
-    assert text.splitlines()[2:4] == ["FROM ./base.gguf", "ADAPTER ./adapter.gguf"]
+    instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert instructions[:2] == ["FROM ./base.gguf", "ADAPTER ./adapter.gguf"]
+    assert "examples" in text and "not part of this Modelfile" in text  # says what Ollama does not get
     rendered = go_render(template_of(text), TRICKY, tmp_path)
     assert rendered == [renderer.prompt(comment).text for comment in TRICKY]
 

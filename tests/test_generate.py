@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from inference.generate import GenerationSettings, Replier, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings, Replier
 from prompts.render import Persona, PromptRenderer
 
 GREEDY = GenerationSettings(max_new_tokens=24)

@@ -10,6 +10,8 @@ from huggingface_hub import ModelCard
 
 from training.hub import CARD_FILE, model_card, push_adapter, upload_files
 
+PERSONA = "You are Maya. Reply to: {comment}\n–Maya"
+
 PLANTED_TOKEN = "hf_PLANTEDtoken0123456789abcdefABCDEF"
 
 
@@ -116,13 +118,72 @@ def test_push_without_token_says_how_to_log_in(trained_folder, monkeypatch, tmp_
         push_adapter(trained_folder, "maya/x", private=False, api=RecordingApi())
 
 
-def test_card_renders_from_a_summary():
-    summary = {
-        "name": "x", "base_model": "b", "base_model_hub_id": "org/b", "config": {k: 1 for k in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")},
+def card_summary(method: str = "lora") -> dict:
+    return {
+        "name": "x", "base_model": "b", "base_model_hub_id": "org/b",
+        "config": {"method": method, **{k: 1 for k in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")}},
         "epochs": [{"epoch": 1, "train_loss": 2.0, "eval_loss": 1.5}], "base_eval_loss": 3.0, "eval_loss": 1.5,
         "data": {"train_rows": 10, "eval_rows": 2, "hash": "abc"}, "config_hash": "def", "peak_memory_gib": 1.0,
         "tokens_per_second": 100.0, "wall_seconds": 60.0, "environment": {"gpu": None, "cpu": "cpu"},
     }
-    card = model_card(summary, "persona {comment}")
+
+
+def test_card_renders_from_a_summary():
+    card = model_card(card_summary(), "persona {comment}")
     assert card.data.base_model == "org/b"
     assert "| 1 | 2.0000 | 1.5000 |" in card.text
+    assert "persona {comment}" in card.text  # a persona's braces stay text
+
+
+# The metadata the card's YAML was written by hand as, before huggingface_hub's ModelCardData wrote it.
+HAND_WRITTEN_METADATA = """base_model: org/b
+library_name: peft
+pipeline_tag: text-generation
+license: apache-2.0
+tags:
+- lora
+- qlora
+- replytune
+- youtube-comments
+"""
+
+
+def test_card_metadata_is_what_the_hand_written_yaml_said():
+    import yaml
+
+    card = str(model_card(card_summary(), "persona {comment}"))
+    assert card.startswith("---\n")
+    front = card.split("---\n")[1]
+    assert yaml.safe_load(front) == yaml.safe_load(HAND_WRITTEN_METADATA)
+    assert card.split("---\n", 2)[2].startswith("\n# x\n")  # the body follows the metadata as before
+
+
+def test_a_full_fine_tune_folder_is_pushed_with_its_model_and_a_card_that_loads_it(tiny_model_dir, tmp_path, monkeypatch):
+    """--method full saves model.safetensors + config.json and no adapter files."""
+    import shutil
+
+    folder = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "persona.txt").write_text(PERSONA)
+    assert not list(folder.glob("adapter_*"))
+    model_card(card_summary("full"), PERSONA).save(folder / CARD_FILE)
+
+    names = {p.relative_to(folder).as_posix() for p in upload_files(folder)}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "persona.txt", CARD_FILE} <= names
+    card = ModelCard.load(folder / CARD_FILE)
+    assert card.data.library_name == "transformers" and card.data.base_model == "org/b"
+    assert "lora" not in card.data.tags
+    assert 'AutoModelForCausalLM.from_pretrained("THIS_REPO_OR_FOLDER")' in card.text and "PeftModel" not in card.text
+
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    api = RecordingApi()
+    push_adapter(folder, "maya/replytune-full", private=False, api=api)
+    assert [call for call, _ in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_a_folder_without_weights_is_never_pushed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    api = RecordingApi()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors or model.safetensors"):
+        push_adapter(tmp_path, "maya/x", private=False, api=api)
+    assert api.calls == []

@@ -64,7 +64,7 @@ def api(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def replier(tiny_model_dir, tiny_adapter_dir):
-    from inference.generate import load_replier
+    from inference.engines import load_replier
 
     return load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
 

@@ -11,7 +11,8 @@ import torch
 from packaging.version import Version
 
 import inference.internals as internals
-from inference.generate import GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import GenerationSettings
 from inference.internals import bitsandbytes as bnb_internals
 from inference.internals import gptqmodel as gptq_internals
 from inference.internals import peft as peft_internals
@@ -118,6 +119,50 @@ def test_transformers_on_another_version_checkpoints_every_layer_and_pads_batche
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     assert not transformers_internals.attention_known()
     assert transformers_internals.checkpoint_errors_named(Trainer) is Trainer
+    assert transformers_internals.trainer_hooks(Trainer) is Trainer
+
+
+class _HookedTrainer:
+    """Records the calls trainer_hooks routes to a trainer's public hooks."""
+
+    def __init__(self) -> None:
+        self.train_dataset, self.calls = "the training set", []
+
+    def train_sampler(self, dataset):
+        self.calls.append(("train_sampler", dataset))
+        return "sampler"
+
+    def before_loading_optimizer(self, checkpoint):
+        self.calls.append(("before_loading_optimizer", checkpoint))
+
+
+def test_transformers_on_its_version_hands_the_trainers_private_steps_to_its_hooks():
+    from transformers import Trainer
+
+    hooked = transformers_internals.trainer_hooks(type("T", (_HookedTrainer, Trainer), {}))
+    trainer = hooked.__new__(hooked)
+    _HookedTrainer.__init__(trainer)
+    assert trainer._get_train_sampler() == "sampler"
+    trainer._load_optimizer_and_scheduler(None)  # the Trainer's own step, with nothing to load
+    assert trainer.calls == [("train_sampler", "the training set"), ("before_loading_optimizer", None)]
+
+
+class _Quantizer:
+    def remove_quantization_config(self, model):
+        model.removed_by_quantizer = True
+        del model.config.quantization_config
+
+
+@pytest.mark.parametrize("on_its_version", [True, False])
+def test_a_gguf_quantizer_is_dropped_by_its_own_method_only_on_its_version(tiny_model_dir, on_its_version, request):
+    if not on_its_version:
+        request.getfixturevalue("other_versions")
+    model = load_base_model(str(tiny_model_dir), "none")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.hf_quantizer = _Quantizer()
+    transformers_internals.drop_gguf_quantizer(model)
+    assert not hasattr(model.config, "quantization_config")
+    assert getattr(model, "removed_by_quantizer", False) is on_its_version
 
 
 def test_transformers_on_its_version_checkpoints_only_the_first_layers(tiny_model_dir):

@@ -8,7 +8,8 @@ import contextlib
 import pytest
 import torch
 
-from inference.generate import PANE_ROW, GenerationSettings, load_replier
+from inference.engines import load_replier
+from inference.generate import PANE_ROW, GenerationSettings
 from inference.gguf_convert import adapter_gguf, base_gguf
 from inference.llamacpp import CONTEXT_TOKENS, MAX_SEQUENCES, LlamaCppReplier
 

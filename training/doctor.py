@@ -190,7 +190,7 @@ def format_report(findings: list[Finding], example: str) -> str:
 
 
 def app_renderer(config: TrainConfig, persona: Persona) -> PromptRenderer:
-    """The renderer the app will build for this run's adapter, as inference.generate.load_replier
+    """The renderer the app will build for this run's adapter, as inference.engines.load_replier
     builds it: the base's tokenizer loaded afresh, and the persona as the adapter folder gives it
     back (written and read by inference.adapter_files, as training.run saves it)."""
     from inference.adapter_files import adapter_persona, write_persona

@@ -98,25 +98,20 @@ def evaluate(
     replier: StreamingReplier,
     held_out: Sequence[Pair],
     trained: Sequence[Pair],
-    max_length: int = 512,
-    losses: dict[str, float] | None = None,
+    losses: dict[str, float],
     panes: Sequence[Pane] | None = None,
     settings: GenerationSettings = EVAL_SETTINGS,
 ) -> dict[str, Any]:
     """Every metric for each pane (by default every pane the replier offers) and the real replies,
     plus each held-out reply for reading.
 
-    ``replier`` writes the replies (llama.cpp on a CPU). The held-out losses are ``losses`` when the
-    caller has them (a training run has just measured them on these pairs), else measured here,
-    which needs the transformers model.
+    ``replier`` writes the replies (llama.cpp on a CPU) and may be any engine; the held-out losses
+    are ``losses``, which the caller measures with the transformers model (:func:`held_out_losses`;
+    a training run has just measured most of them on these pairs).
     """
     from tqdm.auto import tqdm
 
     panes = tuple(panes or replier.panes)
-    if losses is None:
-        if not isinstance(replier, Replier):
-            raise TypeError(f"the held-out losses need the transformers model, not {replier.backend}: pass losses=held_out_losses(...)")
-        losses = held_out_losses(replier, held_out, max_length, panes)
     signature = replier.renderer.persona.signature
     generated: dict[str, list[str]] = {pane: [] for pane in panes}
     stopped: dict[str, list[bool]] = {pane: [] for pane in panes}
@@ -224,7 +219,7 @@ def decoding_text(settings: dict[str, Any]) -> str:
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
-    from inference.generate import load_replier
+    from inference.engines import load_replier
     from training.data import load_pairs
 
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
     replier = load_replier(args.base_model, args.adapter, args.quantization, backend=args.backend)
     panes = tuple(args.panes or replier.panes)
-    result = evaluate(replier, held_out, load_pairs(args.data), losses=held_out_losses(scorer, held_out, 512, panes), panes=panes)
+    result = evaluate(replier, held_out, load_pairs(args.data), held_out_losses(scorer, held_out, 512, panes), panes=panes)
     print(markdown_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The model card, and pushing an adapter folder to the Hugging Face Hub.
+"""The model card, and pushing a run's folder (a LoRA adapter, or a full fine-tune's model) to the Hugging Face Hub.
 
 The token comes from ``HF_TOKEN`` or the cached ``hf auth login``; it is handed to the Hub client
 and nowhere else: not to TrainingArguments (which would pickle it into training_args.bin), not to
@@ -11,25 +11,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import filter_repo_objects
 
-from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE
+from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE, PERSONA_FILE
 from training.report import PLOT_FILE, SUMMARY_FILE
 
 CARD_FILE = "README.md"
-# What a pushed adapter holds: everything a user needs to load and judge it, nothing heavy or private.
+# The weights a run saves: a LoRA adapter's, or a full fine-tune's (--method full), which
+# save_pretrained splits into shards named by an index file past its shard size.
+WEIGHT_PATTERNS = ["adapter_model.safetensors", "model.safetensors", "model-*-of-*.safetensors"]
+# What a push holds: everything a user needs to load and judge it, nothing heavy or private.
 UPLOAD_PATTERNS = [
+    *WEIGHT_PATTERNS,
     "adapter_config.json",
-    "adapter_model.safetensors",
-    "model.safetensors",  # a full fine-tune (--method full)
+    "model.safetensors.index.json",
     "config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
     "special_tokens_map.json",
-    "persona.txt",
+    PERSONA_FILE,
     HELD_OUT_FILE,  # anonymised: the app's blind test and example comments on a Space that loads from the Hub
     EXAMPLES_FILE,  # anonymised: the creator's examples that the prompt panes retrieve
     SUMMARY_FILE,
@@ -39,21 +42,10 @@ UPLOAD_PATTERNS = [
 ]
 
 
-# The card a run writes beside its adapter; str.format fills it (values are not re-parsed, so a
-# persona's braces stay text).
-CARD_TEMPLATE = """---
-base_model: {hub_id}
-library_name: {library}
-pipeline_tag: {pipeline}
-license: apache-2.0
-tags:
-- lora
-- qlora
-- replytune
-- youtube-comments
----
-
-# {name}
+# The card's metadata comes from huggingface_hub's ModelCardData; this is the body under it, which
+# str.format fills (values are not re-parsed, so a persona's braces stay text).
+CARD_LAYOUT = "---\n{{ card_data }}\n---\n\n{{ body }}"  # a Jinja template: ModelCard.from_template renders it
+CARD_TEMPLATE = """# {name}
 
 {what} that answers YouTube comments in a creator's voice, trained with
 replytune on `{base_model}` ({quantization} base).
@@ -98,8 +90,7 @@ Peak memory {peak_memory_gib:.2f} GiB, {tokens_per_second:.0f} tokens/s,
 ## How to use
 
 ```python
-from peft import PeftModel
-from transformers import {auto}, AutoTokenizer
+{imports}from transformers import {auto}, AutoTokenizer
 
 {load}
 tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")
@@ -123,10 +114,16 @@ def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
         if lora
         else f'model = {auto}.from_pretrained("THIS_REPO_OR_FOLDER")'
     )
-    return ModelCard(CARD_TEMPLATE.format(
-        hub_id=summary["base_model_hub_id"],
-        library="peft" if lora else "transformers",
-        pipeline="text2text-generation" if summary.get("seq2seq") else "text-generation",
+    # A full fine-tune's folder is a whole model: it loads without peft.
+    imports = "from peft import PeftModel\n" if lora else ""
+    data = ModelCardData(
+        base_model=summary["base_model_hub_id"],
+        library_name="peft" if lora else "transformers",
+        pipeline_tag="text2text-generation" if summary.get("seq2seq") else "text-generation",
+        license="apache-2.0",
+        tags=[*(["lora", "qlora"] if lora else []), "replytune", "youtube-comments"],
+    )
+    body = CARD_TEMPLATE.format(
         name=summary.get("name", "replytune adapter"),
         what="A LoRA adapter" if lora else "A fully fine-tuned model",
         base_model=summary["base_model"],
@@ -146,9 +143,11 @@ def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
         tokens_per_second=summary["tokens_per_second"],
         minutes=summary["wall_seconds"] / 60,
         machine=summary["environment"]["gpu"] or summary["environment"]["cpu"],
+        imports=imports,
         auto=auto,
         load=load,
-    ))
+    )
+    return ModelCard.from_template(data, template_str=CARD_LAYOUT, body=body)
 
 
 def voice_section(summary: dict[str, Any]) -> str:
@@ -169,18 +168,28 @@ def upload_files(folder: Path) -> list[Path]:
     return sorted(folder / name for name in filter_repo_objects(files, allow_patterns=UPLOAD_PATTERNS))
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weights a push uploads: the adapter's, or a full fine-tune's (every shard); an error if none."""
+    files = [p.relative_to(folder).as_posix() for p in folder.iterdir() if p.is_file()]
+    weights = sorted(folder / name for name in filter_repo_objects(files, allow_patterns=WEIGHT_PATTERNS))
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors or model.safetensors; pass a folder written by `python -m training.run`")
+    return weights
+
+
 def check_finite(weights: Path) -> None:
-    """A diverged adapter (NaN or infinite weights) is never uploaded."""
+    """A diverged model (NaN or infinite weights) is never uploaded."""
     from safetensors.torch import load_file
 
     bad = [name for name, tensor in load_file(weights).items() if not tensor.isfinite().all()]
     if bad:
-        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]}); this adapter is not pushed")
+        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]}); this model is not pushed")
 
 
 def push_adapter(folder: Path, repo_id: str, private: bool, api: HfApi | None = None) -> str:
-    """Create (or reuse) the model repo and upload the adapter folder; returns the repo URL."""
-    check_finite(folder / "adapter_model.safetensors")
+    """Create (or reuse) the model repo and upload the run's folder (adapter or full model); returns the repo URL."""
+    for weights in weight_files(folder):
+        check_finite(weights)
     token = get_token()
     if token is None:
         raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
@@ -190,6 +199,6 @@ def push_adapter(folder: Path, repo_id: str, private: bool, api: HfApi | None = 
         repo_id=repo_id,
         folder_path=str(folder),
         allow_patterns=UPLOAD_PATTERNS,
-        commit_message="Upload adapter trained with replytune",
+        commit_message="Upload a model trained with replytune",
     )
     return str(url)

@@ -99,8 +99,8 @@ def train(config: TrainConfig) -> int:
     wait_for_everyone()
     if not is_main():
         checkpoint = last_complete_checkpoint(output) if config.resume else None
-    run = set_up(prepared)
-    base = base_evaluation(run.trainer, checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
+    base = base_evaluation(checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
+    run = set_up(prepared, base)
     fit(run, checkpoint)
     base_eval = base.loss
     final_eval = run.trainer.evaluate()["eval_loss"]
@@ -167,8 +167,9 @@ class Run:
     total: int
 
 
-def set_up(prepared: Prepared) -> Run:
-    """Seed, compute dtype, memory plan, model and Trainer; prints what was chosen."""
+def set_up(prepared: Prepared, base_eval: BaseEvaluation) -> Run:
+    """Seed, compute dtype, memory plan, model and Trainer (with ``base_eval``, which records the base
+    model's held-out loss); prints what was chosen."""
     from transformers import set_seed
 
     from inference.loading import compute_dtype
@@ -201,12 +202,13 @@ def set_up(prepared: Prepared) -> Run:
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
-    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix)
+    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base_eval)
     return Run(config, trainer, stats, estimate, trainable, total)
 
 
-def base_evaluation(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> BaseEvaluation:
-    """The base model's held-out loss: measured by the Trainer before its first step, read back on --resume.
+def base_evaluation(checkpoint: Path | None, run_file: Path, run_info: dict[str, Any]) -> BaseEvaluation:
+    """The base model's held-out loss: measured by the Trainer before its first step (build_trainer
+    asks for that evaluation when this callback has no loss yet), read back on --resume.
 
     Not with trainer.evaluate() before train(): in a run of several processes, the model that
     evaluate() prepared is never wrapped in DDP afterwards (accelerate skips a model it has
@@ -223,10 +225,7 @@ def base_evaluation(trainer: ReplyTrainer, checkpoint: Path | None, run_file: Pa
             write_json_atomic(run_file, {**run_info, "base_eval_loss": loss})
         print(f"base model held-out loss (before training): {loss:.4f}")
 
-    callback = BaseEvaluation(record)
-    trainer.add_callback(callback)
-    trainer.args.eval_on_start = True
-    return callback
+    return BaseEvaluation(record)
 
 
 def fit(run: Run, checkpoint: Path | None) -> None:
@@ -288,22 +287,16 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     replier = voice_replier(config, trained, Path(config.output_dir))
     # The examples pane's loss is measured here: the run measured the persona-only prompt's.
     losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples",))}
-    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, config.max_length, losses=losses)
+    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
 
 
 def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> StreamingReplier:
     """What writes the voice evaluation's replies: the saved adapter in llama.cpp on a CPU (seconds
     instead of minutes), or the trained model itself."""
-    from inference.loading import resolve_backend
+    from inference.engines import engine_replier
 
-    if resolve_backend(config.backend, config.base_model) != "llama.cpp":
-        return trained
-    from inference.gguf_convert import gguf_files
-    from inference.llamacpp import LlamaCppReplier
-
-    files = gguf_files(config.base_model, output, config.backend)
-    return LlamaCppReplier(*files, trained.tokenizer, trained.renderer, trained.examples) if files else trained
+    return engine_replier(config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained)
 
 
 def save_adapter(
@@ -320,7 +313,7 @@ def save_adapter(
     """
     import torch
 
-    from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE, write_persona
+    from inference.adapter_files import write_examples, write_held_out, write_persona
 
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
@@ -332,9 +325,8 @@ def save_adapter(
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     write_persona(staging, persona)
-    for name, pairs in ((HELD_OUT_FILE, held_out), (EXAMPLES_FILE, trained_on)):
-        rows = (json.dumps({"comment": p.comment, "response": p.response}, ensure_ascii=False) + "\n" for p in pairs)
-        (staging / name).write_text("".join(rows), encoding="utf-8")
+    write_held_out(staging, ((p.comment, p.response) for p in held_out))
+    write_examples(staging, ((p.comment, p.response) for p in trained_on))
     for path in staging.iterdir():
         os.replace(path, output / path.name)
     staging.rmdir()

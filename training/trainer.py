@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
@@ -21,7 +22,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 
 from errors import ReplytuneError
-from inference.internals.transformers import attention_implementation, checkpoint_errors_named
+from inference.internals.transformers import attention_implementation, checkpoint_errors_named, trainer_hooks
 from prompts.render import IGNORE_INDEX, Example
 from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.attention import GROUPED
@@ -59,13 +60,12 @@ class _ReplyTrainer(Trainer):
         self._pending_losses: list[torch.Tensor] = []  # of the forward passes since the last update
         self._held_out_losses: list[torch.Tensor] = []  # each example's (summed loss, learned tokens), in the running evaluation
 
-    def _get_train_sampler(self, train_dataset=None):
+    def train_sampler(self, dataset) -> torch.utils.data.Sampler:
         # Length grouping works in megabatches of some updates' examples: the Trainer sizes them by
         # one process's share of an update, so each process count would group (and train on)
         # other batches. Sized by the whole update, N processes see the batches one process does.
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size, lengths=list(dataset["length"]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -88,7 +88,7 @@ class _ReplyTrainer(Trainer):
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = send_to_device(inputs, self.args.device)  # what the Trainer's prediction_step does first
         with torch.no_grad(), self.compute_loss_context_manager():
             losses = self.token_losses(model, inputs)
         # Each example's summed loss and learned tokens, gathered from every process: accelerate
@@ -145,18 +145,17 @@ class _ReplyTrainer(Trainer):
                 raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
         return loss
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, *args, **kwargs) -> None:
         # Under FSDP with sharded checkpoints the Trainer writes a checkpoint's weights only after it
         # has looked for the folder of the best checkpoint, which then did not exist yet: the best
         # checkpoint was never recorded, and the end of the run loaded another (or none).
         if self.is_fsdp_enabled and output_dir is not None:
             os.makedirs(output_dir, exist_ok=True)
-        super().save_model(output_dir, _internal_call)
+        super().save_model(output_dir, *args, **kwargs)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
+    def before_loading_optimizer(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.is_fsdp_enabled:
             initialize_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
-        super()._load_optimizer_and_scheduler(checkpoint)
 
     def trained_weights(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP, the trained weights gathered whole from the shards (every process must call
@@ -183,7 +182,7 @@ class _ReplyTrainer(Trainer):
         return write_failure(folder.parent, f"checkpoint-{self.state.global_step} in {folder}", exc)
 
 
-ReplyTrainer = checkpoint_errors_named(_ReplyTrainer)
+ReplyTrainer = checkpoint_errors_named(trainer_hooks(_ReplyTrainer))
 
 
 def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -308,13 +307,17 @@ def build_trainer(
     evals: list[Example],
     compute_dtype: torch.dtype,
     prefix: int = 0,
+    base: BaseEvaluation | None = None,
 ) -> tuple[Trainer, RunStats]:
-    """The Trainer of a run; ``prefix``: the tokens a batch shares (shared_prefix_length)."""
+    """The Trainer of a run; ``prefix``: the tokens a batch shares (shared_prefix_length); ``base``:
+    the callback that records the base model's held-out loss, from an evaluation before the first
+    step when it has none yet (a new run, not a resumed one)."""
     from torch.utils.tensorboard import SummaryWriter
 
     output = Path(config.output_dir)
     # Each process of a launched run takes batch_size examples of every forward pass.
     steps_per_epoch = math.ceil(len(train) / config.batch_size / config.grad_accum / world_size())
+    measure_base = base is not None and base.loss is None
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         num_train_epochs=config.epochs,
@@ -325,6 +328,7 @@ def build_trainer(
         warmup_steps=config.warmup_ratio,
         lr_scheduler_type="cosine",
         eval_strategy="epoch",
+        eval_on_start=measure_base,
         save_strategy="epoch",
         logging_strategy="steps",
         logging_steps=1,
@@ -354,6 +358,8 @@ def build_trainer(
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(output / RUNS))))
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    if measure_base:
+        callbacks.append(base)
     trainer = ReplyTrainer(
         model=model,
         args=args,

@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_replier(base_model: str | None, adapter: str | None) -> StreamingReplier:
     """The app's fine-tuned pane: its default base model and shipped adapter, llama.cpp on a CPU."""
     from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL
-    from inference.generate import load_replier
+    from inference.engines import load_replier
 
     replier = load_replier(base_model or DEFAULT_BASE_MODEL, adapter or str(DEFAULT_ADAPTER))
     print(f"drafting with {replier.backend}")

@@ -1,9 +1,13 @@
 """transformers from the inside: which layers recompute in the backward pass, the attention a
-loaded model runs, and the Trainer's checkpoint writer.
+loaded model runs, the Trainer's checkpoint writer, train sampler and optimizer loading, and the
+quantizer a model loaded from GGUF keeps.
 
 On another transformers version: every layer is checkpointed when any is asked for (least memory,
-slower), batches are padded rather than packed, and a failed checkpoint write surfaces as the
-library raised it.
+slower), batches are padded rather than packed, a failed checkpoint write surfaces as the
+library raised it, length grouping is sized by one process's share of an update (the same batches
+in a run of one process, other ones in a run of several), a resumed FSDP run starts its optimizer's
+moments afresh (accelerate has no entries to load them into), and the default model's conversion
+saves through the quantizer's own path.
 """
 
 from __future__ import annotations
@@ -65,3 +69,34 @@ def checkpoint_errors_named(trainer_class: type) -> type:
     Named.__name__ = Named.__qualname__ = trainer_class.__name__
     Named.__doc__ = trainer_class.__doc__
     return Named
+
+
+def trainer_hooks(trainer_class: type) -> type:
+    """``trainer_class`` with two private steps of the Trainer handed to public methods of its own:
+    ``train_sampler(dataset)`` makes the training sampler (``_get_train_sampler``), and
+    ``before_loading_optimizer(checkpoint)`` runs before a checkpoint's optimizer and scheduler
+    states are loaded into the new ones (``_load_optimizer_and_scheduler``)."""
+    if not written_for("transformers", WRITTEN_FOR, "Trainer._get_train_sampler and Trainer._load_optimizer_and_scheduler"):
+        return trainer_class
+
+    class Hooked(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            return self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            self.before_loading_optimizer(checkpoint)
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    Hooked.__name__ = Hooked.__qualname__ = trainer_class.__name__
+    Hooked.__doc__ = trainer_class.__doc__
+    return Hooked
+
+
+def drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Forget the GGUF quantizer of a model whose GGUF weights were loaded as plain tensors: it
+    refuses to save the model, and would make later loads look for the GGUF file again. Done by the
+    quantizer's own ``remove_quantization_config`` (the GGUF one has no ``dequantize``)."""
+    if written_for("transformers", WRITTEN_FOR, "PreTrainedModel.hf_quantizer"):
+        model.hf_quantizer.remove_quantization_config(model)
+    else:
+        del model.config.quantization_config  # the public part; save_pretrained says if the rest blocks it
