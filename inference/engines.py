@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 from inference.adapter_files import adapter_examples, adapter_persona
 from inference.generate import Replier, StreamingReplier
