@@ -225,7 +225,6 @@ def test_twenty_concurrent_clients_all_get_complete_replies_and_memory_stays_fla
 def test_requests_beyond_the_queue_bound_are_turned_away_with_a_message(server):
     from concurrent.futures import ThreadPoolExecutor
 
-
     demo, _ = server
     client = Client(demo.local_url, verbose=False)
     many = app_module.QUEUE_MAX_SIZE * 2
