@@ -71,7 +71,7 @@ def stats_line(reply: Reply) -> str:
     return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}{warnings}"
 
 
-BLIND_LETTERS = "ABCD"  # one letter per reply in a blind round: every pane, and the real reply
+BLIND_LETTERS = "ABCDE"  # one letter per reply in a blind round: every pane, and the real reply
 
 
 def blind_round(replier: StreamingReplier, comment: str, real: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -107,7 +107,7 @@ def respond(
         settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), int(no_repeat_ngram))
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
-    panes: tuple[Pane, ...] = (prompt_pane, "adapter") if replier.has_adapter else (prompt_pane,)
+    panes: tuple[Pane, ...] = (prompt_pane, replier.tuned_pane) if replier.has_adapter else (prompt_pane,)
     prompt = "\n\n".join(f"── {PANE_NAMES[pane]} ──\n{replier.prompt(comment, pane).text}" for pane in panes)
     for replies in replier.stream(comment, settings, panes):
         base = replies[0]
@@ -242,7 +242,7 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
             base_box = gr.Textbox(label=labels[replier.best_prompt_pane], lines=6, interactive=False, elem_id="base-reply")
             base_stats = gr.Markdown(elem_id="base-stats")
         with gr.Column():
-            tuned_label = labels.get("adapter", "fine-tuned · no adapter loaded")
+            tuned_label = labels.get(replier.tuned_pane, "fine-tuned · no adapter loaded")
             tuned_box = gr.Textbox(label=tuned_label, lines=6, interactive=False, value="" if replier.has_adapter else NO_ADAPTER_TEXT, elem_id="tuned-reply")
             tuned_stats = gr.Markdown(elem_id="tuned-stats")
     with gr.Accordion("Generation settings", open=False):

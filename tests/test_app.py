@@ -53,9 +53,9 @@ def test_the_prompt_pane_shows_the_creators_examples_or_the_persona_alone(client
     shown = ExampleBank(adapter_examples(str(tiny_adapter_dir))).similar(comment)
     *_, with_examples = client.predict(comment, *SETTINGS, api_name="/reply")
     *_, persona_only = client.predict(comment, *SETTINGS[:-1], "base", api_name="/reply")
-    prompt_side = with_examples.split("── fine-tuned ──")[0]
+    prompt_side = with_examples.split("── fine-tuned")[0]
     assert all(c in prompt_side and r in prompt_side for c, r in shown)
-    assert persona_only.split("── fine-tuned ──")[0].count("<|im_start|>assistant") == 1
+    assert persona_only.split("── fine-tuned")[0].count("<|im_start|>assistant") == 1
     with pytest.raises(Exception, match="not in the list of choices"):  # Gradio's Radio refuses it
         client.predict(comment, *SETTINGS[:-1], "adapter", api_name="/reply")
 
@@ -181,15 +181,15 @@ def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client,
     before = (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
     comment, *replies, verdict = client.predict(api_name="/blind_round")
     assert comment in held and verdict == "Which reply sounds most like you?"
-    assert len(replies) == 4  # persona only, persona + examples, fine-tuned, and the real reply
+    assert len(replies) == 5  # persona only, persona + examples, fine-tuned (alone, with examples), the real reply
     assert held[comment] in replies  # the creator's real reply is one of them, unlabeled
-    letter = "ABCD"[replies.index(held[comment])]
+    letter = "ABCDE"[replies.index(held[comment])]
     verdict, tally = client.predict(api_name=f"/blind_pick_{letter}")
     assert f"You picked **{letter}**: your real reply" in verdict
     assert all(name in verdict for name in ("fine-tuned", "prompt only", "prompt + your examples"))
     assert "1 round(s)" in tally and "your real reply 1" in tally
     lines = (flywheel / "preferences.jsonl").read_text().splitlines()[before:]
-    assert len(lines) == 3 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
+    assert len(lines) == 4 and all(json.loads(line)["chosen"] == held[comment] for line in lines)
     with pytest.raises(Exception, match="This round is decided"):
         client.predict(api_name="/blind_pick_A")
 

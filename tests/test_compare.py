@@ -19,7 +19,7 @@ def test_compare_cli_writes_html_table_and_json_rows(tiny_model_dir, tiny_adapte
     rows = json.loads(rows_path.read_text())
     assert [r["comment"] for r in rows] == ["Great video!", "<b>bold</b> question?"]
     for row in rows:
-        for pane in ("base", "examples", "adapter"):  # every pane by default
+        for pane in ("base", "examples", "adapter", "adapter+examples"):  # every pane by default
             assert set(row[pane]) == {"reply", "tokens", "seconds", "stopped", "words", "signature", "flags"}
             assert 0 < row[pane]["tokens"] <= 12
     table = out.read_text()

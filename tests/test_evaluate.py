@@ -39,10 +39,10 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
     losses = held_out_losses(scorer, HELD, 512, scorer.panes)
     first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses)
     second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses)
-    assert {k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter")} == losses
+    assert {k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter", "adapter+examples")} == losses
     assert first["settings"]["backend"] == backend
     assert first == second
-    assert set(first["table"]) == {"base", "examples", "adapter", "real"}
+    assert set(first["table"]) == {"base", "examples", "adapter", "adapter+examples", "real"}
     assert set(first["table"]["examples"]) >= {"loop_rate", "ai_talk_rate", "cut_rate", "chrf", "held_out_loss"}
     assert first["table"]["real"]["signature_rate"] == 1.0 and first["table"]["real"]["length_ratio"] == 1.0
     assert first["table"]["base"]["held_out_loss"] != first["table"]["adapter"]["held_out_loss"]

@@ -178,7 +178,7 @@ def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_
         pytest.fail(f"the shipped adapter is missing from {DEFAULT_ADAPTER}")
     replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), backend=backend)
     assert replier.backend == backend
-    base, examples, tuned = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
+    base, examples, tuned, _ = replier.reply("Thanks, great video!", GenerationSettings(max_new_tokens=60))
     assert examples.stopped and examples.text.rstrip().endswith("–Maya")  # the creator's examples teach the sign-off
     assert tuned.stopped and tuned.text.rstrip().endswith("–Maya")
     assert len(tuned.text) < 120  # a short thank-you gets a short reply

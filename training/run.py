@@ -285,8 +285,8 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     # The held-out losses of the table are the ones the run measured, with the adapter off (before
     # training) and on: the same reply tokens of the same pairs.
     replier = voice_replier(config, trained, Path(config.output_dir))
-    # The examples pane's loss is measured here: the run measured the persona-only prompt's.
-    losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples",))}
+    # The examples panes' losses are measured here: the run measured the persona-only prompt's.
+    losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples"))}
     result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
 

@@ -219,7 +219,7 @@ def draft(state: Path, replier: StreamingReplier, settings: GenerationSettings |
     waiting = [i for i in load(state).values() if i.status == "waiting"]
     tokens, started = 0, time.perf_counter()
     # background=False: the decoding runs on this (main) thread, as in the voice evaluation.
-    replies = replier.replies([i.text for i in waiting], settings or EVAL_SETTINGS, panes=("adapter",), background=False)
+    replies = replier.replies([i.text for i in waiting], settings or EVAL_SETTINGS, panes=(replier.tuned_pane,), background=False)
     for item, (reply,) in tqdm(zip(waiting, replies), total=len(waiting), desc="drafting", unit=" comment"):
         tokens += len(reply.token_ids)
         with editing(state) as items:
@@ -235,7 +235,7 @@ def regenerate(state: Path, replier: StreamingReplier, comment_id: str) -> Item:
     from training.evaluate import EVAL_SETTINGS
 
     text = _answerable(load(state), comment_id).text
-    (reply,) = replier.reply(text, GenerationSettings(EVAL_SETTINGS.max_new_tokens, temperature=0.8, top_p=0.95), panes=("adapter",))
+    (reply,) = replier.reply(text, GenerationSettings(EVAL_SETTINGS.max_new_tokens, temperature=0.8, top_p=0.95), panes=(replier.tuned_pane,))
 
     def new_draft(item: Item) -> None:
         _check_answerable(item)
