@@ -1,0 +1,195 @@
+"""Preference tuning: the preference files' reader, the self-pair selection, and real DPO runs of
+TRL on a tiny Llama built from a config, with the tiny adapter as the starting point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import DataError, Pair
+from training.prefer import PreferConfig, main, prefer
+from training.preferences import Draft, PreferencePair, PreferenceSummary, load_preferences, render_preferences, select_self_pairs
+
+CHOSEN = "Thanks so much, glad you liked it! –Maya"
+REJECTED = "As an AI language model, I cannot watch videos."
+
+
+def preference_rows(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"comment": f"Comment {i}: loved part {i} of the series", "chosen": CHOSEN, "rejected": REJECTED}) + "\n" for i in range(start, start + n))
+
+
+# --- reading
+
+
+def test_preferences_are_read_with_their_columns_matched_and_handles_anonymised(write):
+    path = write("picks.jsonl", json.dumps({"Comment Text": "@bob great video", "preferred": "Thanks @bob!", "Rejected": "ok"}) + "\n")
+    summary = PreferenceSummary()
+    [pair] = load_preferences(path, summary)
+    assert (pair.comment, pair.chosen, pair.rejected) == ("@user great video", "Thanks @user!", "ok")
+    assert pair.where == f"{path}:1" and pair.source == "preferences"
+    assert summary.rows == 1 and summary.files == [str(path)]
+
+
+def test_a_csv_of_preferences_reads_like_the_jsonl(write):
+    path = write("picks.csv", 'comment,chosen,rejected\n"Hi, there",Hello!,Go away\n')
+    [pair] = load_preferences(path)
+    assert (pair.comment, pair.chosen, pair.rejected, pair.where) == ("Hi, there", "Hello!", "Go away", f"{path}:2")
+
+
+def test_a_pair_whose_chosen_equals_its_rejected_is_skipped_and_counted(write):
+    rows = preference_rows(2) + json.dumps({"comment": "Hi", "chosen": "Same reply ", "rejected": "Same reply"}) + "\n"
+    path = write("picks.jsonl", rows)
+    summary = PreferenceSummary()
+    assert len(load_preferences(path, summary)) == 2
+    assert summary.same_skipped == [f"{path}:3"]
+    assert "1 skipped (chosen equals rejected)" in "\n".join(summary.lines())
+
+
+def test_every_problem_of_a_malformed_file_is_named_by_file_and_line(write):
+    path = write("picks.jsonl", preference_rows(1) + '{"comment": "Hi", "chosen": "  ", "rejected": "x"}\n{not json\n'
+                 + '{"comment": "Hi", "chosen": "a"}\n{"comment": "Hi", "chosen": 3, "rejected": "x"}\n')
+    with pytest.raises(DataError) as error:
+        load_preferences(path)
+    message = str(error.value)
+    assert "4 problem(s)" in message
+    assert f"{path}:2: field 'chosen': blank" in message
+    assert f"{path}:3: invalid JSON" in message
+    assert f"{path}:4: field 'rejected': missing" in message
+    assert f"{path}:5: field 'chosen': expected text, got int 3" in message
+
+
+def test_a_malformed_preferences_file_stops_the_command_with_exit_2_before_any_model_loads(write, tiny_adapter_dir, tiny_model_dir, tmp_path, capsys):
+    path = write("picks.jsonl", preference_rows(1) + '{"comment": "Hi", "chosen": "", "rejected": "x"}\n')
+    code = main(["--adapter", str(tiny_adapter_dir), "--base-model", str(tiny_model_dir), "--preferences", str(path), "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert f"{path}:2: field 'chosen': blank" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_command_needs_something_to_prefer(tiny_adapter_dir, tiny_model_dir, capsys):
+    assert main(["--adapter", str(tiny_adapter_dir), "--base-model", str(tiny_model_dir)]) == 2
+    assert "pass --preferences FILE..., --self-pairs, or both" in capsys.readouterr().err
+
+
+# --- the self-pair selection
+
+
+def test_only_drafts_a_reader_rejects_become_self_pairs_and_every_draft_is_counted():
+    pairs = [Pair(f"comment {i}", "Thanks! –Maya", f"data.jsonl:{i + 1}") for i in range(5)]
+    drafts = [
+        Draft("Thanks! –Maya", True),  # already the real reply
+        Draft("so good so good so good so good so good so good", True),  # loops
+        Draft("As an AI, I cannot watch videos.", True),  # AI talk
+        Draft("Well, let me tell you about the", False),  # cut at the token cap
+        Draft("Glad you liked it!", True),  # merely different: a weak negative
+    ]
+    summary = PreferenceSummary()
+    selected = select_self_pairs(pairs, drafts, summary)
+    assert [(p.comment, p.reason) for p in selected] == [("comment 1", "loops"), ("comment 2", "talks like an AI"), ("comment 3", "cut at the token cap")]
+    assert all(p.chosen == "Thanks! –Maya" and p.source == "self-pairs" for p in selected)
+    assert selected[0].where == "self-pair of data.jsonl:2"
+    assert (summary.drafted, summary.draft_equals_reply, summary.self_pairs, summary.merely_different) == (5, 1, 3, 1)
+    assert dict(summary.selected) == {"loops": 1, "talks like an AI": 1, "cut at the token cap": 1}
+    assert "5 drafted; 1 already the real reply (skipped); 3 selected as rejected" in "\n".join(summary.lines())
+
+
+# --- rendering
+
+
+def test_both_replies_end_with_the_end_of_turn_after_the_apps_prompt(chatml_tokenizer):
+    from prompts.render import Persona, PromptRenderer
+
+    renderer = PromptRenderer(chatml_tokenizer, Persona.from_file())
+    pair = PreferencePair("Loved part 3!", CHOSEN, REJECTED, "x:1")
+    [example] = render_preferences([pair], renderer, 512)
+    assert example.prompt_ids == renderer.prompt(pair.comment).input_ids
+    supervised = renderer.example(pair.comment, CHOSEN, 512)
+    assert example.prompt_ids + example.chosen_ids == supervised.input_ids
+    assert example.chosen_ids[-1] == example.rejected_ids[-1] == renderer.end_of_turn_id
+
+
+def test_a_long_comment_is_cut_to_fit_the_longer_reply_and_both_share_that_prompt(chatml_tokenizer):
+    from prompts.render import Persona, PromptRenderer
+
+    renderer = PromptRenderer(chatml_tokenizer, Persona.from_file())
+    pair = PreferencePair("word " * 400, "Short.", "A much longer reply " * 10, "x:1")
+    [example] = render_preferences([pair], renderer, 300)
+    assert example.comment_tokens_cut > 0
+    assert len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids)) <= 300
+
+
+# --- real runs
+
+
+def reply_margin(base: Path, adapter: Path, examples) -> float:
+    """Mean over pairs of log p(chosen) - log p(rejected) under base + adapter (float32)."""
+    from inference.loading import load_adapter, load_base_model
+
+    model = load_adapter(load_base_model(str(base), "none"), adapter).eval()
+
+    def logp(prompt: list[int], reply: list[int]) -> float:
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(1, torch.tensor(reply)[:, None]).sum().item()
+
+    return sum(logp(e.prompt_ids, e.chosen_ids) - logp(e.prompt_ids, e.rejected_ids) for e in examples) / len(examples)
+
+
+@pytest.fixture
+def prefer_config(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    def make(**overrides) -> PreferConfig:
+        (tmp_path / "picks.jsonl").write_text(preference_rows(16))
+        values = dict(
+            adapter=str(tiny_adapter_dir), base_model=str(tiny_model_dir), preferences=[str(tmp_path / "picks.jsonl")],
+            output_dir=str(tmp_path / "out"), epochs=2, learning_rate=5e-3, batch_size=4, quantization="none",
+            backend="transformers", voice=False,
+        )
+        values.update(overrides)
+        return PreferConfig(**values)
+
+    return make
+
+
+def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(prefer_config, tiny_model_dir, tiny_adapter_dir, capsys):
+    from inference.generate import load_replier
+    from prompts.render import Persona, PromptRenderer
+    from training.preferences import load_preferences as read
+
+    config = prefer_config()
+    assert prefer(config) == 0
+    out = Path(config.output_dir)
+    printed = capsys.readouterr().out
+    assert "data doctor: all checks passed" in printed and "pairs by source: 16 preferences" in printed
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["trainer"].startswith("DPO (trl 1.16") and summary["pairs_by_source"] == {"preferences": 16}
+    assert summary["reward_accuracy"] is not None and summary["steps"] == 8
+    assert "## Preference tuning" in (out / "README.md").read_text()
+    # An ordinary adapter folder: the tuned adapter alone (no "ref" copy), its persona and pairs.
+    assert not (out / "ref").exists() and not (out / "checkpoints").exists()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "persona.txt", "heldout.jsonl", "examples.jsonl"):
+        assert (out / name).is_file(), name
+
+    renderer = PromptRenderer(load_replier(str(tiny_model_dir), None, "none", backend="transformers").tokenizer, Persona.from_file())
+    examples = render_preferences(read(config.preferences[0]), renderer, 512)
+    before, after = reply_margin(tiny_model_dir, tiny_adapter_dir, examples), reply_margin(tiny_model_dir, out, examples)
+    assert after > before + 1.0, (before, after)
+
+    replier = load_replier(str(tiny_model_dir), str(out), "none", backend="transformers")
+    [reply] = replier.reply("Loved part 3!", panes=("adapter",))
+    assert reply.token_ids
+
+
+def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_train_with_the_files(prefer_config, tmp_path, capsys):
+    (tmp_path / "real.jsonl").write_text("".join(json.dumps({"comment": f"Comment {i}: loved it", "response": CHOSEN}) + "\n" for i in range(6)))
+    # A 2-layer random model never stops within 6 tokens: every draft is cut at the cap.
+    config = prefer_config(self_pairs=True, data=[str(tmp_path / "real.jsonl")], max_new_tokens=6, epochs=1)
+    assert prefer(config) == 0
+    printed = capsys.readouterr().out
+    assert "self-pairs: 6 drafted; 0 already the real reply (skipped); 6 selected as rejected (6 cut at the token cap)" in printed
+    summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
+    assert summary["pairs_by_source"] == {"preferences": 16, "self-pairs": 6}
+    assert summary["selection"]["selected"] == {"cut at the token cap": 6}
