@@ -139,12 +139,27 @@ def reply_margin(base: Path, adapter: Path, examples) -> float:
     return sum(logp(e.prompt_ids, e.chosen_ids) - logp(e.prompt_ids, e.rejected_ids) for e in examples) / len(examples)
 
 
+SHORT_PERSONA = 'Reply to this comment as Maya, and sign with "–Maya": {comment}'
+
+
 @pytest.fixture
-def prefer_config(tiny_model_dir, tiny_adapter_dir, tmp_path):
+def start_adapter(tiny_adapter_dir, tmp_path) -> Path:
+    """The tiny adapter with a one-line persona: prompts of ~30 tokens instead of ~150 keep the
+    DPO steps (two rows per pair, the reference's forward too) short on a shared CPU."""
+    import shutil
+
+    folder = tmp_path / "start"
+    shutil.copytree(tiny_adapter_dir, folder)
+    (folder / "persona.txt").write_text(SHORT_PERSONA + "\n")
+    return folder
+
+
+@pytest.fixture
+def prefer_config(tiny_model_dir, start_adapter, tmp_path):
     def make(**overrides) -> PreferConfig:
-        (tmp_path / "picks.jsonl").write_text(preference_rows(16))
+        (tmp_path / "picks.jsonl").write_text(preference_rows(12))
         values = dict(
-            adapter=str(tiny_adapter_dir), base_model=str(tiny_model_dir), preferences=[str(tmp_path / "picks.jsonl")],
+            adapter=str(start_adapter), base_model=str(tiny_model_dir), preferences=[str(tmp_path / "picks.jsonl")],
             output_dir=str(tmp_path / "out"), epochs=2, learning_rate=5e-3, batch_size=4, quantization="none",
             backend="transformers", voice=False,
         )
@@ -154,33 +169,92 @@ def prefer_config(tiny_model_dir, tiny_adapter_dir, tmp_path):
     return make
 
 
-def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(prefer_config, tiny_model_dir, tiny_adapter_dir, capsys):
+def rendered(config: PreferConfig):
+    from inference.adapter_files import adapter_persona
+    from inference.loading import load_tokenizer
+    from prompts.render import PromptRenderer
+
+    renderer = PromptRenderer(load_tokenizer(config.base_model), adapter_persona(config.adapter))
+    return render_preferences(load_preferences(config.preferences[0]), renderer, config.max_length)
+
+
+def test_the_reference_is_a_frozen_copy_of_the_starting_adapter_on_the_same_base(prefer_config):
+    from training.prefer import set_up
+
+    config = prefer_config()
+    examples = rendered(config)
+    model, trainer, *_ = set_up(config, trainer_tokenizer(config), examples)
+    assert trainer.ref_model is None  # no second model: the reference is an adapter on the policy's base
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    params = dict(trainer.model.named_parameters())
+    ref = {name: p for name, p in params.items() if ".ref." in name}
+    assert ref and not any(p.requires_grad for p in ref.values())
+    for name, p in ref.items():
+        torch.testing.assert_close(p, params[name.replace(".ref.", ".default.")], rtol=0, atol=0)
+        assert params[name.replace(".ref.", ".default.")].requires_grad
+
+
+def trainer_tokenizer(config: PreferConfig):
+    from inference.loading import load_tokenizer
+
+    return load_tokenizer(config.base_model)
+
+
+def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(prefer_config, tiny_model_dir, capsys):
     from inference.generate import load_replier
-    from prompts.render import Persona, PromptRenderer
-    from training.preferences import load_preferences as read
 
     config = prefer_config()
     assert prefer(config) == 0
     out = Path(config.output_dir)
     printed = capsys.readouterr().out
-    assert "data doctor: all checks passed" in printed and "pairs by source: 16 preferences" in printed
+    assert "data doctor: all checks passed" in printed and "pairs by source: 12 preferences" in printed
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["trainer"].startswith("DPO (trl 1.16") and summary["pairs_by_source"] == {"preferences": 16}
-    assert summary["reward_accuracy"] is not None and summary["steps"] == 8
+    assert summary["trainer"].startswith("DPO (trl 1.16") and summary["pairs_by_source"] == {"preferences": 12}
+    assert summary["reward_accuracy"] is not None and summary["steps"] == 6
     assert "## Preference tuning" in (out / "README.md").read_text()
     # An ordinary adapter folder: the tuned adapter alone (no "ref" copy), its persona and pairs.
     assert not (out / "ref").exists() and not (out / "checkpoints").exists()
     for name in ("adapter_model.safetensors", "adapter_config.json", "persona.txt", "heldout.jsonl", "examples.jsonl"):
         assert (out / name).is_file(), name
+    assert (out / "persona.txt").read_text().strip() == SHORT_PERSONA
 
-    renderer = PromptRenderer(load_replier(str(tiny_model_dir), None, "none", backend="transformers").tokenizer, Persona.from_file())
-    examples = render_preferences(read(config.preferences[0]), renderer, 512)
-    before, after = reply_margin(tiny_model_dir, tiny_adapter_dir, examples), reply_margin(tiny_model_dir, out, examples)
+    examples = rendered(config)
+    before, after = reply_margin(tiny_model_dir, Path(config.adapter), examples), reply_margin(tiny_model_dir, out, examples)
     assert after > before + 1.0, (before, after)
 
     replier = load_replier(str(tiny_model_dir), str(out), "none", backend="transformers")
     [reply] = replier.reply("Loved part 3!", panes=("adapter",))
     assert reply.token_ids
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after_first_save(self, args, state, control, **kwargs):
+    raise Interrupted(f"killed after saving step {state.global_step}")
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(prefer_config, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from training.checkpoints import ResumeError
+    from training.trainer import _QuietProgress
+
+    assert prefer(prefer_config(output_dir=str(tmp_path / "reference"))) == 0
+    config = prefer_config()
+    monkeypatch.setattr(_QuietProgress, "on_save", interrupt_after_first_save, raising=False)
+    with pytest.raises(Interrupted):
+        prefer(config)
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-3").is_dir()
+    with pytest.raises(ResumeError, match="unfinished run; pass --resume"):
+        prefer(config)
+    assert prefer(prefer_config(resume=True)) == 0
+    resumed, expected = load_file(tmp_path / "out" / "adapter_model.safetensors"), load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
 
 
 def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_train_with_the_files(prefer_config, tmp_path, capsys):
@@ -191,5 +265,5 @@ def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_tr
     printed = capsys.readouterr().out
     assert "self-pairs: 6 drafted; 0 already the real reply (skipped); 6 selected as rejected (6 cut at the token cap)" in printed
     summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
-    assert summary["pairs_by_source"] == {"preferences": 16, "self-pairs": 6}
+    assert summary["pairs_by_source"] == {"preferences": 12, "self-pairs": 6}
     assert summary["selection"]["selected"] == {"cut at the token cap": 6}
