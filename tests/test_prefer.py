@@ -201,7 +201,7 @@ def trainer_tokenizer(config: PreferConfig):
 
 
 def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(prefer_config, tiny_model_dir, capsys):
-    from inference.generate import load_replier
+    from inference.generate import GenerationSettings, load_replier
 
     config = prefer_config()
     assert prefer(config) == 0
@@ -222,9 +222,17 @@ def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_a
     before, after = reply_margin(tiny_model_dir, Path(config.adapter), examples), reply_margin(tiny_model_dir, out, examples)
     assert after > before + 1.0, (before, after)
 
+    # The app's two engines load it as they load a supervised adapter.
     replier = load_replier(str(tiny_model_dir), str(out), "none", backend="transformers")
     [reply] = replier.reply("Loved part 3!", panes=("adapter",))
     assert reply.token_ids
+    llama = load_replier(str(tiny_model_dir), str(out), backend="llama.cpp")
+    try:
+        assert llama.backend == "llama.cpp" and "adapter" in llama.panes
+        [reply] = llama.reply("Loved part 3!", GenerationSettings(max_new_tokens=8), panes=("adapter",))
+        assert reply.token_ids
+    finally:
+        llama.close()
 
 
 class Interrupted(Exception):
