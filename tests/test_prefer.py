@@ -275,3 +275,17 @@ def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_tr
     summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
     assert summary["pairs_by_source"] == {"preferences": 12, "self-pairs": 6}
     assert summary["selection"]["selected"] == {"cut at the token cap": 6}
+
+
+def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_path):
+    from training.flywheel import PREFERENCES_FILE, save_correction, save_preference, waiting
+
+    assert waiting(tmp_path) == f"0 pick(s) and 0 correction(s) waiting in `{tmp_path}`."
+    save_preference(tmp_path, "Loved it @sam", "Thanks! –Maya", "As an AI I cannot")
+    save_preference(tmp_path, "Part 2?", "Soon! –Maya", "Part 2 part 2 part 2")
+    save_correction(tmp_path, "Part 2?", "Soon! –Maya")
+    line = waiting(tmp_path, "outputs/adapter")
+    assert line.startswith(f"2 pick(s) and 1 correction(s) waiting in `{tmp_path}`.")
+    assert f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`" in line
+    pairs = load_preferences(tmp_path / PREFERENCES_FILE)
+    assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]
