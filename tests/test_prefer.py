@@ -111,6 +111,15 @@ def test_both_replies_end_with_the_end_of_turn_after_the_apps_prompt(chatml_toke
     assert example.chosen_ids[-1] == example.rejected_ids[-1] == renderer.end_of_turn_id
 
 
+def test_a_pair_the_renderer_cannot_render_is_an_error_naming_the_pair_and_side(chatml_tokenizer):
+    from prompts.render import Persona, PromptRenderer
+
+    renderer = PromptRenderer(chatml_tokenizer, Persona.from_file())
+    pairs = [PreferencePair("Hi", CHOSEN, REJECTED, "picks.jsonl:1"), PreferencePair("Hi", CHOSEN, "so long " * 300, "picks.jsonl:2")]
+    with pytest.raises(DataError, match=r"picks.jsonl:2: field 'rejected': the reply alone takes \d+ tokens with the prompt, more than max_length=512"):
+        render_preferences(pairs, renderer, 512)
+
+
 def test_a_long_comment_is_cut_to_fit_the_longer_reply_and_both_share_that_prompt(chatml_tokenizer):
     from prompts.render import Persona, PromptRenderer
 
