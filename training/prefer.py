@@ -166,7 +166,7 @@ def prefer(config: PreferConfig) -> int:
     checkpoint = prepare_output(output, config.resume, run_info)
     saved_pairs, saved_counts = output / CHECKPOINTS / PAIRS_FILE, output / CHECKPOINTS / SELF_PAIRS_FILE
     if config.self_pairs:
-        if checkpoint is not None and saved_pairs.is_file() and saved_counts.is_file():
+        if config.resume and saved_pairs.is_file() and saved_counts.is_file():
             # The drafts of the interrupted run, so that the resumed run trains on the very same pairs.
             rows = map(json.loads, saved_pairs.read_text(encoding="utf-8").splitlines())
             pairs += [PreferencePair(**row) for row in rows if row["source"] == SELF_SOURCE]
@@ -185,9 +185,9 @@ def prefer(config: PreferConfig) -> int:
 
     from inference.adapter_files import adapter_persona
     from inference.loading import load_tokenizer
-    from prompts.render import PromptRenderer
+    from prompts.render import Persona, PromptRenderer
 
-    persona = adapter_persona(str(adapter))
+    persona = adapter_persona(str(adapter)) or Persona.from_file()  # as the app reads it (inference.generate.load_replier)
     tokenizer = load_tokenizer(config.base_model)
     renderer = PromptRenderer(tokenizer, persona)
     examples = render_preferences(pairs, renderer, config.max_length)
@@ -195,7 +195,7 @@ def prefer(config: PreferConfig) -> int:
         run_doctor(config, pairs, examples, renderer)
 
     model, trainer, estimate, trainable, total = set_up(config, tokenizer, examples)
-    from training.run import Run, TrainingStopped, fit, save_adapter
+    from training.run import Run, fit, save_adapter
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
