@@ -277,13 +277,21 @@ def test_a_killed_run_resumes_to_the_same_adapter(prefer_config, tmp_path, monke
 def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_train_with_the_files(prefer_config, tmp_path, capsys):
     (tmp_path / "real.jsonl").write_text("".join(json.dumps({"comment": f"Comment {i}: loved it", "response": CHOSEN}) + "\n" for i in range(6)))
     # A 2-layer random model never stops within 6 tokens: every draft is cut at the cap.
-    config = prefer_config(self_pairs=True, data=[str(tmp_path / "real.jsonl")], max_new_tokens=6, epochs=1)
+    # The voice table before and after, on 8 of the held-out pairs that travel with the adapter.
+    heldout = Path(prefer_config().adapter) / "heldout.jsonl"
+    heldout.write_text("".join(heldout.read_text().splitlines(keepends=True)[:8]))
+    config = prefer_config(self_pairs=True, data=[str(tmp_path / "real.jsonl")], max_new_tokens=6, epochs=1, voice=True)
     assert prefer(config) == 0
     printed = capsys.readouterr().out
     assert "self-pairs: 6 drafted; 0 already the real reply (skipped); 6 selected as rejected (6 cut at the token cap)" in printed
     summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
     assert summary["pairs_by_source"] == {"preferences": 12, "self-pairs": 6}
     assert summary["selection"]["selected"] == {"cut at the token cap": 6}
+    for key in ("voice_before", "voice"):
+        assert summary[key]["comments"] == 8 and set(summary[key]["table"]["adapter"]) >= {"loop_rate", "ai_talk_rate", "cut_rate", "chrf"}
+    card = (Path(config.output_dir) / "README.md").read_text()
+    assert "Before preference tuning:" in card and "loops a phrase 3+ times" in card
+    assert "6 rejected for 6 cut at the token cap" in card
 
 
 def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_path):
@@ -298,3 +306,19 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
     assert f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`" in line
     pairs = load_preferences(tmp_path / PREFERENCES_FILE)
     assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]
+
+
+def test_a_nan_loss_stops_the_run_within_a_step_and_saves_nothing(prefer_config, tmp_path, monkeypatch):
+    """A weight of the trained adapter turned NaN after step 3 (as a diverging update would) stops the run at step 4."""
+    from training.run import TrainingStopped
+    from training.trainer import _QuietProgress
+
+    def poison(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 3:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A.default" in n).fill_(float("nan"))
+
+    monkeypatch.setattr(_QuietProgress, "on_step_end", poison, raising=False)
+    with pytest.raises(TrainingStopped, match=r"training loss became nan at step 4 .*Last good checkpoint: .*checkpoint-3"):
+        prefer(prefer_config())
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
