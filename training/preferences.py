@@ -21,7 +21,7 @@ from typing import Any
 from inference.jsonl import Problem, jsonl_rows
 from inference.quality import flags
 from prompts.render import IGNORE_INDEX, PromptError, PromptRenderer
-from training.data import COMMENT_ALIASES, DataError, Pair, _json_rows, _listing, _normal, _read_text, anonymize
+from training.data import COMMENT_ALIASES, DataError, Pair, _json_rows, _listing, _normal, _read_text, anonymize, text_problem
 
 FIELDS = ("comment", "chosen", "rejected")
 # Names real preference files give the three columns, compared as training.data compares them
@@ -158,15 +158,7 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str, summary: PreferenceS
         if isinstance(mapping, str):
             problems.append(f"{where}: {mapping}")
             continue
-        bad = []
-        for role, name in mapping.items():
-            value = row[name]
-            if value is None:
-                bad.append(f"field {name!r}: missing")
-            elif not isinstance(value, str):
-                bad.append(f"field {name!r}: expected text, got {type(value).__name__} {value!r}"[:200])
-            elif not value.strip():
-                bad.append(f"field {name!r}: blank (got {value!r})"[:200])
+        bad = [problem for name in mapping.values() if (problem := text_problem(name, row[name]))]
         if bad:
             problems.extend(f"{where}: {b}" for b in bad)
             continue
