@@ -134,6 +134,8 @@ def parse_config(argv: list[str] | None) -> tuple[PreferConfig, set[str]]:
     parser = HfArgumentParser(PreferConfig, prog="python -m training.prefer", description="Preference-tune an adapter on the creator's picks (DPO).")
     for action in parser._actions:
         if action.dest in PreferConfig.__dataclass_fields__ and action.default is not argparse.SUPPRESS:
+            if action.help is not None and action.const is not False and "(default" not in action.help:  # --no-X shares its default
+                action.help = (action.help + f" (default: {action.default})").replace("%", "%%")
             action.default = argparse.SUPPRESS  # only the flags given come back
     given = vars(parser.parse_args(argv))
     return PreferConfig(**given), set(given)
