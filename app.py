@@ -30,6 +30,7 @@ from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
 from youtube import inbox
 from youtube.api import YouTubeError
+from training.flywheel import waiting as flywheel_waiting
 
 logger = logging.getLogger("replytune.app")
 
@@ -264,6 +265,8 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
         edited = gr.Textbox(label="The reply you would really post (saved as training data)", lines=3)
         save_button = gr.Button("Save")
         saved = gr.Markdown()
+        if flywheel_dir is not None:  # counted again on every page load
+            gr.Markdown(functools.partial(flywheel_waiting, flywheel_dir), elem_id="flywheel-waiting")
     outputs = [notice, base_box, base_stats, tuned_box, tuned_stats, prompt_view]
     inputs = [comment, max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram, prompt_pane]
     gr.on([reply_button.click, comment.submit], functools.partial(respond, replier), inputs, outputs, api_name="reply")

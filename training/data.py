@@ -263,15 +263,7 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str, comment_field: str |
             row = {"comment": row[mapping["comment"]], "response": row[mapping["response"]]}
             shown = mapping
         fields = row_fields(row)
-        bad = []
-        for name in fields:
-            value, label = row.get(name), shown.get(name, name)
-            if name not in row or value is None:
-                bad.append(f"field {label!r}: missing")
-            elif not isinstance(value, str):
-                bad.append(f"field {label!r}: expected text, got {type(value).__name__} {value!r}"[:200])
-            elif not value.strip():
-                bad.append(f"field {label!r}: blank (got {value!r})"[:200])
+        bad = [problem for name in fields if (problem := text_problem(shown.get(name, name), row.get(name)))]
         if "instruction" in fields and not isinstance(row.get("context") or "", str):
             bad.append(f"field 'context': expected text, got {type(row['context']).__name__}")
         pair = None if bad else _to_pair(row, fields)
@@ -286,6 +278,17 @@ def _validate(rows: Iterable[tuple[str, Any]], source: str, comment_field: str |
     if not pairs:
         raise DataError(f"{source}: no rows; expected {', '.join(FIELDS)} pairs")
     return pairs, list(mappings)
+
+
+def text_problem(label: str, value: Any) -> str | None:
+    """What is wrong with a row's text field ``label`` (None when absent), or None: missing, not text, blank."""
+    if value is None:
+        return f"field {label!r}: missing"
+    if not isinstance(value, str):
+        return f"field {label!r}: expected text, got {type(value).__name__} {value!r}"[:200]
+    if not value.strip():
+        return f"field {label!r}: blank (got {value!r})"[:200]
+    return None
 
 
 GUANACO_TURN = re.compile(r"###\s*(Human|Assistant):")

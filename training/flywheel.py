@@ -41,3 +41,18 @@ def save_preference(folder: Path, comment: str, chosen: str, rejected: str) -> P
     path = folder / PREFERENCES_FILE
     append_jsonl(path, {"comment": comment, "chosen": chosen, "rejected": rejected})
     return path
+
+
+def waiting(folder: Path, adapter: str = "ADAPTER") -> str:
+    """How many picks and corrections wait in ``folder``, and the command that trains on the picks
+    (python -m training.prefer; the corrections are training pairs for python -m training.run)."""
+    counts = {}
+    for name in (PREFERENCES_FILE, PAIRS_FILE):
+        path = folder / name
+        counts[name] = sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line.strip()) if path.is_file() else 0
+    picks, corrections = counts[PREFERENCES_FILE], counts[PAIRS_FILE]
+    text = f"{picks} pick(s) and {corrections} correction(s) waiting in `{folder}`."
+    if picks:
+        text += (f" Train on them: `python -m training.prefer --adapter {adapter} --preferences {folder / PREFERENCES_FILE} "
+                 "--output-dir outputs/preferred`")
+    return text

@@ -42,7 +42,25 @@ class NonFiniteLoss(ReplytuneError, RuntimeError):
         self.value = value
 
 
-class _ReplyTrainer(Trainer):
+class StopOnNonFiniteLoss:
+    """A Trainer mixin that raises NonFiniteLoss before the update a NaN or infinite loss would make
+    (training.run's ReplyTrainer and training.prefer's preference trainer)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before every optimizer step: one NaN gradient would make every weight NaN, and the
+        # Trainer would go on logging and saving the ruined adapter. The losses of the accumulated
+        # forward passes are checked together, so that the host waits for the GPU once per update.
+        pending = self.__dict__.setdefault("_pending_losses", [])  # of the forward passes since the last update
+        pending.append(loss.detach())
+        if self.accelerator.sync_gradients:
+            losses, self._pending_losses = torch.stack(pending), []
+            if not torch.isfinite(losses).all():
+                raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
+        return loss
+
+
+class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
     """A Trainer whose loss computes the LM head only where a label is learned.
 
     Only the reply tokens (about 13% of the default data) carry a loss, yet a plain causal-LM
@@ -57,7 +75,6 @@ class _ReplyTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._pending_losses: list[torch.Tensor] = []  # of the forward passes since the last update
         self._held_out_losses: list[torch.Tensor] = []  # each example's (summed loss, learned tokens), in the running evaluation
 
     def train_sampler(self, dataset) -> torch.utils.data.Sampler:
@@ -132,18 +149,6 @@ class _ReplyTrainer(Trainer):
             logits = model(**forward).logits
         logits = logits.flatten(0, 1).index_select(0, inputs["learned_positions"]).float()
         return torch.nn.functional.cross_entropy(logits, inputs["learned_labels"], reduction="none")
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # Checked before every optimizer step: one NaN gradient would make every weight NaN, and the
-        # Trainer would go on logging and saving the ruined adapter. The losses of the accumulated
-        # forward passes are checked together, so that the host waits for the GPU once per update.
-        self._pending_losses.append(loss.detach())
-        if self.accelerator.sync_gradients:
-            losses, self._pending_losses = torch.stack(self._pending_losses), []
-            if not torch.isfinite(losses).all():
-                raise NonFiniteLoss(self.state.global_step + 1, losses[~torch.isfinite(losses)][0].item())
-        return loss
 
     def save_model(self, output_dir: str | None = None, *args, **kwargs) -> None:
         # Under FSDP with sharded checkpoints the Trainer writes a checkpoint's weights only after it
