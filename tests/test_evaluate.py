@@ -6,7 +6,7 @@ import pytest
 
 from inference.engines import load_replier
 from training.data import Pair
-from training.evaluate import evaluate, held_out_losses, language, markdown_table, reply_stats
+from training.evaluate import evaluate, held_out_losses, language, markdown_table, reply_stats, verdict
 
 HELD = [
     Pair("Danke, sehr gut erklärt, vielen Dank für das Video!", "Danke dir, freut mich sehr! –Maya", "h:1"),
@@ -49,3 +49,14 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
     assert len(first["replies"]) == 3 and first["replies"][0]["real"] == HELD[0].response
     table = markdown_table(first)
     assert "| ends with the signature |" in table and "creator's real replies" in table
+
+
+def test_the_verdict_says_plainly_where_fine_tuning_wins_and_where_it_loses():
+    row = {"loop_rate": 0.0, "ai_talk_rate": 0.0, "chrf": 21.6, "held_out_loss": 3.09}
+    prompt = {"loop_rate": 0.03, "ai_talk_rate": 0.06, "chrf": 22.5, "held_out_loss": 3.306}
+    result = {"comments": 32, "table": {"base": {**prompt, "chrf": 25.2}, "examples": prompt, "adapter": row, "adapter+examples": row}}
+    text = verdict(result)
+    assert text.startswith("On 32 held-out comments, fine-tuned + your examples against prompt + your examples:")
+    assert "better on held-out loss (3.090 vs 3.306), loops (0% vs 3%), AI talk (0% vs 6%)" in text
+    assert "worse on chrF to the real replies (21.6 vs 22.5)" in text
+    assert verdict({"comments": 3, "table": {"base": {"signature_rate": 0.0}, "adapter": {"signature_rate": 1.0}}}) == ""  # a table from before chrF

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import exits_on_error
-from inference.generate import PANE_NAMES, PANE_ROW, WITH_EXAMPLES, GenerationSettings, Pane, Replier, StreamingReplier
+from inference.generate import BEST_PROMPT_PANE, PANE_NAMES, PANE_ROW, WITH_EXAMPLES, GenerationSettings, Pane, Replier, StreamingReplier
 from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
 from prompts.render import IGNORE_INDEX, is_signed
@@ -182,14 +182,15 @@ VERDICT_MEASURES = [  # (key, what it is, higher is better)
 
 
 def verdict(result: dict[str, Any]) -> str:
-    """One plain sentence, with the numbers: where the fine-tuned pane beats the strongest prompt
-    pane (by chrF) and where it does not. '' for a table without both (or from before chrF)."""
+    """One plain sentence, with the numbers: where the app's fine-tuned pane beats the app's prompt
+    pane (the stronger prompt: the creator's examples where the adapter has them) and where it does
+    not. '' for a table without both (or from before chrF)."""
     table = result["table"]
-    prompts = [pane for pane in ("examples", "base") if table.get(pane, {}).get("chrf") is not None]
-    if not prompts or table.get("adapter", {}).get("chrf") is None:
+    prompt_pane = BEST_PROMPT_PANE if BEST_PROMPT_PANE in table else "base"
+    tuned_pane = "adapter+examples" if "adapter+examples" in table else "adapter"
+    if table.get(prompt_pane, {}).get("chrf") is None or table.get(tuned_pane, {}).get("chrf") is None:
         return ""
-    best = max(prompts, key=lambda pane: table[pane]["chrf"])
-    tuned, prompt = table["adapter"], table[best]
+    tuned, prompt = table[tuned_pane], table[prompt_pane]
     better, worse = [], []
     for key, name, higher in VERDICT_MEASURES:
         if tuned.get(key) is None or prompt.get(key) is None or tuned[key] == prompt[key]:
@@ -197,7 +198,7 @@ def verdict(result: dict[str, Any]) -> str:
         fmt = "{:.0%}" if key.endswith("_rate") else ("{:.1f}" if key == "chrf" else "{:.3f}")
         text = f"{name} ({fmt.format(tuned[key])} vs {fmt.format(prompt[key])})"
         (better if (tuned[key] > prompt[key]) == higher else worse).append(text)
-    head = f"On {result['comments']} held-out comments, the fine-tuned model against the strongest prompt ({PANE_NAMES[best]}): "
+    head = f"On {result['comments']} held-out comments, {PANE_NAMES[tuned_pane]} against {PANE_NAMES[prompt_pane]}: "
     parts = []
     if better:
         parts.append("better on " + ", ".join(better))
