@@ -24,12 +24,13 @@ from inference.loading import ENGINES
 from training.report import environment
 
 MODES = {
-    "the app's panes (prompt + examples, fine-tuned)": ("examples", "adapter"),
+    "the app's panes (prompt + examples, fine-tuned + examples)": ("examples", "adapter+examples"),
     "one reply alone (prompt + examples)": ("examples",),
-    "one reply alone (fine-tuned)": ("adapter",),
+    "one reply alone (fine-tuned + examples)": ("adapter+examples",),
+    "one reply alone (fine-tuned, no examples)": ("adapter",),
     "one reply alone (persona prompt only)": ("base",),
 }
-APP_MODE = "the app's panes (prompt + examples, fine-tuned)"
+APP_MODE = "the app's panes (prompt + examples, fine-tuned + examples)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,7 +70,7 @@ def latency_table(replier: StreamingReplier, comments: list[str], settings: Gene
                 longer_speed.append((len(longer.token_ids) - 1) / max(1e-9, longer.seconds - longer.first_token_s))
     # Both replies run as many steps as the longer one, so each comment is compared with the slower
     # of its two replies alone.
-    alone = [max(b, a) for b, a in zip(results["one reply alone (prompt + examples)"]["total"], results["one reply alone (fine-tuned)"]["total"])]
+    alone = [max(b, a) for b, a in zip(results["one reply alone (prompt + examples)"]["total"], results["one reply alone (fine-tuned + examples)"]["total"])]
     lines = []
     for mode, r in results.items():
         ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
