@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,12 +193,7 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path, text: str, comment_field: str | None = None, response_field: str | None = None) -> Iterable[tuple[str, Any]]:
-    # The csv module refuses fields over 128 KiB by default; a long comment is data, not an error
-    # (the renderer cuts it to max_length later, and counts it). The limit is process-wide.
-    csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
+    def check_header(header: list[str] | None) -> None:
         if header is None:
             raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
         mapping = column_mapping(header, comment_field, response_field)
@@ -210,6 +205,20 @@ def _csv_rows(path: Path, text: str, comment_field: str | None = None, response_
                 f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)}); name the comment and reply "
                 "columns with --comment-field and --response-field"
             )
+
+    return csv_records(path, text, check_header)
+
+
+def csv_records(path: Path, text: str, check_header: Callable[[list[str] | None], None]) -> Iterator[tuple[str, Any]]:
+    """Each data line of a CSV file as (``path:line``, a dict by header name) or a Problem;
+    ``check_header`` raises a DataError for a header (None: an empty file) its caller cannot use."""
+    # The csv module refuses fields over 128 KiB by default; a long comment is data, not an error
+    # (the renderer cuts it to max_length later, and counts it). The limit is process-wide.
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        check_header(header)
         start = reader.line_num + 1
         for row in reader:
             where = f"{path}:{start}"

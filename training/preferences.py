@@ -10,8 +10,6 @@ is merely different from it (see select_self_pairs: that is a weak negative).
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from typing import Any
 from inference.jsonl import Problem, jsonl_rows
 from inference.quality import flags
 from prompts.render import IGNORE_INDEX, PromptError, PromptRenderer
-from training.data import COMMENT_ALIASES, DataError, Pair, _json_rows, _listing, _normal, _read_text, anonymize, text_problem
+from training.data import COMMENT_ALIASES, DataError, Pair, _json_rows, _listing, _normal, _read_text, anonymize, csv_records, text_problem
 
 FIELDS = ("comment", "chosen", "rejected")
 # Names real preference files give the three columns, compared as training.data compares them
@@ -122,26 +120,14 @@ def column_mapping(names: Iterable[Any]) -> dict[str, str] | str:
 
 
 def _csv_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
-    csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
+    def check_header(header: list[str] | None) -> None:
         if header is None:
             raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
         mapping = column_mapping(header)
         if isinstance(mapping, str):
             raise DataError(f"{path}:1: header: {mapping}")
-        start = reader.line_num + 1
-        for row in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                yield where, Problem(f'{len(row)} fields, but the header has {len(header)}; quote any field that contains a comma, e.g. "Thanks, great video"')
-            else:
-                yield where, dict(zip(header, row))
-    except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+
+    return csv_records(path, text, check_header)
 
 
 def _validate(rows: Iterable[tuple[str, Any]], source: str, summary: PreferenceSummary) -> list[PreferencePair]:
