@@ -68,7 +68,9 @@ def stats_line(reply: Reply) -> str:
         return "…"
     end = "stopped at end of turn" if reply.stopped else ("hit the token cap" if reply.done else "writing…")
     first = f" · first token {reply.first_token_s:.2f} s" if reply.first_token_s is not None else ""
-    warnings = "".join(f" · ⚠ {flag}" for flag in flags(reply.text, reply.stopped) if reply.done and flag != "cut at the token cap")
+    warnings = "".join(
+        f" · ⚠ {flag}" for flag in flags(reply.text, reply.stopped) if reply.done and flag != "cut at the token cap"
+    )
     return f"{reply.seconds:.2f} s · {len(reply.token_ids)} tokens · {reply.tokens_per_s:.1f} tokens/s{first} · {end}{warnings}"
 
 
@@ -91,12 +93,23 @@ def tally_text(tally: dict[str, int]) -> str:
     if not rounds:
         return "No picks yet."
     counts = ", ".join(f"{blind_name(source)} {n}" for source, n in tally.items())
-    passed = f" The fine-tuned reply passed for your own in {tally['adapter'] / rounds:.0%} of the rounds." if "adapter" in tally else ""
+    passed = (
+        f" The fine-tuned reply passed for your own in {tally['adapter'] / rounds:.0%} of the rounds."
+        if "adapter" in tally
+        else ""
+    )
     return f"{rounds} round(s), picks: {counts}.{passed}"
 
 
 def respond(
-    replier: StreamingReplier, comment: str, max_new_tokens: float, temperature: float, top_p: float, repetition_penalty: float, no_repeat_ngram: float, prompt_pane: str
+    replier: StreamingReplier,
+    comment: str,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    no_repeat_ngram: float,
+    prompt_pane: str,
 ) -> Iterator[tuple[str, ...]]:
     """The Reply tab: (notice, prompt pane's reply, its stats, fine-tuned reply, its stats, the
     exact prompts), streamed. ``prompt_pane``: which prompt the base model answers ("base" or "examples")."""
@@ -105,7 +118,9 @@ def respond(
         yield notice, "", "", "" if replier.has_adapter else NO_ADAPTER_TEXT, "", ""
         return
     try:
-        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), int(no_repeat_ngram))
+        settings = GenerationSettings(
+            int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), int(no_repeat_ngram)
+        )
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
     panes: tuple[Pane, ...] = (prompt_pane, replier.tuned_pane) if replier.has_adapter else (prompt_pane,)
@@ -113,10 +128,19 @@ def respond(
     for replies in replier.stream(comment, settings, panes):
         base = replies[0]
         tuned = replies[1] if replier.has_adapter else None
-        yield notice, base.text, stats_line(base), tuned.text if tuned else NO_ADAPTER_TEXT, stats_line(tuned) if tuned else "", prompt
+        yield (
+            notice,
+            base.text,
+            stats_line(base),
+            tuned.text if tuned else NO_ADAPTER_TEXT,
+            stats_line(tuned) if tuned else "",
+            prompt,
+        )
 
 
-def save_reply(flywheel_dir: Path | None, comment: str, better: str | None, edited: str, base_reply: str, tuned_reply: str) -> str:
+def save_reply(
+    flywheel_dir: Path | None, comment: str, better: str | None, edited: str, base_reply: str, tuned_reply: str
+) -> str:
     """The flywheel: the reply the creator would post, and which pane was better, saved as training data."""
     if flywheel_dir is None:
         raise gr.Error("Saving is turned off on this app (set FLYWHEEL_DIR to turn it on).")
@@ -143,14 +167,18 @@ def compare_batch(replier: StreamingReplier, labels: dict[str, str], text: str, 
     if not comments:
         raise gr.Error("Paste one comment per line.")
     if len(comments) > MAX_BATCH_COMMENTS:
-        raise gr.Error(f"At most {MAX_BATCH_COMMENTS} comments at a time (got {len(comments)}); use `python -m inference.compare` for more.")
+        raise gr.Error(
+            f"At most {MAX_BATCH_COMMENTS} comments at a time (got {len(comments)}); use `python -m inference.compare` for more."
+        )
     rows = []
     for row in compare(replier, comments, GenerationSettings(int(max_new_tokens)), replier.renderer.persona.signature):
         rows.append(row)
         yield to_html(rows, labels) + f"<p>{len(rows)} of {len(comments)} done</p>"
 
 
-def next_round(replier: StreamingReplier, pairs: list[tuple[str, str]], rng: random.Random, state: dict | None) -> tuple:
+def next_round(
+    replier: StreamingReplier, pairs: list[tuple[str, str]], rng: random.Random, state: dict | None
+) -> tuple:
     """The Blind test tab: a held-out comment and every pane's reply and the real one, shuffled."""
     if not pairs:
         raise gr.Error(NO_HELD_OUT_TEXT)
@@ -217,7 +245,9 @@ def build_demo(
     return demo
 
 
-def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, examples: list[str]) -> gr.Slider:
+def reply_tab(
+    replier: StreamingReplier, labels: dict[str, str], flywheel_dir: Path | None, examples: list[str]
+) -> gr.Slider:
     """The comment box, both panes, settings, prompt and flywheel; its max-new-tokens slider."""
     comment = gr.Textbox(
         label=f"YouTube comment (up to {MAX_COMMENT_CHARS:,} characters)",
@@ -240,27 +270,55 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
                 info=f"what the base model gets without fine-tuning (default: the one that measured stronger, {PANE_NAMES[replier.best_prompt_pane]})",
                 elem_id="prompt-pane",
             )
-            base_box = gr.Textbox(label=labels[replier.best_prompt_pane], lines=6, interactive=False, elem_id="base-reply")
+            base_box = gr.Textbox(
+                label=labels[replier.best_prompt_pane], lines=6, interactive=False, elem_id="base-reply"
+            )
             base_stats = gr.Markdown(elem_id="base-stats")
         with gr.Column():
             tuned_label = labels.get(replier.tuned_pane, "fine-tuned · no adapter loaded")
-            tuned_box = gr.Textbox(label=tuned_label, lines=6, interactive=False, value="" if replier.has_adapter else NO_ADAPTER_TEXT, elem_id="tuned-reply")
+            tuned_box = gr.Textbox(
+                label=tuned_label,
+                lines=6,
+                interactive=False,
+                value="" if replier.has_adapter else NO_ADAPTER_TEXT,
+                elem_id="tuned-reply",
+            )
             tuned_stats = gr.Markdown(elem_id="tuned-stats")
     with gr.Accordion("Generation settings", open=False):
-        max_new_tokens = gr.Slider(*LIMITS["max_new_tokens"], value=GenerationSettings.max_new_tokens, step=1, label="Max new tokens")
-        temperature = gr.Slider(*LIMITS["temperature"], value=GenerationSettings.temperature, step=0.05, label="Temperature", info="0 = greedy: the same comment always gets the same replies")
-        top_p = gr.Slider(*LIMITS["top_p"], value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0")
+        max_new_tokens = gr.Slider(
+            *LIMITS["max_new_tokens"], value=GenerationSettings.max_new_tokens, step=1, label="Max new tokens"
+        )
+        temperature = gr.Slider(
+            *LIMITS["temperature"],
+            value=GenerationSettings.temperature,
+            step=0.05,
+            label="Temperature",
+            info="0 = greedy: the same comment always gets the same replies",
+        )
+        top_p = gr.Slider(
+            *LIMITS["top_p"], value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0"
+        )
         repetition_penalty = gr.Slider(
-            *LIMITS["repetition_penalty"], value=GenerationSettings.repetition_penalty, step=0.05, label="Repetition penalty", info="1 = off; > 1 makes tokens already in the reply less likely"
+            *LIMITS["repetition_penalty"],
+            value=GenerationSettings.repetition_penalty,
+            step=0.05,
+            label="Repetition penalty",
+            info="1 = off; > 1 makes tokens already in the reply less likely",
         )
         no_repeat_ngram = gr.Slider(
-            *LIMITS["no_repeat_ngram"], value=GenerationSettings.no_repeat_ngram, step=1, label="No repeated phrase of N tokens", info="0 = off; stops loops without touching single words"
+            *LIMITS["no_repeat_ngram"],
+            value=GenerationSettings.no_repeat_ngram,
+            step=1,
+            label="No repeated phrase of N tokens",
+            info="0 = off; stops loops without touching single words",
         )
     with gr.Accordion("Exact prompt sent to the model", open=False):
         prompt_view = gr.Textbox(show_label=False, lines=8, interactive=False, elem_id="prompt")
     if examples:
         gr.Examples(examples=[[c] for c in examples], inputs=[comment], label="Held-out comments (not trained on)")
-    with gr.Accordion("Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and replier.has_adapter):
+    with gr.Accordion(
+        "Save a better reply (data flywheel)", open=False, visible=flywheel_dir is not None and replier.has_adapter
+    ):
         better = gr.Radio(["prompt only", "fine-tuned"], label="Which reply is better?")
         edited = gr.Textbox(label="The reply you would really post (saved as training data)", lines=3)
         save_button = gr.Button("Save")
@@ -271,7 +329,12 @@ def reply_tab(replier: StreamingReplier, labels: dict[str, str], flywheel_dir: P
     inputs = [comment, max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram, prompt_pane]
     gr.on([reply_button.click, comment.submit], functools.partial(respond, replier), inputs, outputs, api_name="reply")
     prompt_pane.change(lambda pane: gr.Textbox(label=labels[pane]), prompt_pane, base_box, api_name=False)
-    save_button.click(functools.partial(save_reply, flywheel_dir), [comment, better, edited, base_box, tuned_box], saved, api_name="save")
+    save_button.click(
+        functools.partial(save_reply, flywheel_dir),
+        [comment, better, edited, base_box, tuned_box],
+        saved,
+        api_name="save",
+    )
     return max_new_tokens
 
 
@@ -293,16 +356,35 @@ def blind_tab(replier: StreamingReplier, pairs: list[tuple[str, str]], flywheel_
         pick_buttons = [gr.Button(f"{letter} sounds like me") for letter in letters]
     verdict = gr.Markdown()
     tally = gr.Markdown("No picks yet.")
-    start.click(functools.partial(next_round, replier, pairs, random.Random()), blind_state, [blind_state, blind_comment, *blind_replies, verdict], api_name="blind_round")
+    start.click(
+        functools.partial(next_round, replier, pairs, random.Random()),
+        blind_state,
+        [blind_state, blind_comment, *blind_replies, verdict],
+        api_name="blind_round",
+    )
     for letter, button in zip(letters, pick_buttons):
-        button.click(functools.partial(pick, flywheel_dir), [gr.State(letter), blind_state], [blind_state, verdict, tally], api_name=f"blind_pick_{letter}")
+        button.click(
+            functools.partial(pick, flywheel_dir),
+            [gr.State(letter), blind_state],
+            [blind_state, verdict, tally],
+            api_name=f"blind_pick_{letter}",
+        )
 
 
-def batch_tab(replier: StreamingReplier, labels: dict[str, str], max_new_tokens: gr.Slider, examples: list[str]) -> None:
-    batch_input = gr.Textbox(label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5]))
+def batch_tab(
+    replier: StreamingReplier, labels: dict[str, str], max_new_tokens: gr.Slider, examples: list[str]
+) -> None:
+    batch_input = gr.Textbox(
+        label=f"Comments, one per line (up to {MAX_BATCH_COMMENTS})", lines=6, value="\n".join(examples[:5])
+    )
     batch_button = gr.Button("Compare", variant="primary")
     batch_output = gr.HTML()
-    batch_button.click(functools.partial(compare_batch, replier, labels), [batch_input, max_new_tokens], batch_output, api_name="compare")
+    batch_button.click(
+        functools.partial(compare_batch, replier, labels),
+        [batch_input, max_new_tokens],
+        batch_output,
+        api_name="compare",
+    )
 
 
 def inbox_view(inbox_dir: Path, selected: str | None = None) -> tuple:
@@ -361,15 +443,26 @@ def inbox_tab(replier: StreamingReplier, inbox_dir: Path, demo: gr.Blocks) -> No
     """The comments waiting for an answer, each with its draft: Edit, Approve, Skip, Regenerate,
     and Post for what was approved. The state is youtube.inbox's; drafts come from
     `python -m youtube.inbox draft` (Refresh shows them)."""
-    gr.Markdown(f"Comments pulled with `python -m youtube.inbox pull --state {inbox_dir}`, drafted by `... draft`. Nothing is posted until you approve it and press Post.")
+    gr.Markdown(
+        f"Comments pulled with `python -m youtube.inbox pull --state {inbox_dir}`, drafted by `... draft`. Nothing is posted until you approve it and press Post."
+    )
     counts = gr.Markdown(elem_id="inbox-counts")
-    table = gr.Dataframe(headers=["status", "author", "comment", "reply"], interactive=False, wrap=True, elem_id="inbox-table")
+    table = gr.Dataframe(
+        headers=["status", "author", "comment", "reply"], interactive=False, wrap=True, elem_id="inbox-table"
+    )
     refresh = gr.Button("Refresh")
     picked = gr.Dropdown(label="Comment", allow_custom_value=True, elem_id="inbox-pick")
     comment = gr.Textbox(label="Comment", interactive=False, elem_id="inbox-comment")
     reply = gr.Textbox(label="Reply (edit it here)", lines=4, elem_id="inbox-reply")
     with gr.Row():
-        buttons = {action: gr.Button(action.capitalize(), variant="primary" if action == "approve" else "secondary", elem_id=f"inbox-{action}") for action in ("edit", "approve", "skip", "regenerate")}
+        buttons = {
+            action: gr.Button(
+                action.capitalize(),
+                variant="primary" if action == "approve" else "secondary",
+                elem_id=f"inbox-{action}",
+            )
+            for action in ("edit", "approve", "skip", "regenerate")
+        }
     done = gr.Markdown(elem_id="inbox-done")
     with gr.Row():
         dry_run = gr.Checkbox(label="Dry run (show what would be posted)", value=False)
@@ -380,8 +473,15 @@ def inbox_tab(replier: StreamingReplier, inbox_dir: Path, demo: gr.Blocks) -> No
     refresh.click(view, picked, [counts, table, picked], api_name="inbox")
     picked.change(functools.partial(inbox_pick, inbox_dir), picked, [comment, reply], api_name="inbox_pick")
     for action, button in buttons.items():
-        button.click(functools.partial(inbox_action, action, inbox_dir, replier), [picked, reply], [counts, table, picked, reply, done], api_name=f"inbox_{action}")
-    post.click(functools.partial(inbox_post, inbox_dir), dry_run, [counts, table, picked, posted], api_name="inbox_post")
+        button.click(
+            functools.partial(inbox_action, action, inbox_dir, replier),
+            [picked, reply],
+            [counts, table, picked, reply, done],
+            api_name=f"inbox_{action}",
+        )
+    post.click(
+        functools.partial(inbox_post, inbox_dir), dry_run, [counts, table, picked, posted], api_name="inbox_post"
+    )
 
 
 @dataclass(frozen=True)
@@ -399,18 +499,40 @@ class AppSettings:
 def parse_app_settings(argv: list[str] | None = None) -> AppSettings:
     env = os.environ
     on_space = bool(env.get("SPACE_ID"))
-    parser = argparse.ArgumentParser(prog="python app.py", description="Side-by-side replies: base model + prompt vs fine-tuned adapter.")
-    parser.add_argument("--base-model", default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL), help="local folder or Hub id [env BASE_MODEL]")
-    parser.add_argument("--adapter", default=env.get("ADAPTER", str(DEFAULT_ADAPTER)), help=f"adapter folder or Hub id, '{NO_ADAPTER}' for the base alone [env ADAPTER]")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=env.get("QUANTIZATION", "nf4"), help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none [env QUANTIZATION]")
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description="Side-by-side replies: base model + prompt vs fine-tuned adapter."
+    )
+    parser.add_argument(
+        "--base-model",
+        default=env.get("BASE_MODEL", DEFAULT_BASE_MODEL),
+        help="local folder or Hub id [env BASE_MODEL]",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=env.get("ADAPTER", str(DEFAULT_ADAPTER)),
+        help=f"adapter folder or Hub id, '{NO_ADAPTER}' for the base alone [env ADAPTER]",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=env.get("QUANTIZATION", "nf4"),
+        help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none [env QUANTIZATION]",
+    )
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
         default=env.get("BACKEND", "auto"),
         help="auto: llama.cpp on a CPU, transformers on a GPU (and for GPTQ) [env BACKEND]",
     )
-    parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME"), help="address to listen on [env GRADIO_SERVER_NAME]")
-    parser.add_argument("--port", type=int, default=int(env["GRADIO_SERVER_PORT"]) if env.get("GRADIO_SERVER_PORT") else None, help="port [env GRADIO_SERVER_PORT]")
+    parser.add_argument(
+        "--host", default=env.get("GRADIO_SERVER_NAME"), help="address to listen on [env GRADIO_SERVER_NAME]"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env["GRADIO_SERVER_PORT"]) if env.get("GRADIO_SERVER_PORT") else None,
+        help="port [env GRADIO_SERVER_PORT]",
+    )
     parser.add_argument(
         "--flywheel-dir",
         default=env.get("FLYWHEEL_DIR", "" if on_space else str(ROOT / "flywheel")),
@@ -452,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
 
     held_out = adapter_held_out(settings.adapter)
     labels = pane_labels(settings.base_model, settings.adapter, replier.backend, replier.panes)
-    demo = build_demo(replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter), settings.inbox_dir)
+    demo = build_demo(
+        replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter), settings.inbox_dir
+    )
     launch(demo, settings.host, settings.port)
     return 0
 

@@ -104,25 +104,41 @@ def main() -> None:
 
     replier = load_replier(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), "nf4", backend=args.backend)
     replier.warm_up()
-    demo = app_module.build_demo(replier, pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend, replier.panes), None, adapter_held_out(str(DEFAULT_ADAPTER)))
+    demo = app_module.build_demo(
+        replier,
+        pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend, replier.panes),
+        None,
+        adapter_held_out(str(DEFAULT_ADAPTER)),
+    )
     app_module.launch(demo, "127.0.0.1", args.port, block=False)
     comments = read_comments(ROOT / "data" / "heldout.jsonl")
     defaults = GenerationSettings()
-    settings = (args.max_new_tokens, 0.0, 1.0, defaults.repetition_penalty, defaults.no_repeat_ngram, replier.best_prompt_pane)
+    settings = (
+        args.max_new_tokens,
+        0.0,
+        1.0,
+        defaults.repetition_penalty,
+        defaults.no_repeat_ngram,
+        replier.best_prompt_pane,
+    )
     before = rss_mib()
     result = run_load(demo.local_url, comments, args.clients, args.comments, settings)
     after = rss_mib()
     demo.close()
     total = args.clients * args.comments
     print(json.dumps(environment(), indent=1))
-    print(f"| clients x comments | completed | errors | p50 | p95 | max | largest queue (limit {app_module.QUEUE_MAX_SIZE}) | wall | server RSS before -> after |")
+    print(
+        f"| clients x comments | completed | errors | p50 | p95 | max | largest queue (limit {app_module.QUEUE_MAX_SIZE}) | wall | server RSS before -> after |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {args.clients} x {args.comments} | {len(result.latencies)}/{total} | {len(result.errors)} | "
         f"{result.percentile(0.5):.1f} s | {result.percentile(0.95):.1f} s | {max(result.latencies):.1f} s | "
         f"{result.largest_queue} | {result.seconds:.0f} s | {before:.0f} -> {after:.0f} MiB |"
     )
-    print(f"mean service time per request: {result.seconds / max(1, len(result.latencies)):.2f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(
+        f"mean service time per request: {result.seconds / max(1, len(result.latencies)):.2f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
     if result.errors:
         print("errors:", *sorted(set(result.errors)), sep="\n  ")
 

@@ -33,7 +33,10 @@ def llama_losses(replier, examples) -> dict[str, float]:
         for example in examples:
             context.start([])
             ids, labels = example.input_ids, example.labels
-            entries = [(token, pos, PREFIX_SEQ, pos + 1 < len(ids) and labels[pos + 1] != IGNORE_INDEX) for pos, token in enumerate(ids)]
+            entries = [
+                (token, pos, PREFIX_SEQ, pos + 1 < len(ids) and labels[pos + 1] != IGNORE_INDEX)
+                for pos, token in enumerate(ids)
+            ]
             for start in range(0, len(entries), BATCH_TOKENS):
                 chunk = entries[start : start + BATCH_TOKENS]
                 for index, position in zip(context.decode(chunk), [start + i for i, e in enumerate(chunk) if e[3]]):
@@ -52,7 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     pairs = load_pairs(args.eval_data)
     rows = []
-    for label, backend, quantization in (("transformers, NF4 base (trained on)", "transformers", "nf4"), ("transformers, full-precision base", "transformers", "none"), ("llama.cpp, Q4_1 GGUF base (the app)", "llama.cpp", "nf4")):
+    for label, backend, quantization in (
+        ("transformers, NF4 base (trained on)", "transformers", "nf4"),
+        ("transformers, full-precision base", "transformers", "none"),
+        ("llama.cpp, Q4_1 GGUF base (the app)", "llama.cpp", "nf4"),
+    ):
         started = time.perf_counter()
         replier = load_replier(DEFAULT_BASE_MODEL, args.adapter, quantization, backend=backend)
         if backend == "llama.cpp":
@@ -60,9 +67,13 @@ def main() -> None:
             losses = llama_losses(replier, examples)
         else:
             losses = held_out_losses(replier, pairs, 512)
-        rows.append(f"| {label} | {losses['base']:.4f} | {losses['adapter']:.4f} | {time.perf_counter() - started:.1f} s |")
+        rows.append(
+            f"| {label} | {losses['base']:.4f} | {losses['adapter']:.4f} | {time.perf_counter() - started:.1f} s |"
+        )
     env = environment()
-    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env['cpu_flags']}), {env['cores']} cores; {len(pairs)} held-out pairs, loss per reply token\n")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env['cpu_flags']}), {env['cores']} cores; {len(pairs)} held-out pairs, loss per reply token\n"
+    )
     print("| base | base + prompt | + adapter | time |\n|---|---|---|---|\n" + "\n".join(rows))
 
 

@@ -23,7 +23,12 @@ from pathlib import Path
 from inference.compare import read_comments
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
 from inference.engines import load_replier
-from tests.helpers import FakeYouTube, comment_thread, start_app, thread_page  # the tests' local API: the only fake, at the network edge
+from tests.helpers import (
+    FakeYouTube,
+    comment_thread,
+    start_app,
+    thread_page,
+)  # the tests' local API: the only fake, at the network edge
 from training.evaluate import EVAL_SETTINGS
 from training.report import environment
 from youtube import auth, inbox
@@ -36,13 +41,17 @@ def recorded_pages(comments: list[str], threads: int) -> dict[str | None, dict]:
     """``threads`` unanswered threads, newest first, 100 a page, the comments cycled."""
     items = []
     for i in range(threads):
-        thread = comment_thread(i, CHANNEL, False, published=f"2026-11-{28 - i // 100:02d}T{23 - i % 100 // 5:02d}:{59 - i % 5:02d}:00Z")
+        thread = comment_thread(
+            i, CHANNEL, False, published=f"2026-11-{28 - i // 100:02d}T{23 - i % 100 // 5:02d}:{59 - i % 5:02d}:00Z"
+        )
         thread["snippet"]["topLevelComment"]["snippet"]["textOriginal"] = comments[i % len(comments)]
         items.append(thread)
     pages: dict[str | None, dict] = {}
     for start in range(0, threads, 100):
         token = f"P{start // 100 + 1}" if start else None
-        pages[token] = thread_page(items[start : start + 100], next_page=f"P{start // 100 + 2}" if start + 100 < threads else None)
+        pages[token] = thread_page(
+            items[start : start + 100], next_page=f"P{start // 100 + 2}" if start + 100 < threads else None
+        )
     return pages
 
 
@@ -79,12 +88,32 @@ def main() -> None:
     args = parser.parse_args()
     comments = [c for name in ("heldout.jsonl", "train.jsonl") for c in read_comments(ROOT / "data" / name)]
     notes = []
-    with tempfile.TemporaryDirectory() as tmp, FakeYouTube(recorded_pages(comments, args.threads), CHANNEL, "bench-key", "bench-refresh", "bench-secret") as api:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FakeYouTube(
+            recorded_pages(comments, args.threads), CHANNEL, "bench-key", "bench-refresh", "bench-secret"
+        ) as api,
+    ):
         state, token_file = Path(tmp) / "inbox", Path(tmp) / "config" / "youtube-token.json"
         from google.oauth2.credentials import Credentials
 
-        auth.save(Credentials(None, refresh_token="bench-refresh", token_uri=api.token_url, client_id="bench", client_secret="bench-secret"), token_file)
-        env = {**os.environ, "YOUTUBE_API_KEY": "bench-key", "YOUTUBE_API_URL": api.api_url, "YOUTUBE_TOKEN_URL": api.token_url, "YOUTUBE_TOKEN_FILE": str(token_file)}
+        auth.save(
+            Credentials(
+                None,
+                refresh_token="bench-refresh",
+                token_uri=api.token_url,
+                client_id="bench",
+                client_secret="bench-secret",
+            ),
+            token_file,
+        )
+        env = {
+            **os.environ,
+            "YOUTUBE_API_KEY": "bench-key",
+            "YOUTUBE_API_URL": api.api_url,
+            "YOUTUBE_TOKEN_URL": api.token_url,
+            "YOUTUBE_TOKEN_FILE": str(token_file),
+        }
         os.environ.update(env)
 
         started = time.perf_counter()
@@ -98,17 +127,23 @@ def main() -> None:
         evaluated = [r for replies in replier.replies(comments[:23], EVAL_SETTINGS, background=False) for r in replies]
         seconds = time.perf_counter() - started
         tokens = sum(len(r.token_ids) for r in evaluated)
-        notes.append(f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, max {EVAL_SETTINGS.max_new_tokens} new tokens): "
-                     f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s")
+        notes.append(
+            f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, max {EVAL_SETTINGS.max_new_tokens} new tokens): "
+            f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s"
+        )
 
         with app_polled(state, env) as latencies:
             time.sleep(5)
             idle = latencies[:]
             run = inbox.draft(state, replier)
-            during = latencies[len(idle):]
-        notes.append(f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft")
-        notes.append(f"app responsiveness: the inbox read in {statistics.median(idle):.2f} s idle (median of {len(idle)}), "
-                     f"{statistics.median(during):.2f} s median / {max(during):.2f} s max over {len(during)} reads while drafting")
+            during = latencies[len(idle) :]
+        notes.append(
+            f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
+        )
+        notes.append(
+            f"app responsiveness: the inbox read in {statistics.median(idle):.2f} s idle (median of {len(idle)}), "
+            f"{statistics.median(during):.2f} s median / {max(during):.2f} s max over {len(during)} reads while drafting"
+        )
 
         for item in inbox.to_answer(state)[: args.post]:
             inbox.approve(state, item.id, item.final)
@@ -116,12 +151,16 @@ def main() -> None:
         if inbox.main(["post", "--state", str(state)]) != 0:
             raise SystemExit("the post failed")
         posted = len(api.inserts)
-        notes.append(f"post: {posted} replies in {time.perf_counter() - started:.2f} s, {len({s['parentId'] for s in api.inserts})} distinct comments")
+        notes.append(
+            f"post: {posted} replies in {time.perf_counter() - started:.2f} s, {len({s['parentId'] for s in api.inserts})} distinct comments"
+        )
 
     env_info = environment()
     libs = env_info["libraries"]
-    print(f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} ({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
-          + ", ".join(f"{name} {libs[name]}" for name in sorted(libs)))
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} ({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
+        + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
+    )
     print("\n".join(f"- {note}" for note in notes))
 
 

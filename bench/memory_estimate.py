@@ -40,9 +40,19 @@ def random_t5(folder: Path) -> Path:
     from inference.loading import load_tokenizer
 
     tokenizer = load_tokenizer(SMOL)
-    config = T5Config(vocab_size=len(tokenizer), d_model=512, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
-                      feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=512,
+        d_ff=1024,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -51,15 +61,40 @@ def random_t5(folder: Path) -> Path:
 def run_case(python: str, recipe: str, model: str, flags: list[str], work: Path) -> dict:
     out = work / f"{recipe}-out"
     eval_file = work / "eval.jsonl"
-    command = [python, "-m", "training.run", "--config", recipe, "--base-model", model, "--data", str(ROOT / "data" / "train.jsonl"),
-               "--eval-data", str(eval_file), "--max-rows", "48", "--epochs", "1", "--output-dir", str(out), "--no-doctor", *flags]
+    command = [
+        python,
+        "-m",
+        "training.run",
+        "--config",
+        recipe,
+        "--base-model",
+        model,
+        "--data",
+        str(ROOT / "data" / "train.jsonl"),
+        "--eval-data",
+        str(eval_file),
+        "--max-rows",
+        "48",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--no-doctor",
+        *flags,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{recipe} failed:\n{done.stderr[-3000:]}")
     estimate = float(re.search(r"memory estimate \(batches up to \d+ tokens\): ([\d.]+) GiB", done.stdout).group(1))
     measured = json.loads((out / "training_summary.json").read_text())["peak_memory_gib"]
-    return {"recipe": recipe, "model": model, "estimate": estimate, "measured": measured, "error": estimate / measured - 1}
+    return {
+        "recipe": recipe,
+        "model": model,
+        "estimate": estimate,
+        "measured": measured,
+        "error": estimate / measured - 1,
+    }
 
 
 def main() -> None:
@@ -73,22 +108,45 @@ def main() -> None:
         work = Path(tmp)
         heldout = (ROOT / "data" / "heldout.jsonl").read_text().splitlines()[:4]
         (work / "eval.jsonl").write_text("\n".join(heldout) + "\n")
-        cases = [(recipe, str(random_t5(work / "t5")) if model == "t5" else model, flags) for recipe, model, flags in CASES]
+        cases = [
+            (recipe, str(random_t5(work / "t5")) if model == "t5" else model, flags) for recipe, model, flags in CASES
+        ]
         for recipe, model, flags in cases:
             rows.append(run_case(sys.executable, recipe, model, flags, work))
             print(rows[-1], flush=True)
         if args.gptq_python:
             quantized = work / "smollm2-gptq"
-            subprocess.run([args.gptq_python, "-m", "training.gptq", "--base-model", SMOL, "--out", str(quantized), "--samples", "32"],
-                           cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    args.gptq_python,
+                    "-m",
+                    "training.gptq",
+                    "--base-model",
+                    SMOL,
+                    "--out",
+                    str(quantized),
+                    "--samples",
+                    "32",
+                ],
+                cwd=ROOT,
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+                check=True,
+                capture_output=True,
+            )
             rows.append(run_case(args.gptq_python, "gptq-mistral", str(quantized), ["--optim", "adamw_torch"], work))
             print(rows[-1], flush=True)
     print(json.dumps(environment(), indent=1))
     print("| recipe | model | estimate | measured peak RSS | estimate / measured - 1 | within 20% |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        model = "SmolLM2-135M (GPTQ 4-bit, group 64)" if r["recipe"] == "gptq-mistral" else ("random T5 (t5-small shape, 6+6 layers)" if r["recipe"] == "flan-t5-lora" else "SmolLM2-135M")
-        print(f"| {r['recipe']} | {model} | {r['estimate']:.2f} GiB | {r['measured']:.2f} GiB | {r['error']:+.0%} | {'yes' if abs(r['error']) <= 0.2 else 'NO'} |")
+        model = (
+            "SmolLM2-135M (GPTQ 4-bit, group 64)"
+            if r["recipe"] == "gptq-mistral"
+            else ("random T5 (t5-small shape, 6+6 layers)" if r["recipe"] == "flan-t5-lora" else "SmolLM2-135M")
+        )
+        print(
+            f"| {r['recipe']} | {model} | {r['estimate']:.2f} GiB | {r['measured']:.2f} GiB | {r['error']:+.0%} | {'yes' if abs(r['error']) <= 0.2 else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def raw_llama_decode(gguf: Path, prompt_ids: list[int], tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def latency_table(replier: StreamingReplier, comments: list[str], settings: GenerationSettings) -> tuple[list[str], float]:
+def latency_table(
+    replier: StreamingReplier, comments: list[str], settings: GenerationSettings
+) -> tuple[list[str], float]:
     """Rows of the per-comment table; the median decode speed of the longer reply in the app's mode."""
     results = {mode: {"first": [], "total": [], "tokens": []} for mode in MODES}
     longer_speed = []
@@ -70,7 +72,13 @@ def latency_table(replier: StreamingReplier, comments: list[str], settings: Gene
                 longer_speed.append((len(longer.token_ids) - 1) / max(1e-9, longer.seconds - longer.first_token_s))
     # Both replies run as many steps as the longer one, so each comment is compared with the slower
     # of its two replies alone.
-    alone = [max(b, a) for b, a in zip(results["one reply alone (prompt + examples)"]["total"], results["one reply alone (fine-tuned + examples)"]["total"])]
+    alone = [
+        max(b, a)
+        for b, a in zip(
+            results["one reply alone (prompt + examples)"]["total"],
+            results["one reply alone (fine-tuned + examples)"]["total"],
+        )
+    ]
     lines = []
     for mode, r in results.items():
         ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
@@ -84,19 +92,30 @@ def latency_table(replier: StreamingReplier, comments: list[str], settings: Gene
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comments", type=Path, default=ROOT / "data" / "heldout.jsonl")
-    parser.add_argument("--many", type=Path, nargs="+", default=[ROOT / "data" / "heldout.jsonl", ROOT / "data" / "train.jsonl"], help="comments for the many-at-once rows")
+    parser.add_argument(
+        "--many",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "data" / "heldout.jsonl", ROOT / "data" / "train.jsonl"],
+        help="comments for the many-at-once rows",
+    )
     parser.add_argument("--limit", type=int, default=8, help="comments in the per-comment table")
     parser.add_argument("--backends", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
-    parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4", help="the transformers backend's base")
+    parser.add_argument(
+        "--quantization", choices=("nf4", "none"), default="nf4", help="the transformers backend's base"
+    )
     args = parser.parse_args()
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     comments = read_comments(args.comments)[: args.limit]
     many = [c for path in args.many for c in read_comments(path)]
-    table = ["| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |", "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for backend in args.backends:
         started = time.perf_counter()
@@ -108,19 +127,31 @@ def main() -> None:
         notes.append(f"{backend}: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)")
         for count in (23, 30):
             started = time.perf_counter()
-            done = list(replier.replies(many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)))
-            notes.append(f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s")
+            done = list(
+                replier.replies(
+                    many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)
+                )
+            )
+            notes.append(
+                f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s"
+            )
         if isinstance(replier, LlamaCppReplier):  # the ceiling is llama.cpp's own decoding of the same file
             ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
-            notes.append(f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
-                         f"the app's longer reply reaches {speed / ceiling:.0%} of it")
+            notes.append(
+                f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
+                f"the app's longer reply reaches {speed / ceiling:.0%} of it"
+            )
         replier.close()
 
     env = environment()
     libs = env["libraries"]
-    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; "
-          + ", ".join(f"{name} {libs[name]}" for name in sorted(libs)))
-    print(f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} new tokens; transformers on a {args.quantization} base\n")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; "
+        + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
+    )
+    print(
+        f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} new tokens; transformers on a {args.quantization} base\n"
+    )
     print("\n".join(table) + "\n")
     print("\n".join(f"- {note}" for note in notes))
 

@@ -41,9 +41,18 @@ def main() -> None:
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--eval-data", type=Path, default=ROOT / "data" / "heldout.jsonl")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "train.jsonl", help="the training pairs (for the memorization rate)")
-    parser.add_argument("--decoding", nargs="+", type=decoding, default=[EVAL_SETTINGS], help="PENALTY:NGRAM settings to compare")
-    parser.add_argument("--blind", type=int, default=20, help="held-out comments per pane and setting in the blind file")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / "data" / "train.jsonl",
+        help="the training pairs (for the memorization rate)",
+    )
+    parser.add_argument(
+        "--decoding", nargs="+", type=decoding, default=[EVAL_SETTINGS], help="PENALTY:NGRAM settings to compare"
+    )
+    parser.add_argument(
+        "--blind", type=int, default=20, help="held-out comments per pane and setting in the blind file"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reply_quality")
     args = parser.parse_args()
 
@@ -59,7 +68,9 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - started
         results.append(result)
         # Written after every setting: a long grid stopped early keeps what it measured.
-        (args.out / "result.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (args.out / "result.json").write_text(
+            json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         print(markdown_table(result), flush=True)
 
     comments = read_comments(ROOT / "data" / "heldout.jsonl")[:30]
@@ -83,11 +94,17 @@ def main() -> None:
     (args.out / "blind_key.json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
 
     env = environment()
-    print(f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; llama.cpp replies, losses from transformers (full-precision base)\n")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; llama.cpp replies, losses from transformers (full-precision base)\n"
+    )
     for settings, result in zip(args.decoding, results):
-        print(f"### repetition penalty {settings.repetition_penalty}, no-repeat n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n")
+        print(
+            f"### repetition penalty {settings.repetition_penalty}, no-repeat n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n"
+        )
         print(markdown_table(result))
-    print(f"30 comments through inference.compare (panes {', '.join(replier.panes)}, max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s")
+    print(
+        f"30 comments through inference.compare (panes {', '.join(replier.panes)}, max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s"
+    )
     print(f"blind reading file: {args.out / 'blind.jsonl'} ({len(blind)} replies); key: {args.out / 'blind_key.json'}")
 
 

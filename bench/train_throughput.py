@@ -100,7 +100,11 @@ def random_mistral(folder: Path, tokenizer_path: str) -> Path:
     tokenizer = load_tokenizer(tokenizer_path)
     config = read_model_config(MISTRAL)
     config.vocab_size = len(tokenizer)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
@@ -129,7 +133,8 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, tr
     persona = Persona.from_file()
     texts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": persona.fill(p.comment)}, {"role": "assistant", "content": p.response}], tokenize=False
+            [{"role": "user", "content": persona.fill(p.comment)}, {"role": "assistant", "content": p.response}],
+            tokenize=False,
         )
         for p in load_pairs(train_file)
     ]
@@ -138,14 +143,34 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, tr
     data = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
     model = load_base_model(base_model, "nf4", dtype)
     model = prepare_model_for_kbit_training(model)  # enables gradient checkpointing, as the article
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules=lora.targets, task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=str(out / "ref-checkpoints"), num_train_epochs=epochs, learning_rate=2e-4,
-        per_device_train_batch_size=4, gradient_accumulation_steps=4, gradient_checkpointing=True,
-        warmup_steps=2, weight_decay=0.01, logging_strategy="epoch", save_strategy="no", eval_strategy="no",
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(), report_to="none", optim="adamw_torch", disable_tqdm=True,
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules=lora.targets, task_type="CAUSAL_LM"
+        ),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    args = TrainingArguments(
+        output_dir=str(out / "ref-checkpoints"),
+        num_train_epochs=epochs,
+        learning_rate=2e-4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        gradient_checkpointing=True,
+        warmup_steps=2,
+        weight_decay=0.01,
+        logging_strategy="epoch",
+        save_strategy="no",
+        eval_strategy="no",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        optim="adamw_torch",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -164,30 +189,85 @@ def held_out_loss(base_model: str, adapter: Path, heldout_file: Path) -> float:
     return held_out_losses(replier, load_pairs(heldout_file), 512)["adapter"]
 
 
-def compare(out: Path, epochs: float, base_model: str, lora: LoraShape, ours: dict[str, list[str]], common: list[str], folder: Path, score: bool) -> dict[str, dict]:
+def compare(
+    out: Path,
+    epochs: float,
+    base_model: str,
+    lora: LoraShape,
+    ours: dict[str, list[str]],
+    common: list[str],
+    folder: Path,
+    score: bool,
+) -> dict[str, dict]:
     """The reference and each of ``ours`` on one data set (``folder``'s train.jsonl and heldout.jsonl),
     each in its own process, so that peak memory is each run's own."""
     train_file, heldout_file = folder / "train.jsonl", folder / "heldout.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
-    ref = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", "reference", "--out", str(out), "--epochs", str(epochs),
-                          "--base-model", base_model, "--lora", json.dumps(asdict(lora)), "--train-file", str(train_file)], cwd=ROOT, capture_output=True, text=True)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.train_throughput",
+            "--child",
+            "reference",
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--base-model",
+            base_model,
+            "--lora",
+            json.dumps(asdict(lora)),
+            "--train-file",
+            str(train_file),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if ref.returncode:
         raise SystemExit(f"the reference run failed:\n{ref.stderr[-3000:]}")
-    rows["reference (article recipe)"] = {**json.loads(ref.stdout.strip().splitlines()[-1]), "adapter": out / "reference"}
+    rows["reference (article recipe)"] = {
+        **json.loads(ref.stdout.strip().splitlines()[-1]),
+        "adapter": out / "reference",
+    }
     print(rows["reference (article recipe)"], flush=True)
     for name, flags in ours.items():
         run_dir = out / name.replace(" ", "_").replace(",", "")
-        cmd = [sys.executable, "-m", "training.run", *flags, *common, "--data", str(train_file), "--early-stopping-patience", "0",
-               "--epochs", str(epochs), "--output-dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.run",
+            *flags,
+            *common,
+            "--data",
+            str(train_file),
+            "--early-stopping-patience",
+            "0",
+            "--epochs",
+            str(epochs),
+            "--output-dir",
+            str(run_dir),
+        ]
         if "--eval-data" not in common:
             cmd += ["--eval-data", str(heldout_file)]
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
         summary = json.loads((run_dir / "training_summary.json").read_text())
-        plan = [line for line in run.stdout.splitlines() if line.startswith(("memory limit:", "gradient checkpointing:", "batches:"))]
-        rows[name] = {"tokens_per_s": summary["tokens_per_second"], "seconds": summary["wall_seconds"], "peak_gib": summary["peak_memory_gib"], "adapter": run_dir, "plan": plan}
+        plan = [
+            line
+            for line in run.stdout.splitlines()
+            if line.startswith(("memory limit:", "gradient checkpointing:", "batches:"))
+        ]
+        rows[name] = {
+            "tokens_per_s": summary["tokens_per_second"],
+            "seconds": summary["wall_seconds"],
+            "peak_gib": summary["peak_memory_gib"],
+            "adapter": run_dir,
+            "plan": plan,
+        }
         print(rows[name], flush=True)
     for r in rows.values():
         r["loss"] = held_out_loss(base_model, r["adapter"], heldout_file) if score else None
@@ -196,12 +276,16 @@ def compare(out: Path, epochs: float, base_model: str, lora: LoraShape, ours: di
 
 def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None:
     base = rows["reference (article recipe)"]["tokens_per_s"]
-    print("| run | real tokens/s | x reference | share of the matmul ceiling | peak memory | held-out loss (reply tokens) |")
+    print(
+        "| run | real tokens/s | x reference | share of the matmul ceiling | peak memory | held-out loss (reply tokens) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
         loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |")
+        print(
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |"
+        )
     for name, r in rows.items():
         for line in r.get("plan", []):
             print(f"{name}: {line}")
@@ -210,9 +294,19 @@ def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--data", nargs="+", choices=tuple(DATA_SETS), default=list(DATA_SETS), help="the data sets to compare on (default: both)")
-    parser.add_argument("--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)")
-    parser.add_argument("--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=tuple(DATA_SETS),
+        default=list(DATA_SETS),
+        help="the data sets to compare on (default: both)",
+    )
+    parser.add_argument(
+        "--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)"
+    )
     parser.add_argument("--child", choices=("reference",), help=argparse.SUPPRESS)
     parser.add_argument("--base-model", help=argparse.SUPPRESS)
     parser.add_argument("--lora", help=argparse.SUPPRESS)
@@ -220,7 +314,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "reference":
-        print(json.dumps(run_reference(args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)), args.train_file)))
+        print(
+            json.dumps(
+                run_reference(
+                    args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)), args.train_file
+                )
+            )
+        )
         return
 
     from inference.default_model import DEFAULT_BASE_MODEL
@@ -240,24 +340,51 @@ def main() -> None:
             "training.run, same LoRA, --memory-limit-gib 9": ["--memory-limit-gib", "9"],
             "training.run, same LoRA, --gradient-checkpointing": ["--gradient-checkpointing"],
         }
-        common = ["--base-model", base_model, "--eval-data", str(eval_data), *lora.flags(), "--batch-size", "4", "--grad-accum", "4",
-                  "--learning-rate", "2e-4", "--max-length", "512", "--no-doctor"]
+        common = [
+            "--base-model",
+            base_model,
+            "--eval-data",
+            str(eval_data),
+            *lora.flags(),
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "4",
+            "--learning-rate",
+            "2e-4",
+            "--max-length",
+            "512",
+            "--no-doctor",
+        ]
     else:
         base_model, lora, common = DEFAULT_BASE_MODEL, LoraShape(), []
         ours = {
-            "training.run, article hyperparameters, no checkpointing": ["--config", "article", "--no-gradient-checkpointing"],
+            "training.run, article hyperparameters, no checkpointing": [
+                "--config",
+                "article",
+                "--no-gradient-checkpointing",
+            ],
             "training.run, default (memory limit from the machine)": [],
         }
     ceiling = matmul_ceiling_gflops()
     per_token = flop_per_token(read_model_config(base_model))
-    results = {name: compare(out / name, args.epochs, base_model, lora, ours, common, DATA_SETS[name], score=not args.mistral_7b) for name in args.data}
+    results = {
+        name: compare(
+            out / name, args.epochs, base_model, lora, ours, common, DATA_SETS[name], score=not args.mistral_7b
+        )
+        for name in args.data
+    }
     env = environment()
     device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores, CPU flags: {cpu_flags()}"
-    print(f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
-          f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}")
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
+        f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}"
+    )
     from inference.loading import compute_dtype
 
-    print(f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token")
+    print(
+        f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token"
+    )
     for name, rows in results.items():
         print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")
         print_table(rows, per_token, ceiling)

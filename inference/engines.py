@@ -16,7 +16,16 @@ from inference.adapter_files import adapter_examples, adapter_persona
 from inference.generate import Replier, StreamingReplier
 from inference.gguf_convert import gguf_files
 from inference.llamacpp import LlamaCppReplier
-from inference.loading import Backend, Engine, Quantization, is_gptq, load_adapter, load_base_model, load_tokenizer, local_model_dir
+from inference.loading import (
+    Backend,
+    Engine,
+    Quantization,
+    is_gptq,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    local_model_dir,
+)
 from inference.retrieval import ExampleBank
 from prompts.render import Persona, PromptRenderer
 
@@ -70,7 +79,9 @@ def load_replier(
         return pool.submit(_load_replier, base_model, adapter, quantization, trust_remote_code, backend).result()
 
 
-def _load_replier(base_model: str, adapter: str | None, quantization: Quantization, trust_remote_code: bool, backend: Backend) -> StreamingReplier:
+def _load_replier(
+    base_model: str, adapter: str | None, quantization: Quantization, trust_remote_code: bool, backend: Backend
+) -> StreamingReplier:
     tokenizer = load_tokenizer(base_model, trust_remote_code)
     persona = (adapter_persona(adapter) if adapter else None) or Persona.from_file()
     renderer = PromptRenderer(tokenizer, persona)

@@ -68,7 +68,7 @@ def modelfile(renderer: PromptRenderer, max_new_tokens: int) -> str:
         "# The fine-tuned pane only: the creator's examples that replytune retrieves into a prompt for each",
         "# comment are not part of this Modelfile (Ollama has no retrieval), and neither is replytune's",
         "# no-repeat n-gram rule (Ollama has no such option).",
-        "# ollama create my-voice -f Modelfile && ollama run my-voice \"Great video!\"",
+        '# ollama create my-voice -f Modelfile && ollama run my-voice "Great video!"',
         "FROM ./base.gguf",
         "ADAPTER ./adapter.gguf",
         f'TEMPLATE """{template}"""',
@@ -102,11 +102,19 @@ def export_merged(adapter: Path, base_model: str, out: Path) -> Path:
     return target
 
 
-def export(adapter: Path, out: Path, targets: tuple[Target, ...] = TARGETS, base_model: str | None = None, max_new_tokens: int = 160) -> list[Path]:
+def export(
+    adapter: Path,
+    out: Path,
+    targets: tuple[Target, ...] = TARGETS,
+    base_model: str | None = None,
+    max_new_tokens: int = 160,
+) -> list[Path]:
     """Write the targets into ``out``; the paths written."""
     check_adapter_dir(adapter)
     if not (adapter / PERSONA_FILE).is_file():
-        raise ExportError(f"{adapter / PERSONA_FILE}: not found; an adapter folder written by `python -m training.run` carries the persona it was trained with")
+        raise ExportError(
+            f"{adapter / PERSONA_FILE}: not found; an adapter folder written by `python -m training.run` carries the persona it was trained with"
+        )
     base_model = base_model or base_model_of(adapter)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -128,11 +136,20 @@ def export(adapter: Path, out: Path, targets: tuple[Target, ...] = TARGETS, base
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.export", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("--adapter", type=Path, required=True, help="adapter folder written by `python -m training.run`")
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.export", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "--adapter", type=Path, required=True, help="adapter folder written by `python -m training.run`"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write into")
-    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to write (default: all)")
-    parser.add_argument("--base-model", help="the base the adapter was trained on (default: from its training_summary.json or adapter_config.json)")
+    parser.add_argument(
+        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to write (default: all)"
+    )
+    parser.add_argument(
+        "--base-model",
+        help="the base the adapter was trained on (default: from its training_summary.json or adapter_config.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     written = export(args.adapter, args.out, tuple(args.targets), args.base_model)

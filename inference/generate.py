@@ -53,7 +53,12 @@ WITH_EXAMPLES: frozenset[Pane] = frozenset({"examples", "adapter+examples"})
 # examples the base model loops, talks like an AI and runs to the cap far less, and a blind reader
 # found 7 of 20 replies postable against 0 with the persona alone.
 BEST_PROMPT_PANE: Pane = "examples"
-PANE_NAMES: dict[str, str] = {"base": "prompt only", "examples": "prompt + your examples", "adapter": "fine-tuned", "adapter+examples": "fine-tuned + your examples"}
+PANE_NAMES: dict[str, str] = {
+    "base": "prompt only",
+    "examples": "prompt + your examples",
+    "adapter": "fine-tuned",
+    "adapter+examples": "fine-tuned + your examples",
+}
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
 ADAPTER_NAME = "default"
 # A decoding step slower than this means the decoding loop is stuck or died without a word; fail loudly.
@@ -91,7 +96,12 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
-def choose(logits: torch.Tensor, histories: Sequence[Sequence[int]], settings: GenerationSettings, generator: torch.Generator | None = None) -> list[int]:
+def choose(
+    logits: torch.Tensor,
+    histories: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """The next token of each row (``logits``: rows x vocabulary) after the repetition rules applied
     to each row's reply so far (``histories``), greedy or sampled.
 
@@ -165,7 +175,13 @@ class StreamingReplier:
 
     backend = "?"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool, examples: ExampleBank | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        renderer: PromptRenderer,
+        has_adapter: bool,
+        examples: ExampleBank | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.has_adapter = has_adapter
@@ -204,14 +220,20 @@ class StreamingReplier:
         if pane not in WITH_EXAMPLES:
             return self.renderer.prompt(comment)
         if self.examples is None:
-            raise ValueError(f"the {pane!r} pane needs the creator's examples (examples.jsonl beside the adapter), and none are loaded")
+            raise ValueError(
+                f"the {pane!r} pane needs the creator's examples (examples.jsonl beside the adapter), and none are loaded"
+            )
         return self.renderer.prompt(comment, self.examples.similar(comment))
 
     def _jobs(self, comment: str, panes: Sequence[Pane]) -> list[Job]:
         return [(self.prompt(comment, pane).input_ids, PANE_ROW[pane]) for pane in panes]
 
     def stream(
-        self, comment: str, settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
+        self,
+        comment: str,
+        settings: GenerationSettings = GenerationSettings(),
+        panes: Sequence[Pane] | None = None,
+        background: bool = True,
     ) -> Iterator[list[Reply]]:
         """Yield the replies (one per pane, in ``panes`` order) after every decoding step.
 
@@ -223,7 +245,9 @@ class StreamingReplier:
         panes = tuple(panes or self.panes)
         yield from self._stream_jobs(self._jobs(comment, panes), panes, settings, background)
 
-    def _stream_jobs(self, jobs: list[Job], panes: Sequence[Pane], settings: GenerationSettings, background: bool) -> Iterator[list[Reply]]:
+    def _stream_jobs(
+        self, jobs: list[Job], panes: Sequence[Pane], settings: GenerationSettings, background: bool
+    ) -> Iterator[list[Reply]]:
         if any(row == "adapter" for _, row in jobs) and not self.has_adapter:
             raise ValueError("no adapter is loaded, so there is no fine-tuned reply to generate")
         replies = [Reply(pane) for pane in panes]
@@ -231,7 +255,11 @@ class StreamingReplier:
             steps: queue.Queue = queue.Queue()
             cancel = threading.Event()
             started = time.perf_counter()
-            worker = threading.Thread(target=self._run, args=(jobs, settings, steps, cancel), daemon=True) if background else None
+            worker = (
+                threading.Thread(target=self._run, args=(jobs, settings, steps, cancel), daemon=True)
+                if background
+                else None
+            )
             if worker:
                 worker.start()
             else:
@@ -249,7 +277,9 @@ class StreamingReplier:
             reply.text = self.tokenizer.decode(reply.token_ids, skip_special_tokens=False)
         yield replies
 
-    def _collect(self, replies: list[Reply], steps: queue.Queue, started: float, settings: GenerationSettings) -> Iterator[list[Reply]]:
+    def _collect(
+        self, replies: list[Reply], steps: queue.Queue, started: float, settings: GenerationSettings
+    ) -> Iterator[list[Reply]]:
         stops = set(self.renderer.stop_ids)
         while True:
             try:
@@ -279,7 +309,11 @@ class StreamingReplier:
             yield replies
 
     def reply(
-        self, comment: str, settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
+        self,
+        comment: str,
+        settings: GenerationSettings = GenerationSettings(),
+        panes: Sequence[Pane] | None = None,
+        background: bool = True,
     ) -> list[Reply]:
         """The finished replies: the last state of :meth:`stream`."""
         final: list[Reply] = []
@@ -288,7 +322,11 @@ class StreamingReplier:
         return final
 
     def replies(
-        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
+        self,
+        comments: Sequence[str],
+        settings: GenerationSettings = GenerationSettings(),
+        panes: Sequence[Pane] | None = None,
+        background: bool = True,
     ) -> Iterator[list[Reply]]:
         """The finished replies to each comment, in order (evaluation, batch compare). A backend
         that decodes many sequences at once overrides this."""
@@ -316,7 +354,9 @@ class StreamingReplier:
         finally:
             out.put(_DONE)
 
-    def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+    def _generate(
+        self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event
+    ) -> None:
         """Decode ``jobs``, putting ``{place: token}`` on ``out`` after every step (the class docstring has the protocol)."""
         raise NotImplementedError
 
@@ -331,7 +371,12 @@ class Replier(StreamingReplier):
     backend = "transformers"
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, renderer: PromptRenderer, has_adapter: bool, examples: ExampleBank | None = None
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        renderer: PromptRenderer,
+        has_adapter: bool,
+        examples: ExampleBank | None = None,
     ) -> None:
         super().__init__(tokenizer, renderer, has_adapter, examples)
         self.model = model.eval()
@@ -342,7 +387,9 @@ class Replier(StreamingReplier):
         """Whether base and adapter rows share one batch (else the two replies decode in turn)."""
         return rows_can_have_different_adapters(self.model)
 
-    def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+    def _generate(
+        self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event
+    ) -> None:
         """The jobs that share a prompt decode as rows of one batch; prompts with the creator's
         examples differ from the persona-only one, and decode after it."""
         by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -359,7 +406,13 @@ class Replier(StreamingReplier):
 
     @torch.inference_mode()
     def _decode(
-        self, prompt_ids: list[int], rows: tuple[Row, ...], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event, places: list[int] | None = None
+        self,
+        prompt_ids: list[int],
+        rows: tuple[Row, ...],
+        settings: GenerationSettings,
+        out: queue.Queue,
+        cancel: threading.Event,
+        places: list[int] | None = None,
     ) -> None:
         """Decode every row from the same prompt with a KV cache; put ``{place: token}`` per step on ``out``.
 
@@ -368,7 +421,11 @@ class Replier(StreamingReplier):
         """
         places = list(places or range(len(rows)))
         device = next(self.model.parameters()).device
-        names = [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows] if self.has_adapter and self.mixed_batches else None
+        names = (
+            [ADAPTER_NAME if r == "adapter" else BASE_ADAPTER_NAME for r in rows]
+            if self.has_adapter and self.mixed_batches
+            else None
+        )
         # Stop on the chat template's end of turn, not only on the tokenizer's EOS: with pad == EOS
         # and no explicit stop, a reply never ends.
         stops = set(self.renderer.stop_ids)
@@ -408,7 +465,9 @@ class Replier(StreamingReplier):
     @functools.cached_property
     def _last_logits_only(self) -> dict[str, int]:
         """``logits_to_keep=1`` where the model takes it: the prompt's other logits are never read."""
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._causal_lm.forward).parameters else {}
+        return (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._causal_lm.forward).parameters else {}
+        )
 
     def _prefix_cache(self, rows: tuple[Row, ...], prompt_ids: list[int], device: torch.device) -> Any:
         """A KV cache holding the prompt's shared prefix (computed once per set of rows, under their
@@ -422,5 +481,7 @@ class Replier(StreamingReplier):
             return None
         if rows not in self._prefix_caches:
             ids = torch.tensor([prefix] * len(rows), device=device)
-            self._prefix_caches[rows] = self._causal_lm(input_ids=ids, use_cache=True, **self._last_logits_only).past_key_values
+            self._prefix_caches[rows] = self._causal_lm(
+                input_ids=ids, use_cache=True, **self._last_logits_only
+            ).past_key_values
         return copy.deepcopy(self._prefix_caches[rows])

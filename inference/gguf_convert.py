@@ -59,7 +59,11 @@ def converters_dir() -> Path:
     prefix = SDIST_NAME.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".converters-") as tmp:
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].split("/")[0] in CONVERTER_PARTS]
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name.startswith(prefix) and m.name[len(prefix) :].split("/")[0] in CONVERTER_PARTS
+            ]
             for member in members:
                 member.name = member.name[len(prefix) :]
             tar.extractall(tmp, members=members, filter="data")
@@ -72,15 +76,23 @@ def converters_dir() -> Path:
 
 def _download_sdist(folder: Path) -> Path:
     return pip_download(
-        LLAMA_CPP_PYTHON, SDIST_NAME, folder, "llama.cpp's GGUF converters (its sdist, about 77 MB)", ConvertersUnavailable,
-        f"Put {SDIST_NAME} into {folder}, or use --backend transformers.", sha256=SDIST_SHA256,
+        LLAMA_CPP_PYTHON,
+        SDIST_NAME,
+        folder,
+        "llama.cpp's GGUF converters (its sdist, about 77 MB)",
+        ConvertersUnavailable,
+        f"Put {SDIST_NAME} into {folder}, or use --backend transformers.",
+        sha256=SDIST_SHA256,
     )
 
 
 def _run_converter(script: str, args: list[str], what: str) -> None:
     """Run one of llama.cpp's converters in a subprocess, with its own vendored ``gguf`` package."""
     root = converters_dir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run([sys.executable, str(root / script), *args], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-6:])
@@ -106,12 +118,18 @@ def check_adapter_dir(adapter: Path) -> dict:
     if not adapter.is_dir():
         raise ExportError(f"{adapter}: no such folder; pass --adapter a folder written by `python -m training.run`")
     if not config_file.is_file():
-        raise ExportError(f"{config_file}: not found, so {adapter} is not an adapter folder; pass --adapter a folder written by `python -m training.run`")
+        raise ExportError(
+            f"{config_file}: not found, so {adapter} is not an adapter folder; pass --adapter a folder written by `python -m training.run`"
+        )
     if not (adapter / "adapter_model.safetensors").is_file():
-        raise ExportError(f"{adapter / 'adapter_model.safetensors'}: not found; the adapter's weights must be saved as safetensors")
+        raise ExportError(
+            f"{adapter / 'adapter_model.safetensors'}: not found; the adapter's weights must be saved as safetensors"
+        )
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.get("peft_type") != "LORA":
-        raise ExportError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")
+        raise ExportError(
+            f"{config_file}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported"
+        )
     return config
 
 
@@ -126,13 +144,19 @@ def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
             "unquantized base instead (--base-model the full-precision model the GPTQ one was made from)"
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ExportError(f"{folder}: no model weights (*.safetensors) to convert to GGUF; pass --base-model a complete model folder or Hub id")
+        raise ExportError(
+            f"{folder}: no model weights (*.safetensors) to convert to GGUF; pass --base-model a complete model folder or Hub id"
+        )
     target = cache_dir() / "gguf" / f"{folder.name}-{_digest(folder, contents=False)}-{outtype}.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.info("converting %s to GGUF (%s) with llama.cpp's convert_hf_to_gguf.py (once)", base_model, outtype)
         partial = target.with_suffix(".partial")
-        _run_converter("convert_hf_to_gguf.py", [str(folder), "--outtype", outtype, "--outfile", str(partial)], f"the base model {folder}")
+        _run_converter(
+            "convert_hf_to_gguf.py",
+            [str(folder), "--outtype", outtype, "--outfile", str(partial)],
+            f"the base model {folder}",
+        )
         os.replace(partial, target)
     return target
 
@@ -142,12 +166,20 @@ def adapter_gguf(adapter: str | Path, base_model: str) -> Path:
     folder = Path(adapter) if Path(adapter).exists() else local_model_dir(str(adapter))
     check_adapter_dir(folder)
     base_dir = local_model_dir(base_model)
-    target = cache_dir() / "gguf" / f"lora-{folder.name}-{_digest(folder / 'adapter_config.json', folder / 'adapter_model.safetensors', base_dir / 'config.json')}.gguf"
+    target = (
+        cache_dir()
+        / "gguf"
+        / f"lora-{folder.name}-{_digest(folder / 'adapter_config.json', folder / 'adapter_model.safetensors', base_dir / 'config.json')}.gguf"
+    )
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         logger.info("converting the adapter %s to GGUF with llama.cpp's convert_lora_to_gguf.py (once)", folder)
-        _run_converter("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outtype", "f32", "--outfile", str(partial), str(folder)], f"the adapter {folder}")
+        _run_converter(
+            "convert_lora_to_gguf.py",
+            ["--base", str(base_dir), "--outtype", "f32", "--outfile", str(partial), str(folder)],
+            f"the adapter {folder}",
+        )
         os.replace(partial, target)
     return target
 
@@ -161,5 +193,9 @@ def gguf_files(base_model: str, adapter: str | Path | None, backend: str) -> tup
     except ExportError as exc:
         if backend != "auto":
             raise
-        logger.warning("llama.cpp cannot run %s, so transformers writes the replies: %s", base_model, str(exc).splitlines()[-1].strip())
+        logger.warning(
+            "llama.cpp cannot run %s, so transformers writes the replies: %s",
+            base_model,
+            str(exc).splitlines()[-1].strip(),
+        )
         return None

@@ -122,7 +122,11 @@ class _Context:
         batch.n_tokens = len(entries)
         status = self.ll.llama_decode(self.ctx, batch)
         if status != 0:
-            reason = "the context is full; shorten the comment or lower max_new_tokens" if status == 1 else "see llama.cpp's log"
+            reason = (
+                "the context is full; shorten the comment or lower max_new_tokens"
+                if status == 1
+                else "see llama.cpp's log"
+            )
             raise RuntimeError(f"llama.cpp could not decode a batch (status {status}): {reason}")
         return [i for i, entry in enumerate(entries) if entry[3]]
 
@@ -149,7 +153,9 @@ class _Context:
             ll.llama_state_seq_get_data(self.ctx, self._prefix_state, size, PREFIX_SEQ)
             self.prefix = list(prefix)
         ll.llama_memory_clear(self.memory, False)
-        if prefix and not ll.llama_state_seq_set_data(self.ctx, self._prefix_state, len(self._prefix_state), PREFIX_SEQ):
+        if prefix and not ll.llama_state_seq_set_data(
+            self.ctx, self._prefix_state, len(self._prefix_state), PREFIX_SEQ
+        ):
             raise RuntimeError("llama.cpp could not restore the persona prefix into its KV cache")
 
     def set_threads(self, n: int) -> None:
@@ -198,7 +204,11 @@ class LlamaCppReplier(StreamingReplier):
         self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
     def replies(
-        self, comments: Sequence[str], settings: GenerationSettings = GenerationSettings(), panes: Sequence[Pane] | None = None, background: bool = True
+        self,
+        comments: Sequence[str],
+        settings: GenerationSettings = GenerationSettings(),
+        panes: Sequence[Pane] | None = None,
+        background: bool = True,
     ) -> Iterator[list[Reply]]:
         """As many comments decode together as fill MAX_SEQUENCES in the busiest context (the base
         one serves both the persona-only and the examples pane)."""
@@ -213,17 +223,23 @@ class LlamaCppReplier(StreamingReplier):
             for i in range(len(chunk)):
                 yield final[i * len(panes) : (i + 1) * len(panes)]
 
-    def _generate(self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event) -> None:
+    def _generate(
+        self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event
+    ) -> None:
         stops = set(self.renderer.stop_ids)
         prefix = self.prefix_ids
         prompts: dict[Row, list[tuple[int, list[int]]]] = {}
         for place, (ids, row) in enumerate(jobs):
             prompts.setdefault(row, []).append((place, ids))
         if any(len(p) > MAX_SEQUENCES for p in prompts.values()):
-            raise ValueError(f"at most {MAX_SEQUENCES} sequences per context, got {max(len(p) for p in prompts.values())}")
+            raise ValueError(
+                f"at most {MAX_SEQUENCES} sequences per context, got {max(len(p) for p in prompts.values())}"
+            )
         longest = max(len(ids) for ids, _ in jobs)
         if longest >= CONTEXT_TOKENS:
-            raise RuntimeError(f"the prompt is {longest} tokens and the context is full at {CONTEXT_TOKENS}; shorten the comment")
+            raise RuntimeError(
+                f"the prompt is {longest} tokens and the context is full at {CONTEXT_TOKENS}; shorten the comment"
+            )
 
         def begin(row: Row) -> list[_Sequence]:
             self._contexts[row].start(prefix)
@@ -257,7 +273,9 @@ class LlamaCppReplier(StreamingReplier):
         wait(futures)
         return [future.result() for future in futures]
 
-    def _read_prompts(self, context: _Context, prompts: list[tuple[int, list[int]]], prefix: list[int], settings, out, stops) -> list[_Sequence]:
+    def _read_prompts(
+        self, context: _Context, prompts: list[tuple[int, list[int]]], prefix: list[int], settings, out, stops
+    ) -> list[_Sequence]:
         """Decode every prompt (after the shared prefix, copied in) into a sequence of its own and
         pick each one's first token; the sequences still writing."""
         entries, states = [], {}
@@ -272,10 +290,14 @@ class LlamaCppReplier(StreamingReplier):
         for start in range(0, len(entries), BATCH_TOKENS):
             chunk = entries[start : start + BATCH_TOKENS]
             wanted = context.decode(chunk)
-            still += self._advance(context, wanted, [states[chunk[i][2]] for i in wanted], settings, out, stops, moved=False)
+            still += self._advance(
+                context, wanted, [states[chunk[i][2]] for i in wanted], settings, out, stops, moved=False
+            )
         return still
 
-    def _advance(self, context: _Context, wanted: list[int], states: list[_Sequence], settings, out, stops, moved: bool = True) -> list[_Sequence]:
+    def _advance(
+        self, context: _Context, wanted: list[int], states: list[_Sequence], settings, out, stops, moved: bool = True
+    ) -> list[_Sequence]:
         """Pick each sequence's next token from its logits and put them on ``out``; the sequences still writing.
         ``moved``: the decoded entries were the sequences' own last tokens, so their positions advance."""
         step, still = {}, []

@@ -45,7 +45,13 @@ def is_seq2seq(name: str, trust_remote_code: bool = False) -> bool:
     with separate stacks, and is trained on input -> target pairs rather than a chat template."""
     from transformers import AutoConfig
 
-    return bool(getattr(AutoConfig.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code), "is_encoder_decoder", False))
+    return bool(
+        getattr(
+            AutoConfig.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code),
+            "is_encoder_decoder",
+            False,
+        )
+    )
 
 
 def resolve_base_model(name: str) -> str:
@@ -96,7 +102,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     # real lengths), but other tools mask every EOS out of the labels then; give pad its own id
     # when the vocabulary has a spare one.
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token is not None and tokenizer.unk_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id not in (
+            tokenizer.eos_token_id,
+            tokenizer.bos_token_id,
+        ):
             tokenizer.pad_token = tokenizer.unk_token
         elif tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -128,7 +137,9 @@ def load_base_model(
     dtype = dtype or (torch.float32 if quantization == "none" else compute_dtype())
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    alone: str | dict[str, int] | None = None  # where a GPU puts it in a run of one process (None: transformers' default)
+    alone: str | dict[str, int] | None = (
+        None  # where a GPU puts it in a run of one process (None: transformers' default)
+    )
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?")
         logger.info("%s is already quantized (%s); keeping its quantization", name, method)
@@ -136,7 +147,9 @@ def load_base_model(
             from transformers import GPTQConfig
 
             # gptqmodel's default CPU kernel is inference-only (it refuses .train()); ask for one that trains.
-            kwargs["quantization_config"] = GPTQConfig.from_dict({**config.quantization_config, "backend": "auto_trainable"})
+            kwargs["quantization_config"] = GPTQConfig.from_dict(
+                {**config.quantization_config, "backend": "auto_trainable"}
+            )
         alone = "auto"
     elif quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -19,7 +19,13 @@ logger = logging.getLogger(__name__)
 
 
 def pip_download(
-    requirement: str, filename: str, folder: Path, what: str, error: type[ReplytuneError], fix: str, sha256: str | None = None
+    requirement: str,
+    filename: str,
+    folder: Path,
+    what: str,
+    error: type[ReplytuneError],
+    fix: str,
+    sha256: str | None = None,
 ) -> Path:
     """``folder / filename``, downloaded with ``pip download --no-deps`` unless it is there already.
 
@@ -41,5 +47,7 @@ def pip_download(
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != sha256:
             path.unlink()
-            raise error(f"{path}: sha256 {digest} is not the pinned {sha256} (corrupt download); it was deleted, run again")
+            raise error(
+                f"{path}: sha256 {digest} is not the pinned {sha256} (corrupt download); it was deleted, run again"
+            )
     return path

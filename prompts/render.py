@@ -206,7 +206,10 @@ class PromptRenderer:
         ``head, comment_0, parts[1], reply_0, parts[2], comment_1, ...`` (parts[0] is the head)."""
         messages = [{"role": "user", "content": self.persona.fill(_slot("C", 0))}]
         for i in range(n):
-            messages += [{"role": "assistant", "content": _slot("R", i)}, {"role": "user", "content": _slot("C", i + 1)}]
+            messages += [
+                {"role": "assistant", "content": _slot("R", i)},
+                {"role": "user", "content": _slot("C", i + 1)},
+            ]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = re.split("\ue000([CR]\\d+)\ue000", text)
         expected = [name for i in range(n) for name in (f"C{i}", f"R{i}")] + [f"C{n}"]
@@ -285,7 +288,9 @@ class Seq2SeqRenderer:
             raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")
         labels = [*reply_ids, self.end_of_turn_id]
         if len(labels) > max_length:
-            raise PromptError(f"the reply takes {len(labels)} tokens, more than max_length={max_length}; raise max_length or shorten the reply")
+            raise PromptError(
+                f"the reply takes {len(labels)} tokens, more than max_length={max_length}; raise max_length or shorten the reply"
+            )
         comment_ids = self._ids(comment)
         room = max(0, max_length - len(self._head) - len(self._tail))
         cut = max(0, len(comment_ids) - room)
@@ -295,5 +300,7 @@ class Seq2SeqRenderer:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
-def renderer_for(tokenizer: PreTrainedTokenizerBase, persona: Persona, seq2seq: bool) -> PromptRenderer | Seq2SeqRenderer:
+def renderer_for(
+    tokenizer: PreTrainedTokenizerBase, persona: Persona, seq2seq: bool
+) -> PromptRenderer | Seq2SeqRenderer:
     return Seq2SeqRenderer(tokenizer, persona) if seq2seq else PromptRenderer(tokenizer, persona)

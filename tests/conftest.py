@@ -84,15 +84,24 @@ def mistral_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [line for path in (ROOT / "data").glob("**/*.jsonl") for row in map(json.loads, path.read_text().splitlines()) for line in row.values()]
+    corpus = [
+        line
+        for path in (ROOT / "data").glob("**/*.jsonl")
+        for row in map(json.loads, path.read_text().splitlines())
+        for line in row.values()
+    ]
     corpus.append((ROOT / "prompts" / "persona.txt").read_text())
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     # Mistral has no pad token; replytune's load_tokenizer gives it <unk>, as here.
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
     fast.chat_template = MISTRAL_TEMPLATE
     return fast
 
@@ -110,14 +119,20 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     folder = tmp_path_factory.mktemp("tiny-adapter")
     get_peft_model(model, lora).save_pretrained(folder)
     (folder / "persona.txt").write_text((ROOT / "prompts" / "persona.txt").read_text())
     # What a training run saves beside the weights: the held-out pairs it evaluated on, and the
     # pairs it trained on (the creator's examples that the prompt panes retrieve).
-    (folder / "heldout.jsonl").write_text((ROOT / "data" / "heldout.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
-    (folder / "examples.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "heldout.jsonl").write_text(
+        (ROOT / "data" / "heldout.jsonl").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    (folder / "examples.jsonl").write_text(
+        (ROOT / "data" / "train.jsonl").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     return folder
 
 

@@ -74,7 +74,9 @@ def install(point: str) -> None:
             if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
                 # Both states: an AcceleratorState copies the PartialState's each time it is made.
                 for state in (self.__dict__, PartialState._shared_state):
-                    state.update(distributed_type=DistributedType.FSDP, device=torch.device("cpu"))  # the device as FSDP's CPU handle names it
+                    state.update(
+                        distributed_type=DistributedType.FSDP, device=torch.device("cpu")
+                    )  # the device as FSDP's CPU handle names it
                 self.fsdp_plugin = fsdp_plugin
 
         AcceleratorState.__init__ = init

@@ -45,7 +45,13 @@ def build_tiny_model(tokenizer, folder: Path, seed: int = 0) -> Path:
 
 def pairs_jsonl(n: int, start: int = 0) -> str:
     return "".join(
-        json.dumps({"comment": f"Question number {i}: what is topic {i}?", "response": f"Topic {i} is explained in part {i}. –Maya"}) + "\n"
+        json.dumps(
+            {
+                "comment": f"Question number {i}: what is topic {i}?",
+                "response": f"Topic {i} is explained in part {i}. –Maya",
+            }
+        )
+        + "\n"
         for i in range(start, start + n)
     )
 
@@ -93,12 +99,28 @@ def start_app(flags: list[str], env: dict[str, str], timeout_s: float = 120) -> 
             time.sleep(0.5)
 
 
-def comment_thread(i: int, channel: str, owner_reply: bool, others: int = 0, published: str = "2026-11-30T12:00:00Z") -> dict:
+def comment_thread(
+    i: int, channel: str, owner_reply: bool, others: int = 0, published: str = "2026-11-30T12:00:00Z"
+) -> dict:
     """A commentThreads item as the API gives it: viewer i's question, ``others`` viewers' replies
     and, with ``owner_reply``, the channel's answer."""
-    replies = [{"kind": "youtube#comment", "snippet": {"textOriginal": f"Same question here {j}", "authorChannelId": {"value": f"UCviewer{j}"}}} for j in range(others)]
+    replies = [
+        {
+            "kind": "youtube#comment",
+            "snippet": {"textOriginal": f"Same question here {j}", "authorChannelId": {"value": f"UCviewer{j}"}},
+        }
+        for j in range(others)
+    ]
     if owner_reply:
-        replies.append({"kind": "youtube#comment", "snippet": {"textOriginal": f"Great question {i}: start with part {i}. –Maya", "authorChannelId": {"value": channel}}})
+        replies.append(
+            {
+                "kind": "youtube#comment",
+                "snippet": {
+                    "textOriginal": f"Great question {i}: start with part {i}. –Maya",
+                    "authorChannelId": {"value": channel},
+                },
+            }
+        )
     top = {
         "kind": "youtube#comment",
         "id": f"thread{i}",
@@ -119,7 +141,12 @@ def comment_thread(i: int, channel: str, owner_reply: bool, others: int = 0, pub
 
 
 def thread_page(threads: list[dict], next_page: str | None = None) -> dict:
-    return {"kind": "youtube#commentThreadListResponse", **({"nextPageToken": next_page} if next_page else {}), "pageInfo": {"resultsPerPage": len(threads)}, "items": threads}
+    return {
+        "kind": "youtube#commentThreadListResponse",
+        **({"nextPageToken": next_page} if next_page else {}),
+        "pageInfo": {"resultsPerPage": len(threads)},
+        "items": threads,
+    }
 
 
 class FakeYouTube:
@@ -128,7 +155,9 @@ class FakeYouTube:
     switches for the failures (a quota error on a page or after N inserts, deleted comments, expired
     access tokens, a revoked refresh token)."""
 
-    def __init__(self, pages: dict[str | None, dict], channel: str, key: str, refresh_token: str = "", client_secret: str = "") -> None:
+    def __init__(
+        self, pages: dict[str | None, dict], channel: str, key: str, refresh_token: str = "", client_secret: str = ""
+    ) -> None:
         self.pages, self.channel, self.key = pages, channel, key
         self.refresh_token, self.client_secret = refresh_token, client_secret
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query) of every API call
@@ -181,7 +210,11 @@ class FakeYouTube:
             return 200, self.pages[query.get("pageToken")]
         parent = query.get("parentId") or json.loads(body or b"{}").get("snippet", {}).get("parentId", "")
         if parent in self.deleted:
-            return 404, error(404, "The parent comment could not be found.", "parentCommentNotFound" if method == "POST" else "commentNotFound")
+            return 404, error(
+                404,
+                "The parent comment could not be found.",
+                "parentCommentNotFound" if method == "POST" else "commentNotFound",
+            )
         if (method, path) == ("GET", "/youtube/v3/comments"):
             return 200, {"kind": "youtube#commentListResponse", "items": self.replies.get(parent, [])}
         if (method, path) == ("POST", "/youtube/v3/comments"):
@@ -189,7 +222,11 @@ class FakeYouTube:
                 return 403, QUOTA_ERROR
             snippet = json.loads(body)["snippet"]
             self.inserts.append(snippet)
-            reply = {"kind": "youtube#comment", "id": f"{parent}.reply{len(self.inserts)}", "snippet": {**snippet, "authorChannelId": {"value": self.channel}}}
+            reply = {
+                "kind": "youtube#comment",
+                "id": f"{parent}.reply{len(self.inserts)}",
+                "snippet": {**snippet, "authorChannelId": {"value": self.channel}},
+            }
             self.replies.setdefault(parent, []).append(reply)
             return 200, reply
         return 404, error(404, f"no such method {method} {path}", "notFound")
@@ -200,7 +237,12 @@ class FakeYouTube:
         if self.revoked or form.get("refresh_token") != self.refresh_token:
             return 400, {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}
         self.access_tokens.append(f"ya29.{secrets.token_urlsafe(24)}")  # made up here, so no source file holds it
-        return 200, {"access_token": self.access_tokens[-1], "expires_in": 3599, "token_type": "Bearer", "scope": form.get("scope", "")}
+        return 200, {
+            "access_token": self.access_tokens[-1],
+            "expires_in": 3599,
+            "token_type": "Bearer",
+            "scope": form.get("scope", ""),
+        }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -209,7 +251,9 @@ class FakeYouTube:
             def answer(self, method: str) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status, payload = fake._answer(method, url.path, dict(urllib.parse.parse_qsl(url.query)), self.headers, body)
+                status, payload = fake._answer(
+                    method, url.path, dict(urllib.parse.parse_qsl(url.query)), self.headers, body
+                )
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

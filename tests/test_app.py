@@ -17,14 +17,26 @@ from inference.engines import load_replier
 from tests.helpers import free_port, start_app
 from training.data import load_pairs
 
-SETTINGS = (24, 0.0, 1.0, 1.0, 0, "examples")  # max_new_tokens, temperature, top_p, repetition penalty, no-repeat n-gram, prompt pane
+SETTINGS = (
+    24,
+    0.0,
+    1.0,
+    1.0,
+    0,
+    "examples",
+)  # max_new_tokens, temperature, top_p, repetition penalty, no-repeat n-gram, prompt pane
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none")
     flywheel = tmp_path_factory.mktemp("flywheel")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes), flywheel, adapter_held_out(str(tiny_adapter_dir)))
+    demo = app_module.build_demo(
+        replier,
+        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes),
+        flywheel,
+        adapter_held_out(str(tiny_adapter_dir)),
+    )
     app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo, flywheel
     demo.close()
@@ -37,7 +49,9 @@ def client(server):
 
 
 def test_reply_endpoint_returns_both_replies_and_the_prompt(client):
-    notice, base, base_stats, tuned, tuned_stats, prompt = client.predict("Thanks, great video!", *SETTINGS, api_name="/reply")
+    notice, base, base_stats, tuned, tuned_stats, prompt = client.predict(
+        "Thanks, great video!", *SETTINGS, api_name="/reply"
+    )
     assert notice == ""
     assert base and tuned and base != tuned
     assert "tokens/s" in base_stats and "tokens/s" in tuned_stats
@@ -93,10 +107,14 @@ def test_special_tokens_in_a_comment_are_sent_as_typed_text(client, server):
 def test_saved_corrections_train_as_data(client, server):
     _, flywheel = server
     _, base, _, tuned, _, _ = client.predict("Loved the PCA part", *SETTINGS, api_name="/reply")
-    message = client.predict("Loved the PCA part", "fine-tuned", "Thank you, PCA is my favourite too! –Maya", base, tuned, api_name="/save")
+    message = client.predict(
+        "Loved the PCA part", "fine-tuned", "Thank you, PCA is my favourite too! –Maya", base, tuned, api_name="/save"
+    )
     assert "pairs.jsonl" in message and "preferences.jsonl" in message
     pairs = load_pairs(flywheel / "pairs.jsonl")
-    assert [(p.comment, p.response) for p in pairs] == [("Loved the PCA part", "Thank you, PCA is my favourite too! –Maya")]
+    assert [(p.comment, p.response) for p in pairs] == [
+        ("Loved the PCA part", "Thank you, PCA is my favourite too! –Maya")
+    ]
     assert (flywheel / "preferences.jsonl").read_text().count("\n") == 1
 
 
@@ -120,11 +138,15 @@ def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
 
 def test_app_without_adapter_says_so(tiny_model_dir):
     replier = load_replier(str(tiny_model_dir), None, quantization="none")
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier.backend, replier.panes), None, [])
+    demo = app_module.build_demo(
+        replier, pane_labels(str(tiny_model_dir), None, replier.backend, replier.panes), None, []
+    )
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict("Hi", *SETTINGS[:-1], "base", api_name="/reply")
+        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict(
+            "Hi", *SETTINGS[:-1], "base", api_name="/reply"
+        )
         assert base and "No adapter is loaded" in tuned and "python -m training.run" in tuned
     finally:
         demo.close()
@@ -143,7 +165,14 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         page = browser.new_page()
         page.goto(demo.local_url)
@@ -152,8 +181,12 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
         expect(page.locator("#base-reply textarea")).not_to_have_value("", timeout=60_000)
         expect(page.locator("#tuned-reply textarea")).not_to_have_value("", timeout=60_000)
         # Done streaming (a new submission is ignored while one is running).
-        expect(page.locator("#tuned-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
-        expect(page.locator("#base-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
+        expect(page.locator("#tuned-stats")).to_contain_text(
+            re.compile("stopped at end of turn|hit the token cap"), timeout=60_000
+        )
+        expect(page.locator("#base-stats")).to_contain_text(
+            re.compile("stopped at end of turn|hit the token cap"), timeout=60_000
+        )
         # Enter in the comment box submits too; the prompt view shows what was sent.
         page.get_by_text("Exact prompt sent to the model").click()
         page.locator("#comment textarea").fill("Thanks!")
@@ -168,7 +201,9 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
             if payload in page.locator("#prompt textarea").input_value():
                 break
         expect(page.locator("#prompt textarea")).to_have_value(re.compile(re.escape(payload)), timeout=1_000)
-        expect(page.locator("#tuned-stats")).to_contain_text(re.compile("stopped at end of turn|hit the token cap"), timeout=60_000)
+        expect(page.locator("#tuned-stats")).to_contain_text(
+            re.compile("stopped at end of turn|hit the token cap"), timeout=60_000
+        )
         assert page.evaluate("window.__pwned") is None
         assert page.locator("img[src='x']").count() == 0
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
@@ -178,7 +213,9 @@ def test_page_in_headless_chromium_shows_two_replies(server, tmp_path):
 def test_blind_round_hides_sources_until_the_pick_and_stores_preferences(client, server, tiny_adapter_dir):
     _, flywheel = server
     held = dict(adapter_held_out(str(tiny_adapter_dir)))
-    before = (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
+    before = (
+        (flywheel / "preferences.jsonl").read_text().count("\n") if (flywheel / "preferences.jsonl").exists() else 0
+    )
     comment, *replies, verdict = client.predict(api_name="/blind_round")
     assert comment in held and verdict == "Which reply sounds most like you?"
     assert len(replies) == 5  # persona only, persona + examples, fine-tuned (alone, with examples), the real reply
@@ -199,7 +236,16 @@ def app_process(tiny_model_dir, tiny_adapter_dir):
     """`python app.py` itself, in its own process, so that its memory is measured alone."""
     import os
 
-    flags = ["--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--quantization", "none", "--flywheel-dir", ""]
+    flags = [
+        "--base-model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(tiny_adapter_dir),
+        "--quantization",
+        "none",
+        "--flywheel-dir",
+        "",
+    ]
     process, url = start_app(flags, {**os.environ, "HF_HUB_OFFLINE": "1"})
     yield process, url
     process.terminate()
@@ -245,7 +291,9 @@ def test_requests_beyond_the_queue_bound_are_turned_away_with_a_message(server):
 
 MALICIOUS = {
     "100k characters": "spam " * 20_000,
-    "binary junk": "".join(chr(c) for c in range(1, 32)) + "\x7f\ufffe\uffff\u202e\u200b" + bytes(range(128, 256)).decode("latin-1"),
+    "binary junk": "".join(chr(c) for c in range(1, 32))
+    + "\x7f\ufffe\uffff\u202e\u200b"
+    + bytes(range(128, 256)).decode("latin-1"),
     "HTML and JavaScript": '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script>',
     "only NUL bytes": "\x00" * 50,
 }
@@ -260,7 +308,10 @@ def test_malicious_comments_get_replies_or_a_clear_notice(client, comment):
     assert base and tuned
     if len(comment) > app_module.MAX_COMMENT_CHARS:
         assert f"only the first {app_module.MAX_COMMENT_CHARS:,} were used" in notice
-        assert comment[: app_module.MAX_COMMENT_CHARS] in prompt and comment[: app_module.MAX_COMMENT_CHARS + 1] not in prompt
+        assert (
+            comment[: app_module.MAX_COMMENT_CHARS] in prompt
+            and comment[: app_module.MAX_COMMENT_CHARS + 1] not in prompt
+        )
     else:
         assert notice == "" and comment in prompt
 
@@ -274,7 +325,9 @@ def test_errors_reach_the_user_without_a_stack_trace(client):
     assert "greater than maximum value 512" in message and "Traceback" not in message and ".py" not in message
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", str(ROOT / "app.py"), str(ROOT / "adapters" / "default" / "adapter_config.json")])
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", str(ROOT / "app.py"), str(ROOT / "adapters" / "default" / "adapter_config.json")]
+)
 def test_the_server_hands_out_no_local_files(server, path):
     import urllib.error
     import urllib.request
@@ -290,7 +343,9 @@ def test_the_server_hands_out_no_local_files(server, path):
         assert b"root:" not in body and b"import gradio" not in body and b"lora" not in body, route
 
 
-def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(tiny_model_dir, tiny_adapter_dir, tmp_path):
+def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(
+    tiny_model_dir, tiny_adapter_dir, tmp_path
+):
     """Another creator's adapter brings its own comments and real replies; one without them says so."""
     other = tmp_path / "other-creator"
     shutil.copytree(tiny_adapter_dir, other)
@@ -303,7 +358,9 @@ def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(
     for adapter, expected in ((other, pairs), (bare, [])):
         held = adapter_held_out(str(adapter))
         assert held == expected
-        demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend, replier.panes), None, held)
+        demo = app_module.build_demo(
+            replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend, replier.panes), None, held
+        )
         app_module.launch(demo, "127.0.0.1", free_port(), block=False)
         try:
             client = Client(demo.local_url, verbose=False)

@@ -13,8 +13,24 @@ def test_compare_cli_writes_html_table_and_json_rows(tiny_model_dir, tiny_adapte
     comments = tmp_path / "comments.txt"
     comments.write_text("Great video!\n\n<b>bold</b> question?\n")
     out, rows_path = tmp_path / "table.html", tmp_path / "rows.json"
-    code = main(["--comments", str(comments), "--base-model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir),
-                 "--quantization", "none", "--max-new-tokens", "12", "--out", str(out), "--json", str(rows_path)])
+    code = main(
+        [
+            "--comments",
+            str(comments),
+            "--base-model",
+            str(tiny_model_dir),
+            "--adapter",
+            str(tiny_adapter_dir),
+            "--quantization",
+            "none",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+            "--json",
+            str(rows_path),
+        ]
+    )
     assert code == 0
     rows = json.loads(rows_path.read_text())
     assert [r["comment"] for r in rows] == ["Great video!", "<b>bold</b> question?"]

@@ -30,7 +30,11 @@ def test_unknown_key_and_wrong_type_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(["--config", str(path)])
     message = str(info.value)
-    assert str(path) in message and "unknown key 'lora_rank'" in message and "epochs: expected float, got 'many'" in message
+    assert (
+        str(path) in message
+        and "unknown key 'lora_rank'" in message
+        and "epochs: expected float, got 'many'" in message
+    )
 
 
 def test_contradictions_are_all_reported():
@@ -45,7 +49,16 @@ def test_help_documents_every_field():
     text = build_parser().format_help()
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
-    for flag in ("--config", "--data", "--base-model", "--epochs", "--output-dir", "--resume", "--push-to-hub", "--check-data"):
+    for flag in (
+        "--config",
+        "--data",
+        "--base-model",
+        "--epochs",
+        "--output-dir",
+        "--resume",
+        "--push-to-hub",
+        "--check-data",
+    ):
         assert flag in text
     # Each field's help is printed as written, "%" included (argparse %-formats help strings).
     flat = " ".join(text.split())

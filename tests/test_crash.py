@@ -73,7 +73,11 @@ def run_child(point: str, config: TrainConfig) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "tests.crash_run", point, "--", *flags(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -83,7 +87,9 @@ def reference(tiny_model_dir, data, tmp_path_factory) -> dict[str, torch.Tensor]
     output = tmp_path_factory.mktemp("reference")
     counts = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunStats, "on_save", lambda self, args, state, control, **kw: counts.append(len(checkpoint_folders(output))))
+        patch.setattr(
+            RunStats, "on_save", lambda self, args, state, control, **kw: counts.append(len(checkpoint_folders(output)))
+        )
         assert train(make_config(tiny_model_dir, data, output, save_total_limit=2)) == 0
     assert counts and max(counts) <= 2  # never more checkpoints on disk than configured
     return load_file(output / "adapter_model.safetensors")
@@ -126,7 +132,7 @@ def test_disk_full_is_one_clear_error_and_resumes(limit, what, tiny_model_dir, d
     config = make_config(tiny_model_dir, data, tmp_path / "out")
     child = run_child(f"disk-full:6:{limit}", config)
     assert child.returncode == 2, child.stderr[-3000:]
-    error = child.stderr[child.stderr.index("error: could not write"):]
+    error = child.stderr[child.stderr.index("error: could not write") :]
     assert what in error.splitlines()[0] and "File too large" in error
     assert "run the same command with --resume: it continues from checkpoint-6" in child.stderr
     assert "unexpected pos" not in child.stderr and "Traceback" not in child.stderr
@@ -153,11 +159,16 @@ def test_a_checkpoint_that_fails_for_another_reason_is_raised_as_it_is(tiny_mode
 def test_out_of_memory_names_the_estimate_and_what_to_lower(tiny_model_dir, data, tmp_path):
     # A batch of all 24 examples needs one 80 MB logits tensor, more than the 48 MiB left. With a
     # generous limit no layer is checkpointed, so checkpointing is among the advice.
-    child = run_child("memory", make_config(tiny_model_dir, data, tmp_path / "out", batch_size=24, memory_limit_gib=24.0))
+    child = run_child(
+        "memory", make_config(tiny_model_dir, data, tmp_path / "out", batch_size=24, memory_limit_gib=24.0)
+    )
     assert child.returncode == 2, child.stderr[-3000:]
     assert "error: out of memory at step 1" in child.stderr
     assert "Estimated need for this run:" in child.stderr and "GiB" in child.stderr
-    assert "--batch-size (now 24" in child.stderr and "a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing" in child.stderr
+    assert (
+        "--batch-size (now 24" in child.stderr
+        and "a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing" in child.stderr
+    )
 
 
 def test_too_little_disk_is_refused_before_training(tiny_model_dir, data, tmp_path, monkeypatch):
@@ -182,7 +193,9 @@ def test_nan_loss_stops_within_a_step_and_saves_nothing(tiny_model_dir, data, tm
 
     monkeypatch.setattr(RunStats, "on_step_end", poison)
     config = make_config(tiny_model_dir, data, tmp_path / "out")
-    with pytest.raises(TrainingStopped, match=r"training loss became nan at step 9 .*Last good checkpoint: .*checkpoint-6"):
+    with pytest.raises(
+        TrainingStopped, match=r"training loss became nan at step 9 .*Last good checkpoint: .*checkpoint-6"
+    ):
         train(config)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-6").is_dir()

@@ -102,7 +102,10 @@ def test_csv_row_with_an_unquoted_comma_names_its_line(write):
 def test_csv_row_with_too_few_fields_and_missing_header_column(write):
     with pytest.raises(DataError, match=r"k\.csv:3: 1 fields, but the header has 2"):
         load_pairs(write("k.csv", "comment,response\na,b\nlonely\n"))
-    with pytest.raises(DataError, match=r"l\.csv:1: header lacks column\(s\) response \(got comment, notes\); name the comment and reply columns with --comment-field"):
+    with pytest.raises(
+        DataError,
+        match=r"l\.csv:1: header lacks column\(s\) response \(got comment, notes\); name the comment and reply columns with --comment-field",
+    ):
         load_pairs(write("l.csv", "comment,notes\na,b\n"))
 
 
@@ -127,7 +130,11 @@ def test_too_few_rows_to_split(write):
 
 
 def test_split_is_seeded_and_keeps_a_comment_on_one_side(write):
-    rows = pairs_jsonl(30) + json.dumps({"comment": "Question number 0: what is topic 0?", "response": "another reply"}) + "\n"
+    rows = (
+        pairs_jsonl(30)
+        + json.dumps({"comment": "Question number 0: what is topic 0?", "response": "another reply"})
+        + "\n"
+    )
     pairs = load_pairs(write("p.jsonl", rows))
     train, evals = split_pairs(pairs, 0.2, seed=3)
     assert (train, evals) == split_pairs(pairs, 0.2, seed=3)
@@ -166,7 +173,12 @@ def test_check_data_cli_prints_summary_and_fails_on_bad_data(write, capsys, defa
 
 
 def test_commenter_handles_are_replaced_in_jsonl_and_csv(write):
-    jsonl = json.dumps({"comment": "@JohnDoe99 agreed with @jane.doe, thanks!", "response": "@JohnDoe99 glad it helped! –Maya"}) + "\n"
+    jsonl = (
+        json.dumps(
+            {"comment": "@JohnDoe99 agreed with @jane.doe, thanks!", "response": "@JohnDoe99 glad it helped! –Maya"}
+        )
+        + "\n"
+    )
     csv_text = 'comment,response\n"Hey @Bob_the_Builder, mail me at bob@example.com","Thanks @Bob_the_Builder! –Maya"\n'
     (a,) = load_pairs(write("t.jsonl", jsonl))
     (b,) = load_pairs(write("t.csv", csv_text))
@@ -179,9 +191,20 @@ def youtube_thread(text: str, replies: list[tuple[str, str]], channel: str = "UC
         "kind": "youtube#commentThread",
         "snippet": {
             "channelId": channel,
-            "topLevelComment": {"snippet": {"textOriginal": text, "authorDisplayName": "John Doe", "authorChannelId": {"value": "UCjohn"}}},
+            "topLevelComment": {
+                "snippet": {
+                    "textOriginal": text,
+                    "authorDisplayName": "John Doe",
+                    "authorChannelId": {"value": "UCjohn"},
+                }
+            },
         },
-        "replies": {"comments": [{"snippet": {"textOriginal": t, "authorDisplayName": name, "authorChannelId": {"value": ch}}} for t, name, ch in [(t, "x", c) for t, c in replies]]},
+        "replies": {
+            "comments": [
+                {"snippet": {"textOriginal": t, "authorDisplayName": name, "authorChannelId": {"value": ch}}}
+                for t, name, ch in [(t, "x", c) for t, c in replies]
+            ]
+        },
     }
 
 
@@ -191,7 +214,9 @@ def test_youtube_commentthreads_export_keeps_owner_replies_without_names(write):
         "items": [
             youtube_thread("@MayaCodes great video, John here", [("@JohnDoe thanks John! –Maya", "UCmaya")]),
             youtube_thread("No owner reply here", [("I agree", "UCother")]),
-            youtube_thread("Question?", [("Me too", "UCother"), ("Answer. –Maya", "UCmaya"), ("Later one –Maya", "UCmaya")]),
+            youtube_thread(
+                "Question?", [("Me too", "UCother"), ("Answer. –Maya", "UCmaya"), ("Later one –Maya", "UCmaya")]
+            ),
         ],
     }
     pairs = load_pairs(write("export.json", json.dumps([page, {**page, "items": []}])))
@@ -208,8 +233,17 @@ def test_youtube_commentthreads_export_keeps_owner_replies_without_names(write):
 def test_dolly_rows_become_pairs_with_their_context(write):
     path = write(
         "dolly.jsonl",
-        json.dumps({"instruction": "Summarize this", "context": "PCA finds directions of variance.", "response": "It finds where data varies most.", "category": "summarization"}) + "\n"
-        + json.dumps({"instruction": "What is k-means?", "context": "", "response": "A clustering method."}) + "\n",
+        json.dumps(
+            {
+                "instruction": "Summarize this",
+                "context": "PCA finds directions of variance.",
+                "response": "It finds where data varies most.",
+                "category": "summarization",
+            }
+        )
+        + "\n"
+        + json.dumps({"instruction": "What is k-means?", "context": "", "response": "A clustering method."})
+        + "\n",
     )
     pairs = load_pairs(path)
     assert [(p.comment, p.response) for p in pairs] == [
@@ -229,26 +263,43 @@ def test_guanaco_text_splits_into_turns_and_keeps_earlier_turns(write):
     multi = "### Human: Hi### Assistant: Hello!### Human: Explain dropout.### Assistant: It zeroes random units while training."
     path = write("guanaco.jsonl", json.dumps({"text": single}) + "\n" + json.dumps({"text": multi}) + "\n")
     pairs = load_pairs(path)
-    assert (pairs[0].comment, pairs[0].response) == ("What is overfitting?", "Learning the noise instead of the signal.")
+    assert (pairs[0].comment, pairs[0].response) == (
+        "What is overfitting?",
+        "Learning the noise instead of the signal.",
+    )
     assert pairs[1].comment == "### Human: Hi### Assistant: Hello!### Human: Explain dropout."
     assert pairs[1].response == "It zeroes random units while training."
 
 
 def test_guanaco_text_without_an_assistant_turn_is_an_error(write):
     path = write("guanaco.csv", 'text\n"### Human: hello there"\n')
-    with pytest.raises(DataError, match=r"guanaco.csv:2: field 'text': expected '### Human: ... ### Assistant: ...' turns"):
+    with pytest.raises(
+        DataError, match=r"guanaco.csv:2: field 'text': expected '### Human: ... ### Assistant: ...' turns"
+    ):
         load_pairs(path)
 
 
 @pytest.mark.parametrize(
     ("comment", "reply"),
-    [("Comment", "Response"), ("Comment", "Reply"), ("comment_text", "reply_text"), ("Comment Text", "Reply-Text"), ("text", "reply"), ("prompt", "completion"), ("input", "output")],
+    [
+        ("Comment", "Response"),
+        ("Comment", "Reply"),
+        ("comment_text", "reply_text"),
+        ("Comment Text", "Reply-Text"),
+        ("text", "reply"),
+        ("prompt", "completion"),
+        ("input", "output"),
+    ],
 )
 def test_common_column_names_are_mapped_and_the_mapping_is_reported(write, comment, reply):
     from training.data import read_pairs
 
-    csv_path = write("export.csv", f"{comment},{reply}\nGreat video!,Thanks! –Maya\nHow do I start?,Pick a small project. –Maya\n")
-    jsonl_path = write("export.jsonl", json.dumps({comment: "Great video!", reply: "Thanks! –Maya", "author": "x"}) + "\n")
+    csv_path = write(
+        "export.csv", f"{comment},{reply}\nGreat video!,Thanks! –Maya\nHow do I start?,Pick a small project. –Maya\n"
+    )
+    jsonl_path = write(
+        "export.jsonl", json.dumps({comment: "Great video!", reply: "Thanks! –Maya", "author": "x"}) + "\n"
+    )
     for path in (csv_path, jsonl_path):
         pairs, mappings = read_pairs(path)
         assert (pairs[0].comment, pairs[0].response) == ("Great video!", "Thanks! –Maya")
@@ -260,7 +311,10 @@ def test_two_candidate_columns_are_an_error_that_says_how_to_choose(write):
     from training.data import read_pairs
 
     path = write("two.csv", "Text,Prompt,Reply\na,b,c –Maya\n")
-    with pytest.raises(DataError, match=r"two\.csv:1: header: 2 fields could be the comment: Text, Prompt; choose one with --comment-field NAME"):
+    with pytest.raises(
+        DataError,
+        match=r"two\.csv:1: header: 2 fields could be the comment: Text, Prompt; choose one with --comment-field NAME",
+    ):
         read_pairs(path)
     (pair,), _ = read_pairs(path, comment_field="Prompt")
     assert (pair.comment, pair.response) == ("b", "c –Maya")
@@ -306,7 +360,9 @@ def test_check_data_shows_the_mapping_signatures_and_too_little_data(write, caps
     assert f"{one}: 1 training row(s); at least 2 are needed to train" in err and "Traceback" not in err
 
 
-def test_several_files_and_globs_merge_in_order_with_duplicates_across_them_removed(write, tmp_path, capsys, default_model_dir):
+def test_several_files_and_globs_merge_in_order_with_duplicates_across_them_removed(
+    write, tmp_path, capsys, default_model_dir
+):
     from training.run import main
 
     first = write("train.jsonl", pairs_jsonl(30))

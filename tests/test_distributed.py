@@ -31,19 +31,57 @@ TOLERANCE = 1e-4  # relative, on the adapter's weights
 
 def flags(model: Path, data: Path, output: Path, batch_size: int, quantization: str = "none") -> list[str]:
     return [
-        "--base-model", str(model), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "eval.jsonl"),
-        "--output-dir", str(output), "--quantization", quantization, "--epochs", str(EPOCHS), "--learning-rate", "2e-2",
-        "--target-modules", "q_proj", "v_proj", "--batch-size", str(batch_size), "--grad-accum", "1",
-        "--warmup-ratio", "0", "--early-stopping-patience", "0", "--lora-dropout", "0", "--no-doctor",
-        "--backend", "transformers",
+        "--base-model",
+        str(model),
+        "--data",
+        str(data / "train.jsonl"),
+        "--eval-data",
+        str(data / "eval.jsonl"),
+        "--output-dir",
+        str(output),
+        "--quantization",
+        quantization,
+        "--epochs",
+        str(EPOCHS),
+        "--learning-rate",
+        "2e-2",
+        "--target-modules",
+        "q_proj",
+        "v_proj",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "1",
+        "--warmup-ratio",
+        "0",
+        "--early-stopping-patience",
+        "0",
+        "--lora-dropout",
+        "0",
+        "--no-doctor",
+        "--backend",
+        "transformers",
     ]
 
 
 def launch(processes: int, point: str, run_flags: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """training.run under torchrun with ``processes`` workers (one process without a launcher)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "tests.crash_run", point, "--", *run_flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} | {
+        "OMP_NUM_THREADS": "1"
+    }
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, "-m", "tests.crash_run", point, "--", *run_flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +99,9 @@ def data(tmp_path_factory) -> Path:
     return write_run_data(tmp_path_factory.mktemp("ddp-data"))
 
 
-def finished_run(folder: Path, processes: int, point: str, model: Path, data: Path, quantization: str = "none") -> tuple[Path, subprocess.CompletedProcess]:
+def finished_run(
+    folder: Path, processes: int, point: str, model: Path, data: Path, quantization: str = "none"
+) -> tuple[Path, subprocess.CompletedProcess]:
     """A run that must succeed: ``processes`` x the batch of 4 / ``processes``, into ``folder``/adapter."""
     output = folder / "adapter"
     result = launch(processes, point, flags(model, data, output, batch_size=4 // processes, quantization=quantization))
@@ -93,17 +133,23 @@ def test_two_processes_train_the_adapter_one_process_trains(one_process, two_pro
     one_run, two_runs = (json.loads((folder / "training_summary.json").read_text()) for folder in (one_process, output))
     for key in ("base_eval_loss", "eval_loss"):
         assert two_runs[key] == pytest.approx(one_run[key], rel=1e-5), key
-    assert [e["train_loss"] for e in two_runs["epochs"]] == pytest.approx([e["train_loss"] for e in one_run["epochs"]], rel=1e-5)
+    assert [e["train_loss"] for e in two_runs["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in one_run["epochs"]], rel=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
 def one_nf4_process(tiny_model_dir, data, tmp_path_factory) -> Path:
-    return finished_run(tmp_path_factory.mktemp("one-nf4-process"), 1, "float32", tiny_model_dir, data, quantization="nf4")[0]
+    return finished_run(
+        tmp_path_factory.mktemp("one-nf4-process"), 1, "float32", tiny_model_dir, data, quantization="nf4"
+    )[0]
 
 
 @pytest.fixture(scope="module")
 def two_fsdp_processes(tiny_model_dir, data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return finished_run(tmp_path_factory.mktemp("two-fsdp-processes"), 2, "fsdp+float32", tiny_model_dir, data, quantization="nf4")
+    return finished_run(
+        tmp_path_factory.mktemp("two-fsdp-processes"), 2, "fsdp+float32", tiny_model_dir, data, quantization="nf4"
+    )
 
 
 def test_fsdp_qlora_trains_the_adapter_one_process_trains(one_nf4_process, two_fsdp_processes):
@@ -115,11 +161,16 @@ def test_fsdp_qlora_trains_the_adapter_one_process_trains(one_nf4_process, two_f
     output, result = two_fsdp_processes
     one, two = adapter(one_nf4_process), adapter(output)
     assert relative_difference(one, two) < TOLERANCE
-    one_run, fsdp_run = (json.loads((folder / "training_summary.json").read_text()) for folder in (one_nf4_process, output))
+    one_run, fsdp_run = (
+        json.loads((folder / "training_summary.json").read_text()) for folder in (one_nf4_process, output)
+    )
     for key in ("base_eval_loss", "eval_loss"):
         assert fsdp_run[key] == pytest.approx(one_run[key], rel=1e-5), key
     assert fsdp_run["best_checkpoint"] == one_run["best_checkpoint"] == f"checkpoint-{EPOCHS * 6}"
-    assert "voice fidelity: skipped under FSDP" in result.stdout and "python -m training.evaluate --adapter" in result.stdout
+    assert (
+        "voice fidelity: skipped under FSDP" in result.stdout
+        and "python -m training.evaluate --adapter" in result.stdout
+    )
 
 
 def test_only_the_main_process_prints_and_writes(one_process, two_processes):
@@ -142,7 +193,9 @@ def test_a_data_error_is_said_once(tiny_model_dir, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_stops_the_run_and_resume_completes_it(tiny_model_dir, data, two_processes, tmp_path, monkeypatch):
+def test_a_killed_worker_stops_the_run_and_resume_completes_it(
+    tiny_model_dir, data, two_processes, tmp_path, monkeypatch
+):
     """SIGKILL in rank 1 after the first epoch's checkpoint: torchrun ends the other process (no
     hang) and says which rank failed; --resume under the launcher continues from checkpoint-6 and
     ends with the adapter of the uninterrupted run."""
@@ -166,13 +219,17 @@ def test_a_killed_fsdp_run_resumes_to_the_same_adapter(tiny_model_dir, data, two
     """The sharded checkpoint of an FSDP run holds the adapter and the optimizer state (a new
     optimizer took none of it at first): resumed, the run ends where the uninterrupted one did."""
     output = tmp_path / "adapter"
-    killed = launch(2, "fsdp+float32+step:9@1", flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), timeout=300)
+    killed = launch(
+        2, "fsdp+float32+step:9@1", flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), timeout=300
+    )
     assert killed.returncode != 0
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # complete as an FSDP checkpoint: its shards' folders
     assert [p.name for p in checkpoint_folders(output) if is_complete(p)] == ["checkpoint-6"]
 
-    resumed = launch(2, "fsdp+float32", [*flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), "--resume"])
+    resumed = launch(
+        2, "fsdp+float32", [*flags(tiny_model_dir, data, output, batch_size=2, quantization="nf4"), "--resume"]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-6" in resumed.stdout
     assert relative_difference(adapter(two_fsdp_processes[0]), adapter(output)) < TOLERANCE

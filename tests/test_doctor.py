@@ -14,7 +14,10 @@ PERSONA = Persona.from_file()
 
 
 def pairs(n: int, sign: str = " –Maya", start: int = 0) -> list[Pair]:
-    return [Pair(f"Nice video number {i}", f"Thanks for watching!{sign}", f"data.jsonl:{i + 1}") for i in range(start, start + n)]
+    return [
+        Pair(f"Nice video number {i}", f"Thanks for watching!{sign}", f"data.jsonl:{i + 1}")
+        for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture
@@ -33,7 +36,9 @@ def packed(renderer, train):
 
 def run(renderer, train, evals=None, app=None, collate=None):
     examples, _ = tokenize_pairs(train, renderer, 512)
-    findings, example = diagnose(train, examples, evals or pairs(3, start=100), renderer, app or renderer, collate or packed(renderer, train))
+    findings, example = diagnose(
+        train, examples, evals or pairs(3, start=100), renderer, app or renderer, collate or packed(renderer, train)
+    )
     return {f.check: f for f in findings}, example
 
 
@@ -41,7 +46,13 @@ def run(renderer, train, evals=None, app=None, collate=None):
 def test_defaults_pass_and_show_an_example(renderer, batches):
     collate = packed(renderer, pairs(8)) if batches == "packed" else TrainingCollator(renderer.tokenizer.pad_token_id)
     findings, example = run(renderer, pairs(8), collate=collate)
-    assert list(findings) == ["end of turn learned", "one BOS", "loss on the reply only", "training prompt = app prompt", "signature"]
+    assert list(findings) == [
+        "end of turn learned",
+        "one BOS",
+        "loss on the reply only",
+        "training prompt = app prompt",
+        "signature",
+    ]
     assert all(f.ok for f in findings.values()), [f.line() for f in findings.values() if not f.ok]
     assert example.endswith("[Thanks][ for][ watching][!][ –][Maya][<|im_end|>]")
 
@@ -82,7 +93,9 @@ def test_mask_that_leaks_the_prompt_is_caught(renderer):
 
     findings, _ = run(renderer, pairs(8), collate=no_mask)
     assert not findings["loss on the reply only"].ok
-    assert findings["loss on the reply only"].detail.startswith("8 example(s) learn tokens outside the reply (prompt or comment in the loss")
+    assert findings["loss on the reply only"].detail.startswith(
+        "8 example(s) learn tokens outside the reply (prompt or comment in the loss"
+    )
     assert findings["loss on the reply only"].detail.endswith("tokens learned (100.0%)")
 
 
@@ -90,27 +103,38 @@ def test_different_dash_in_signature_is_caught(renderer):
     findings, _ = run(renderer, pairs(8, sign=" -Maya"))
     detail = findings["signature"].detail
     assert not findings["signature"].ok
-    assert detail == ("the persona signs '–Maya' (U+2013), but 8 repl(ies) sign '-Maya' (U+002D): data.jsonl:1, data.jsonl:2, "
-                      "data.jsonl:3, data.jsonl:4, data.jsonl:5 and 3 more; write it the same way everywhere")
+    assert detail == (
+        "the persona signs '–Maya' (U+2013), but 8 repl(ies) sign '-Maya' (U+002D): data.jsonl:1, data.jsonl:2, "
+        "data.jsonl:3, data.jsonl:4, data.jsonl:5 and 3 more; write it the same way everywhere"
+    )
 
 
 def test_app_prompt_that_differs_from_training_is_caught(renderer, chatml_tokenizer):
     app = PromptRenderer(chatml_tokenizer, Persona(PERSONA.template.replace("friendly", "formal")))
     findings, _ = run(renderer, pairs(8), app=app)
     assert not findings["training prompt = app prompt"].ok
-    assert findings["training prompt = app prompt"].detail.startswith("11 comment(s) are rendered differently by the app (from character ")
+    assert findings["training prompt = app prompt"].detail.startswith(
+        "11 comment(s) are rendered differently by the app (from character "
+    )
     assert "'riendly, plain" in findings["training prompt = app prompt"].detail
 
 
-def test_the_app_prompt_is_built_from_the_persona_the_adapter_folder_gives_back(chatml_tokenizer, monkeypatch, default_model_dir):
+def test_the_app_prompt_is_built_from_the_persona_the_adapter_folder_gives_back(
+    chatml_tokenizer, monkeypatch, default_model_dir
+):
     """The doctor asks the app's own reader (inference.adapter_files) for the persona; a folder that
     gave back another persona than training used would fail the check."""
     from inference import adapter_files
     from training.config import TrainConfig
     from training.doctor import app_renderer
 
-    assert app_renderer(TrainConfig(), PERSONA).prompt("Hi").input_ids == PromptRenderer(chatml_tokenizer, PERSONA).prompt("Hi").input_ids
-    monkeypatch.setattr(adapter_files, "adapter_persona", lambda folder: Persona(PERSONA.template.replace("friendly", "formal")))
+    assert (
+        app_renderer(TrainConfig(), PERSONA).prompt("Hi").input_ids
+        == PromptRenderer(chatml_tokenizer, PERSONA).prompt("Hi").input_ids
+    )
+    monkeypatch.setattr(
+        adapter_files, "adapter_persona", lambda folder: Persona(PERSONA.template.replace("friendly", "formal"))
+    )
     assert "formal" in app_renderer(TrainConfig(), PERSONA).prompt("Hi").text
 
 
@@ -130,7 +154,16 @@ def test_training_stops_on_a_failed_check(tiny_model_dir, tmp_path, capsys):
 
     rows = "".join(json.dumps({"comment": f"c{i}", "response": f"r{i} -Maya"}) + "\n" for i in range(12))
     (tmp_path / "d.jsonl").write_text(rows)
-    args = ["--base-model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--eval-data", "none", "--output-dir", str(tmp_path / "out")]
+    args = [
+        "--base-model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--eval-data",
+        "none",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "[FAIL] signature" in err and "--no-doctor" in err

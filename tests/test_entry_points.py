@@ -18,9 +18,17 @@ from inference.default_model import ROOT
 ENTRY_POINTS = [
     ("training.run", ["--config", "no-such-recipe"], "no-such-recipe: config file not found (recipes in"),
     ("training.doctor", ["--config", "no-such-recipe"], "no-such-recipe: config file not found (recipes in"),
-    ("training.estimate", ["--config", "nf4-mistral-dolly", "--gpu-memory", "24GiB", "--accelerate-config", "{tmp}/none.yaml"], "none.yaml: cannot read it as an accelerate config"),
+    (
+        "training.estimate",
+        ["--config", "nf4-mistral-dolly", "--gpu-memory", "24GiB", "--accelerate-config", "{tmp}/none.yaml"],
+        "none.yaml: cannot read it as an accelerate config",
+    ),
     ("training.evaluate", ["--eval-data", "{tmp}/none.jsonl"], "none.jsonl: file not found"),
-    ("inference.export", ["--adapter", "{tmp}/none", "--out", "{tmp}/out"], "none: no such folder; pass --adapter a folder written by"),
+    (
+        "inference.export",
+        ["--adapter", "{tmp}/none", "--out", "{tmp}/out"],
+        "none: no such folder; pass --adapter a folder written by",
+    ),
     ("inference.compare", ["--comments", "{tmp}/none.txt"], "No such file or directory"),
     ("youtube.fetch", ["--channel", "UC0"], "no API key: set YOUTUBE_API_KEY"),
     ("youtube.inbox", ["pull", "--state", "{tmp}/inbox", "--channel", "UC0"], "no API key: set YOUTUBE_API_KEY"),

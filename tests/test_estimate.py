@@ -12,8 +12,17 @@ from training.memory import GiB
 
 def test_mistral_7b_is_estimated_offline_from_its_shipped_config(capsys):
     config = read_model_config("mistralai/Mistral-7B-Instruct-v0.2")  # HF_HUB_OFFLINE=1: the shipped file
-    result = estimate(config, storage="nf4", compute_bytes=2, lora_r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
-                      batch_size=4, seq_len=512, checkpointed_layers=32, on_cpu=False)
+    result = estimate(
+        config,
+        storage="nf4",
+        compute_bytes=2,
+        lora_r=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+        batch_size=4,
+        seq_len=512,
+        checkpointed_layers=32,
+        on_cpu=False,
+    )
     assert result.parameters == 7_241_732_096  # Mistral-7B's true count, not peft's packed-4-bit "3.7B"
     # LoRA r=16 on q,k,v,o (4096->4096, 4096->1024 twice, 4096->4096) and gate (4096->14336), 32 layers
     assert result.trainable == 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + (4096 + 14336))
@@ -27,7 +36,9 @@ def test_counts_match_a_real_lora_model(tiny_model_dir):
     from inference.loading import load_base_model
     from training.model import count_parameters, lora_model
 
-    train_config = TrainConfig(base_model=str(tiny_model_dir), target_modules=["q_proj", "v_proj", "down_proj"], lora_r=4)
+    train_config = TrainConfig(
+        base_model=str(tiny_model_dir), target_modules=["q_proj", "v_proj", "down_proj"], lora_r=4
+    )
     model = lora_model(load_base_model(str(tiny_model_dir), "nf4"), train_config, 0)
     trainable, total = count_parameters(model)
     result = estimate_for_config(train_config)
@@ -50,15 +61,28 @@ def test_unknown_target_module_is_named(tiny_model_dir):
 def test_the_table_adds_up_to_the_total_it_prints(checkpointed, on_cpu):
     """The rows marked * sum to the training line, and the peak is the larger of training and loading."""
     config = read_model_config("TheBloke/Mistral-7B-Instruct-v0.2-GPTQ")
-    result = estimate(config, storage="gptq", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=4, seq_len=512,
-                      checkpointed_layers=checkpointed, on_cpu=on_cpu)
+    result = estimate(
+        config,
+        storage="gptq",
+        compute_bytes=2,
+        lora_r=8,
+        target_modules=["q_proj"],
+        batch_size=4,
+        seq_len=512,
+        checkpointed_layers=checkpointed,
+        on_cpu=on_cpu,
+    )
     lines = result.table().splitlines()
     value = lambda line: float(line.split()[-1])  # noqa: E731
     marked = sum(value(line) for line in lines if line.split()[-2] == "*")
     training = value(next(line for line in lines if line.startswith("training")))
     peak = value(next(line for line in lines if line.startswith("peak")))
     assert marked == pytest.approx(training, abs=0.002 * 8)
-    assert peak == pytest.approx(result.total / GiB, abs=0.001) == pytest.approx(max(training, result.while_loading / GiB), abs=0.001)
+    assert (
+        peak
+        == pytest.approx(result.total / GiB, abs=0.001)
+        == pytest.approx(max(training, result.while_loading / GiB), abs=0.001)
+    )
     assert sum(line.split()[-2] == "*" for line in lines if line.startswith("activations")) == 1
 
 
@@ -84,16 +108,33 @@ def test_on_a_cpu_the_memory_limit_is_half_of_what_the_machine_has_available(def
     assert k == 0 or result.total_with(k - 1) > limit  # one layer fewer would not fit
     plan = checkpointing_plan(result, limit, False)
     if room == "roomy":
-        assert k == 0 and plan == f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
+        assert (
+            k == 0
+            and plan == f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
+        )
     else:
         assert 0 < k < result.layers
-        assert plan == f"gradient checkpointing: {k} of {result.layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
+        assert (
+            plan
+            == f"gradient checkpointing: {k} of {result.layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
+        )
     assert memory_limit(TrainConfig(memory_limit_gib=3.0)) == (3.0 * GiB, "--memory-limit-gib")
 
 
 def test_the_logits_are_counted_at_the_learned_positions_only(default_model_dir):
     config = read_model_config("embedded:SmolLM2-135M-Instruct")
-    every = estimate(config, storage="nf4", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=8, seq_len=400)
-    learned = estimate(config, storage="nf4", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=8, seq_len=400, learned_tokens=8 * 60)
+    every = estimate(
+        config, storage="nf4", compute_bytes=2, lora_r=8, target_modules=["q_proj"], batch_size=8, seq_len=400
+    )
+    learned = estimate(
+        config,
+        storage="nf4",
+        compute_bytes=2,
+        lora_r=8,
+        target_modules=["q_proj"],
+        batch_size=8,
+        seq_len=400,
+        learned_tokens=8 * 60,
+    )
     assert learned.logits == pytest.approx(every.logits * 60 / 400)
     assert learned.total < every.total

@@ -16,7 +16,11 @@ HELD = [
 
 
 def test_reply_stats_measure_what_they_say():
-    replies = ["Danke, das freut mich wirklich sehr! –Maya", "You're welcome! –Maya", "Great question 🎉 I think the answer is long and rambling here"]
+    replies = [
+        "Danke, das freut mich wirklich sehr! –Maya",
+        "You're welcome! –Maya",
+        "Great question 🎉 I think the answer is long and rambling here",
+    ]
     stats = reply_stats(replies, HELD, "–Maya", trained_replies={"You're welcome! –Maya"})
     assert stats["signature_rate"] == pytest.approx(2 / 3)
     assert stats["emoji_rate"] == pytest.approx(1 / 3)
@@ -39,7 +43,9 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
     losses = held_out_losses(scorer, HELD, 512, scorer.panes)
     first = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses)
     second = evaluate(replier, HELD, [Pair("x", "You're welcome! –Maya", "t:1")], losses)
-    assert {k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter", "adapter+examples")} == losses
+    assert {
+        k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter", "adapter+examples")
+    } == losses
     assert first["settings"]["backend"] == backend
     assert first == second
     assert set(first["table"]) == {"base", "examples", "adapter", "adapter+examples", "real"}
@@ -54,9 +60,14 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
 def test_the_verdict_says_plainly_where_fine_tuning_wins_and_where_it_loses():
     row = {"loop_rate": 0.0, "ai_talk_rate": 0.0, "chrf": 21.6, "held_out_loss": 3.09}
     prompt = {"loop_rate": 0.03, "ai_talk_rate": 0.06, "chrf": 22.5, "held_out_loss": 3.306}
-    result = {"comments": 32, "table": {"base": {**prompt, "chrf": 25.2}, "examples": prompt, "adapter": row, "adapter+examples": row}}
+    result = {
+        "comments": 32,
+        "table": {"base": {**prompt, "chrf": 25.2}, "examples": prompt, "adapter": row, "adapter+examples": row},
+    }
     text = verdict(result)
     assert text.startswith("On 32 held-out comments, fine-tuned + your examples against prompt + your examples:")
     assert "better on held-out loss (3.090 vs 3.306), loops (0% vs 3%), AI talk (0% vs 6%)" in text
     assert "worse on chrF to the real replies (21.6 vs 22.5)" in text
-    assert verdict({"comments": 3, "table": {"base": {"signature_rate": 0.0}, "adapter": {"signature_rate": 1.0}}}) == ""  # a table from before chrF
+    assert (
+        verdict({"comments": 3, "table": {"base": {"signature_rate": 0.0}, "adapter": {"signature_rate": 1.0}}}) == ""
+    )  # a table from before chrF

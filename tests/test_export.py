@@ -69,7 +69,13 @@ def go_render(template: str, comments: list[str], tmp_path) -> list[str]:
     (tmp_path / "template.txt").write_text(template, encoding="utf-8")
     (tmp_path / "comments.json").write_text(json.dumps(comments), encoding="utf-8")
     env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GO111MODULE": "off"}
-    result = subprocess.run([go, "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt"), str(tmp_path / "comments.json")], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [go, "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt"), str(tmp_path / "comments.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -100,7 +106,13 @@ def test_gguf_and_ollama_export_of_the_shipped_adapter_replies_signed(default_mo
     renderer = PromptRenderer(tokenizer, Persona.from_file(DEFAULT_ADAPTER / "persona.txt"))
     replier = LlamaCppReplier(tmp_path / "base.gguf", tmp_path / "adapter.gguf", tokenizer, renderer)
     try:
-        replies = list(replier.replies(["Thanks, great video!", "Which laptop do you use for data science?", "Loved the part on k-means!"], GenerationSettings(max_new_tokens=80), panes=["adapter"]))
+        replies = list(
+            replier.replies(
+                ["Thanks, great video!", "Which laptop do you use for data science?", "Loved the part on k-means!"],
+                GenerationSettings(max_new_tokens=80),
+                panes=["adapter"],
+            )
+        )
     finally:
         replier.close()
     signed = [reply.text.rstrip().endswith("–Maya") and reply.stopped for (reply,) in replies]
@@ -113,9 +125,13 @@ def test_merged_weights_equal_base_plus_adapter(tiny_model_dir, tiny_adapter_dir
 
     (merged_dir,) = export(tiny_adapter_dir, tmp_path, ("merged",), base_model=str(tiny_model_dir))
     assert (merged_dir / "persona.txt").read_text() == (tiny_adapter_dir / "persona.txt").read_text()
-    assert (merged_dir / "chat_template.jinja").is_file() or "chat_template" in (merged_dir / "tokenizer_config.json").read_text()
+    assert (merged_dir / "chat_template.jinja").is_file() or "chat_template" in (
+        merged_dir / "tokenizer_config.json"
+    ).read_text()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tiny_adapter_dir)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tiny_adapter_dir
+    )
     ids = torch.tensor([load_tokenizer(str(tiny_model_dir))("Thanks for the video!")["input_ids"]])
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
@@ -126,8 +142,12 @@ def test_merged_weights_equal_base_plus_adapter(tiny_model_dir, tiny_adapter_dir
 
 def test_the_gguf_export_loads_in_llama_cpp(tiny_model_dir, tiny_adapter_dir, tmp_path):
     export(tiny_adapter_dir, tmp_path, ("gguf",), base_model=str(tiny_model_dir))
-    transformers_replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
-    replier = LlamaCppReplier(tmp_path / "base.gguf", tmp_path / "adapter.gguf", transformers_replier.tokenizer, transformers_replier.renderer)
+    transformers_replier = load_replier(
+        str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers"
+    )
+    replier = LlamaCppReplier(
+        tmp_path / "base.gguf", tmp_path / "adapter.gguf", transformers_replier.tokenizer, transformers_replier.renderer
+    )
     try:
         base, tuned = replier.reply("Hi", GenerationSettings(max_new_tokens=8))
         assert base.token_ids and tuned.token_ids and base.token_ids != tuned.token_ids
@@ -142,7 +162,9 @@ def test_bad_input_gets_one_clear_error(tiny_model_dir, tiny_adapter_dir, tmp_pa
     gptq = tmp_path / "gptq-base"
     shutil.copytree(tiny_model_dir, gptq)
     config = json.loads((gptq / "config.json").read_text())
-    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (gptq / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    )
     for targets in (("merged",), ("gguf",)):
         with pytest.raises(ExportError, match=r"config\.json: a GPTQ"):
             export(tiny_adapter_dir, tmp_path / "out", targets, base_model=str(gptq))

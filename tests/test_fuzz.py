@@ -20,7 +20,12 @@ from training.data import DataError, anonymize, load_pairs
 
 EXAMPLES = 150  # per property; the whole module runs in well under a minute
 # derandomize: CI runs the same examples every time (1,500 per property passed locally when written).
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # Any Unicode (control characters, U+2028, BOMs, right-to-left marks, emoji), short and long.
 texts = st.one_of(
@@ -53,14 +58,22 @@ def check(path, pairs) -> None:
 @given(pairs=rows, endings=line_endings, ascii_only=st.booleans())
 def test_jsonl_loads_exactly_what_is_there(pairs, endings, ascii_only, tmp_path):
     path = tmp_path / "data.jsonl"
-    lines = [json.dumps({"comment": c, "response": r}, ensure_ascii=ascii_only) + end for (c, r), end in zip(pairs, endings)]
+    lines = [
+        json.dumps({"comment": c, "response": r}, ensure_ascii=ascii_only) + end for (c, r), end in zip(pairs, endings)
+    ]
     path.write_bytes("".join(lines).encode("utf-8"))
     check(path, pairs)
 
 
 @FUZZ
-@given(pairs=rows, endings=line_endings, quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
-@example(pairs=[("a" * 300_000, "an enormous comment, above csv's default 128 KiB field limit")], endings=["\n"] * 9, quoting=csv.QUOTE_MINIMAL)
+@given(
+    pairs=rows, endings=line_endings, quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC])
+)
+@example(
+    pairs=[("a" * 300_000, "an enormous comment, above csv's default 128 KiB field limit")],
+    endings=["\n"] * 9,
+    quoting=csv.QUOTE_MINIMAL,
+)
 def test_csv_loads_exactly_what_is_there(pairs, endings, quoting, tmp_path):
     path = tmp_path / "data.csv"
     buffer = io.StringIO(newline="")
@@ -84,7 +97,10 @@ def test_json_array_loads_exactly_what_is_there(pairs, tmp_path):
 
 
 @FUZZ
-@given(content=st.one_of(st.binary(max_size=400), st.text(max_size=400).map(lambda t: t.encode("utf-8"))), suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
+@given(
+    content=st.one_of(st.binary(max_size=400), st.text(max_size=400).map(lambda t: t.encode("utf-8"))),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv"]),
+)
 @example(content=b'comment,response\n"unclosed,quote\n', suffix=".csv")
 @example(content=b'{"comment": "a", "response": 5}\n{"comment": "b"}\n', suffix=".jsonl")
 @example(content=b"\xff\xfe\x00junk", suffix=".jsonl")
@@ -127,7 +143,9 @@ def test_any_comment_is_sent_as_text_inside_an_intact_prompt(renderer, chatml_to
 
 
 @FUZZ
-@given(comment=st.text(min_size=1, max_size=3000).filter(str.strip), max_length=st.integers(min_value=200, max_value=600))
+@given(
+    comment=st.text(min_size=1, max_size=3000).filter(str.strip), max_length=st.integers(min_value=200, max_value=600)
+)
 def test_long_comments_are_cut_never_the_reply(renderer, comment, max_length):
     reply = "Thanks! –Maya"
     example_ = renderer.example(comment, reply, max_length)

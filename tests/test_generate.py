@@ -31,11 +31,20 @@ def test_mixed_batch_equals_two_separate_generations(tiny_replier, comment):
     base, tuned = tiny_replier.reply(comment, GREEDY, TWO)
     prompt = torch.tensor([tiny_replier.prompt(comment).input_ids])
     model = tiny_replier.model
-    kwargs = dict(max_new_tokens=GREEDY.max_new_tokens, do_sample=False, eos_token_id=tiny_replier.renderer.stop_ids, pad_token_id=tiny_replier.tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=GREEDY.max_new_tokens,
+        do_sample=False,
+        eos_token_id=tiny_replier.renderer.stop_ids,
+        pad_token_id=tiny_replier.tokenizer.pad_token_id,
+    )
     with torch.inference_mode():
         with model.disable_adapter():
-            alone_base = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[0, prompt.shape[1]:].tolist()
-        alone_tuned = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[0, prompt.shape[1]:].tolist()
+            alone_base = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[
+                0, prompt.shape[1] :
+            ].tolist()
+        alone_tuned = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)[
+            0, prompt.shape[1] :
+        ].tolist()
     stops = set(tiny_replier.renderer.stop_ids)
     assert base.token_ids == until_stop(alone_base, stops)
     assert tuned.token_ids == until_stop(alone_tuned, stops)
@@ -50,12 +59,16 @@ def test_a_finished_row_leaves_the_batch(default_model_dir):
     """
     from inference.default_model import DEFAULT_ADAPTER
 
-    replier = load_replier("embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none", backend="transformers")
+    replier = load_replier(
+        "embedded:SmolLM2-135M-Instruct", str(DEFAULT_ADAPTER), quantization="none", backend="transformers"
+    )
     comment, settings = "Thanks, great video!", GenerationSettings(max_new_tokens=40)
     alone = [replier.reply(comment, settings, panes=[row])[0].token_ids for row in ("base", "adapter")]
     replier.reply(comment, settings, TWO)  # caches the persona prefix: every forward below is a decoding step
     batch_sizes: list[int] = []
-    hook = replier._causal_lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = replier._causal_lm.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         base, tuned = replier.reply(comment, settings, TWO)
     finally:
@@ -84,7 +97,9 @@ def test_the_persona_prefix_is_computed_once_and_reused_unchanged(tiny_replier):
         assert tiny_replier.prompt(comment).input_ids[: len(prefix)] == prefix
     # A comment whose first characters merge with the template's last token gets a full prefill.
     spaced = tiny_replier.prompt(" leading space").input_ids
-    assert spaced[: len(prefix)] != prefix and tiny_replier._prefix_cache(("base",), spaced, torch.device("cpu")) is None
+    assert (
+        spaced[: len(prefix)] != prefix and tiny_replier._prefix_cache(("base",), spaced, torch.device("cpu")) is None
+    )
     first = tiny_replier.reply("Nice video", GREEDY)
     cache = tiny_replier._prefix_caches[("base", "adapter")]
     assert cache.get_seq_length() == len(prefix)
@@ -162,7 +177,9 @@ def test_pad_equal_to_eos_still_stops(tiny_model_dir, chatml_tokenizer):
         # Make the end-of-turn token the model's certain next prediction.
         with torch.no_grad():
             model.lm_head.weight[renderer.end_of_turn_id] *= 50
-        (reply,) = Replier(model, tokenizer, renderer, has_adapter=False).reply("Hi", GenerationSettings(max_new_tokens=50))
+        (reply,) = Replier(model, tokenizer, renderer, has_adapter=False).reply(
+            "Hi", GenerationSettings(max_new_tokens=50)
+        )
         assert reply.stopped and len(reply.token_ids) < 50
     finally:
         tokenizer.pad_token = original_pad

@@ -19,7 +19,10 @@ from inference.default_model import ROOT
 PYTHON = os.environ.get("REPLYTUNE_GPTQ_PYTHON")
 pytestmark = [
     pytest.mark.gptq,
-    pytest.mark.skipif(not PYTHON, reason="GPTQ extra not installed: set REPLYTUNE_GPTQ_PYTHON to a Python with requirements-gptq.txt (.ci/run does when time allows)"),
+    pytest.mark.skipif(
+        not PYTHON,
+        reason="GPTQ extra not installed: set REPLYTUNE_GPTQ_PYTHON to a Python with requirements-gptq.txt (.ci/run does when time allows)",
+    ),
 ]
 
 LOAD_BACK = """
@@ -47,7 +50,16 @@ def run(*args: str, timeout: int = 900) -> str:
 
 def test_gptq_recipe_trains_lora_on_a_gptq_quantized_default_model(tmp_path):
     quantized, adapter = tmp_path / "smollm2-gptq", tmp_path / "adapter"
-    run("-m", "training.gptq", "--base-model", "embedded:SmolLM2-135M-Instruct", "--out", str(quantized), "--samples", "32")
+    run(
+        "-m",
+        "training.gptq",
+        "--base-model",
+        "embedded:SmolLM2-135M-Instruct",
+        "--out",
+        str(quantized),
+        "--samples",
+        "32",
+    )
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 4
     # The recipe as written, but 2 epochs on 16 rows (one update each) without warm-up (its first
     # update would have a learning rate of 0), and plain AdamW: paged 8-bit AdamW needs CUDA.
@@ -57,8 +69,28 @@ def test_gptq_recipe_trains_lora_on_a_gptq_quantized_default_model(tmp_path):
     heldout.write_text("\n".join((ROOT / "data" / "heldout.jsonl").read_text().splitlines()[:4]) + "\n")
     # About 5 minutes alone (4 of them the voice evaluation: ~1 min per comment); the limit leaves
     # room for a machine shared with another job.
-    run("-m", "training.run", "--config", "gptq-mistral", "--base-model", str(quantized), "--epochs", "2", "--max-rows", "16",
-        "--eval-data", str(heldout), "--warmup-ratio", "0", "--output-dir", str(adapter), "--optim", "adamw_torch", "--no-doctor", timeout=1800)
+    run(
+        "-m",
+        "training.run",
+        "--config",
+        "gptq-mistral",
+        "--base-model",
+        str(quantized),
+        "--epochs",
+        "2",
+        "--max-rows",
+        "16",
+        "--eval-data",
+        str(heldout),
+        "--warmup-ratio",
+        "0",
+        "--output-dir",
+        str(adapter),
+        "--optim",
+        "adamw_torch",
+        "--no-doctor",
+        timeout=1800,
+    )
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["config"]["target_modules"] == ["q_proj"] and summary["config"]["lora_alpha"] == 32
     assert summary["eval_loss"] <= summary["base_eval_loss"] + 0.01

@@ -38,8 +38,14 @@ def trained_folder(tiny_model_dir, tmp_path_factory) -> Path:
     rows = "".join(json.dumps({"comment": f"nice video {i}", "response": "Thanks! –Maya"}) + "\n" for i in range(12))
     (tmp / "train.jsonl").write_text(rows)
     config = TrainConfig(
-        base_model=str(tiny_model_dir), data=str(tmp / "train.jsonl"), eval_data="none", eval_fraction=0.2,
-        output_dir=str(tmp / "adapter"), epochs=1, batch_size=4, quantization="none",
+        base_model=str(tiny_model_dir),
+        data=str(tmp / "train.jsonl"),
+        eval_data="none",
+        eval_fraction=0.2,
+        output_dir=str(tmp / "adapter"),
+        epochs=1,
+        batch_size=4,
+        quantization="none",
     )
     import contextlib
     import io
@@ -58,7 +64,17 @@ def trained_folder(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_upload_payload_is_the_adapter_and_its_card(trained_folder):
     names = {p.relative_to(trained_folder).as_posix() for p in upload_files(trained_folder)}
-    for required in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "examples.jsonl", "training_summary.json", "loss_curve.png", CARD_FILE):
+    for required in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "persona.txt",
+        "heldout.jsonl",
+        "examples.jsonl",
+        "training_summary.json",
+        "loss_curve.png",
+        CARD_FILE,
+    ):
         assert required in names
     assert not any(n.startswith("checkpoints/") or n.endswith((".bin", ".pt")) for n in names)
     assert any(n.startswith("runs/") for n in names)
@@ -120,11 +136,37 @@ def test_push_without_token_says_how_to_log_in(trained_folder, monkeypatch, tmp_
 
 def card_summary(method: str = "lora") -> dict:
     return {
-        "name": "x", "base_model": "b", "base_model_hub_id": "org/b",
-        "config": {"method": method, **{k: 1 for k in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")}},
-        "epochs": [{"epoch": 1, "train_loss": 2.0, "eval_loss": 1.5}], "base_eval_loss": 3.0, "eval_loss": 1.5,
-        "data": {"train_rows": 10, "eval_rows": 2, "hash": "abc"}, "config_hash": "def", "peak_memory_gib": 1.0,
-        "tokens_per_second": 100.0, "wall_seconds": 60.0, "environment": {"gpu": None, "cpu": "cpu"},
+        "name": "x",
+        "base_model": "b",
+        "base_model_hub_id": "org/b",
+        "config": {
+            "method": method,
+            **{
+                k: 1
+                for k in (
+                    "quantization",
+                    "lora_r",
+                    "lora_alpha",
+                    "lora_dropout",
+                    "target_modules",
+                    "epochs",
+                    "learning_rate",
+                    "batch_size",
+                    "grad_accum",
+                    "max_length",
+                    "seed",
+                )
+            },
+        },
+        "epochs": [{"epoch": 1, "train_loss": 2.0, "eval_loss": 1.5}],
+        "base_eval_loss": 3.0,
+        "eval_loss": 1.5,
+        "data": {"train_rows": 10, "eval_rows": 2, "hash": "abc"},
+        "config_hash": "def",
+        "peak_memory_gib": 1.0,
+        "tokens_per_second": 100.0,
+        "wall_seconds": 60.0,
+        "environment": {"gpu": None, "cpu": "cpu"},
     }
 
 
@@ -158,7 +200,9 @@ def test_card_metadata_is_what_the_hand_written_yaml_said():
     assert card.split("---\n", 2)[2].startswith("\n# x\n")  # the body follows the metadata as before
 
 
-def test_a_full_fine_tune_folder_is_pushed_with_its_model_and_a_card_that_loads_it(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_full_fine_tune_folder_is_pushed_with_its_model_and_a_card_that_loads_it(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """--method full saves model.safetensors + config.json and no adapter files."""
     import shutil
 

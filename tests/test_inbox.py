@@ -39,9 +39,20 @@ def day(d: int, hour: int = 12) -> str:
 # --since bound (Nov 1) after thread 15, so page 4 is never read. Every third thread has the
 # channel's answer already.
 PAGES = {
-    None: thread_page([comment_thread(i, CHANNEL, i % 3 == 0, others=i % 2, published=day(30, 20 - i)) for i in range(10)], next_page="P2"),
-    "P2": thread_page([comment_thread(i, CHANNEL, i == 10, published=day(20, 30 - i)) for i in range(10, 15)], next_page="P3"),
-    "P3": thread_page([comment_thread(15, CHANNEL, False, published=day(5)), comment_thread(16, CHANNEL, False, published="2026-10-01T12:00:00Z")], next_page="P4"),
+    None: thread_page(
+        [comment_thread(i, CHANNEL, i % 3 == 0, others=i % 2, published=day(30, 20 - i)) for i in range(10)],
+        next_page="P2",
+    ),
+    "P2": thread_page(
+        [comment_thread(i, CHANNEL, i == 10, published=day(20, 30 - i)) for i in range(10, 15)], next_page="P3"
+    ),
+    "P3": thread_page(
+        [
+            comment_thread(15, CHANNEL, False, published=day(5)),
+            comment_thread(16, CHANNEL, False, published="2026-10-01T12:00:00Z"),
+        ],
+        next_page="P4",
+    ),
     "P4": thread_page([comment_thread(17, CHANNEL, False, published="2026-09-01T12:00:00Z")]),
 }
 UNANSWERED = [f"thread{i}" for i in (1, 2, 4, 5, 7, 8, 11, 12, 13, 14, 15)]
@@ -55,9 +66,20 @@ def api(tmp_path, monkeypatch):
 
     token_file = tmp_path / "home" / ".config" / "replytune" / "youtube-token.json"
     with FakeYouTube(PAGES, CHANNEL, KEY, REFRESH_TOKEN, CLIENT_SECRET) as server:
-        credentials = Credentials(token=None, refresh_token=REFRESH_TOKEN, token_uri=server.token_url, client_id="replytune.apps.googleusercontent.com", client_secret=CLIENT_SECRET)
+        credentials = Credentials(
+            token=None,
+            refresh_token=REFRESH_TOKEN,
+            token_uri=server.token_url,
+            client_id="replytune.apps.googleusercontent.com",
+            client_secret=CLIENT_SECRET,
+        )
         auth.save(credentials, token_file)  # what `login` leaves after the consent in the browser
-        for name, value in {"YOUTUBE_API_KEY": KEY, "YOUTUBE_API_URL": server.api_url, "YOUTUBE_TOKEN_URL": server.token_url, "YOUTUBE_TOKEN_FILE": str(token_file)}.items():
+        for name, value in {
+            "YOUTUBE_API_KEY": KEY,
+            "YOUTUBE_API_URL": server.api_url,
+            "YOUTUBE_TOKEN_URL": server.token_url,
+            "YOUTUBE_TOKEN_FILE": str(token_file),
+        }.items():
             monkeypatch.setenv(name, value)
         yield server
 
@@ -109,9 +131,16 @@ def test_pull_keeps_the_unanswered_threads_back_to_since_and_adds_only_what_is_n
     lines = [json.loads(line) for line in (state / "inbox.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == UNANSWERED
     first = lines[0]
-    assert first["text"] == "How do I start with topic 1, @viewer1?" and first["author"] == "@viewer1"  # shown to the creator as written
+    assert (
+        first["text"] == "How do I start with topic 1, @viewer1?" and first["author"] == "@viewer1"
+    )  # shown to the creator as written
     assert first["status"] == "waiting" and first["draft"] == "" and first["channel"] == CHANNEL
-    api.pages = {**PAGES, None: thread_page([comment_thread(99, CHANNEL, False, published=day(30, 23)), *PAGES[None]["items"]], next_page="P2")}
+    api.pages = {
+        **PAGES,
+        None: thread_page(
+            [comment_thread(99, CHANNEL, False, published=day(30, 23)), *PAGES[None]["items"]], next_page="P2"
+        ),
+    }
     assert pull(state) == 0
     assert "1 new comment(s)" in capsys.readouterr().out
     assert [item.id for item in inbox.to_answer(state)][:2] == ["thread99", "thread1"]  # newest first
@@ -133,7 +162,13 @@ def test_edits_and_approvals_feed_the_flywheel_with_handles_anonymised(drafted):
     inbox.approve(drafted, second, inbox.load(drafted)[second].draft)
     inbox.skip(drafted, third)
     preferences = [json.loads(line) for line in (drafted / "preferences.jsonl").read_text().splitlines()]
-    assert preferences == [{"comment": "How do I start with topic 1, @user?", "chosen": "Start with part 1, @user! –Maya", "rejected": draft}]
+    assert preferences == [
+        {
+            "comment": "How do I start with topic 1, @user?",
+            "chosen": "Start with part 1, @user! –Maya",
+            "rejected": draft,
+        }
+    ]
     pairs = [json.loads(line) for line in (drafted / "pairs.jsonl").read_text().splitlines()]
     assert [p["response"] for p in pairs] == ["Start with part 1, @user! –Maya", inbox.load(drafted)[second].draft]
     assert inbox.load(drafted)[first].author == "@viewer1"  # only training data is anonymised
@@ -186,7 +221,10 @@ def test_a_revoked_sign_in_is_one_line_and_keeps_every_approval(api, drafted, ca
     api.revoked = True
     assert run(drafted, "post") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: the YouTube sign-in was refused (invalid_grant") and "python -m youtube.inbox login" in line
+    assert (
+        line.startswith("error: the YouTube sign-in was refused (invalid_grant")
+        and "python -m youtube.inbox login" in line
+    )
     assert statuses(drafted)["approved"] == 2 and api.inserts == []
 
 
@@ -195,7 +233,9 @@ def test_posting_before_signing_in_says_how_to_sign_in(api, drafted, capsys):
     auth.default_token_file().unlink()
     assert run(drafted, "post") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: not signed in to YouTube") and "python -m youtube.inbox login --client-secrets" in line
+    assert (
+        line.startswith("error: not signed in to YouTube") and "python -m youtube.inbox login --client-secrets" in line
+    )
     assert statuses(drafted)["approved"] == 1
 
 
@@ -204,7 +244,11 @@ def test_the_quota_running_out_mid_batch_keeps_the_rest_approved_for_later(api, 
     api.quota_after_inserts = 2
     assert run(drafted, "post") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: the daily YouTube quota") and "2 posted" in line and "3 approved replies are kept" in line
+    assert (
+        line.startswith("error: the daily YouTube quota")
+        and "2 posted" in line
+        and "3 approved replies are kept" in line
+    )
     assert statuses(drafted)["posted"] == 2 and statuses(drafted)["approved"] == 3
     api.quota_after_inserts = None  # the next day
     assert run(drafted, "post") == 0
@@ -216,7 +260,9 @@ def test_a_comment_deleted_before_posting_is_reported_gone_and_the_rest_are_post
     api.deleted = {UNANSWERED[1]}
     assert run(drafted, "post") == 0
     assert "2 posted, 1 gone (deleted before posting)" in capsys.readouterr().out
-    assert inbox.load(drafted)[UNANSWERED[1]].status == "gone" and inserted(api) == Counter([UNANSWERED[0], UNANSWERED[2]])
+    assert inbox.load(drafted)[UNANSWERED[1]].status == "gone" and inserted(api) == Counter(
+        [UNANSWERED[0], UNANSWERED[2]]
+    )
 
 
 def test_an_unreachable_api_is_one_line_and_the_next_run_posts_once(api, drafted, capsys):
@@ -235,7 +281,9 @@ def test_no_token_in_the_inbox_state_the_output_or_the_repository(api, drafted, 
     secrets = [KEY, REFRESH_TOKEN, CLIENT_SECRET, *api.access_tokens]
     assert api.access_tokens  # a real refresh happened
     state_files = [p for p in drafted.rglob("*") if p.is_file()]
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     repo_files = [ROOT / name for name in listed if (ROOT / name).is_file()]
     for path in state_files + repo_files:
         data = path.read_bytes()
@@ -263,7 +311,13 @@ def inbox_app(api, drafted, replier, tiny_model_dir, tiny_adapter_dir):
     import app as app_module
     from inference.compare import pane_labels
 
-    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes), None, [], inbox_dir=drafted)
+    demo = app_module.build_demo(
+        replier,
+        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes),
+        None,
+        [],
+        inbox_dir=drafted,
+    )
     app_module.launch(demo, "127.0.0.1", free_port(), block=False)
     yield demo
     demo.close()
@@ -277,7 +331,10 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
     assert counts == "11 waiting · 0 approved · 0 posted" and len(table["data"]) == 11
     assert picked["value"] == UNANSWERED[0] and [value for _, value in picked["choices"]] == UNANSWERED  # newest first
     comment, reply = client.predict(UNANSWERED[0], api_name="/inbox_pick")
-    assert comment == "@viewer1: How do I start with topic 1, @viewer1?" and reply == inbox.load(drafted)[UNANSWERED[0]].draft
+    assert (
+        comment == "@viewer1: How do I start with topic 1, @viewer1?"
+        and reply == inbox.load(drafted)[UNANSWERED[0]].draft
+    )
     client.predict(UNANSWERED[0], "My own answer, @viewer1. –Maya", api_name="/inbox_approve")
     client.predict(UNANSWERED[1], inbox.load(drafted)[UNANSWERED[1]].draft, api_name="/inbox_approve")
     client.predict(UNANSWERED[2], "", api_name="/inbox_skip")
@@ -292,7 +349,9 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
     assert [s["textOriginal"] for s in api.inserts][0] == "My own answer, @viewer1. –Maya"
     with pytest.raises(Exception, match="can no longer be changed"):
         client.predict(UNANSWERED[0], "again", api_name="/inbox_approve")
-    assert (drafted / "preferences.jsonl").read_text().count("\n") == 1 and (drafted / "pairs.jsonl").read_text().count("\n") == 2
+    assert (drafted / "preferences.jsonl").read_text().count("\n") == 1 and (drafted / "pairs.jsonl").read_text().count(
+        "\n"
+    ) == 2
 
 
 @pytest.mark.browser
@@ -303,12 +362,23 @@ def test_approving_in_the_inbox_tab_of_a_real_browser(api, drafted, inbox_app):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         page.goto(inbox_app.local_url)
         page.get_by_role("tab", name="Inbox").click()
         expect(page.locator("#inbox-counts")).to_contain_text("11 waiting · 0 approved · 0 posted", timeout=30_000)
-        expect(page.locator("#inbox-reply textarea")).not_to_have_value("", timeout=30_000)  # the newest comment's draft
+        expect(page.locator("#inbox-reply textarea")).not_to_have_value(
+            "", timeout=30_000
+        )  # the newest comment's draft
         page.locator("#inbox-reply textarea").fill("Thanks, @viewer1! Part 1 is the place to start. –Maya")
         page.locator("#inbox-approve").click()
         expect(page.locator("#inbox-counts")).to_contain_text("10 waiting · 1 approved · 0 posted", timeout=30_000)

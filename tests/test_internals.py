@@ -53,10 +53,16 @@ def test_another_version_warns_once_and_says_what_it_falls_back_from(other_versi
         assert not internals.written_for("peft", peft_internals.WRITTEN_FOR, "PeftModel._enable_peft_forward_hooks")
         assert not internals.written_for("peft", peft_internals.WRITTEN_FOR, "PeftModel._enable_peft_forward_hooks")
     [record] = caplog.records
-    assert "peft 0.0.1" in record.message and "==0.21.*" in record.message and "_enable_peft_forward_hooks" in record.message
+    assert (
+        "peft 0.0.1" in record.message
+        and "==0.21.*" in record.message
+        and "_enable_peft_forward_hooks" in record.message
+    )
 
 
-def test_peft_on_another_version_decodes_the_panes_in_turn_with_the_same_replies(tiny_model_dir, tiny_adapter_dir, monkeypatch):
+def test_peft_on_another_version_decodes_the_panes_in_turn_with_the_same_replies(
+    tiny_model_dir, tiny_adapter_dir, monkeypatch
+):
     replier = load_replier(str(tiny_model_dir), str(tiny_adapter_dir), quantization="none", backend="transformers")
     assert replier.mixed_batches
     fast = [r.token_ids for r in replier.reply("How do I pick k in k-means?", GREEDY)]
@@ -73,7 +79,10 @@ def test_peft_on_another_version_decodes_the_panes_in_turn_with_the_same_replies
 def test_peft_on_another_version_keeps_its_float32_copy_and_torch_dropout(tiny_model_dir, other_versions):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_base_model(str(tiny_model_dir), "nf4", for_training=True), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"]))
+    model = get_peft_model(
+        load_base_model(str(tiny_model_dir), "nf4", for_training=True),
+        LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"]),
+    )
     peft_internals.cast_lora_inputs(model, False)
     peft_internals.replace_lora_dropout(model, lambda p: torch.nn.Identity())
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
@@ -168,7 +177,9 @@ def test_a_gguf_quantizer_is_dropped_by_its_own_method_only_on_its_version(tiny_
 def test_transformers_on_its_version_checkpoints_only_the_first_layers(tiny_model_dir):
     model = load_base_model(str(tiny_model_dir), "none", for_training=True)
     transformers_internals.checkpoint_first_layers(model, 1)
-    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True] + [False] * (len(model.model.layers) - 1)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True] + [False] * (
+        len(model.model.layers) - 1
+    )
 
 
 class _GptqLikeLayer(torch.nn.Module):

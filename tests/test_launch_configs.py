@@ -32,7 +32,11 @@ def test_every_accelerate_config_loads(config):
         # The FSDP-QLoRA settings: a frozen 4-bit base needs flat parameters of their own per
         # dtype, and only the main process reads the checkpoint.
         fsdp = cluster.fsdp_config
-        assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+        assert (
+            fsdp["fsdp_use_orig_params"] is False
+            and fsdp["fsdp_cpu_ram_efficient_loading"] is True
+            and fsdp["fsdp_sync_module_states"] is True
+        )
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
@@ -94,12 +98,29 @@ def test_the_70b_recipe_estimate_is_within_20_percent_of_the_published_figure():
 def test_the_fsdp_config_on_a_machine_without_a_gpu_stops_before_loading_and_says_what_to_launch(tmp_path):
     """accelerate itself refuses FSDP without a GPU only once every process has loaded the model,
     naming no way on; the run says so once, before it reads any data."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} | {
+        "OMP_NUM_THREADS": "1"
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "accelerate" / "fsdp.yaml"),
-         "-m", "training.run", "--output-dir", str(tmp_path / "out")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS_DIR / "accelerate" / "fsdp.yaml"),
+            "-m",
+            "training.run",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
-    assert result.stderr.count("error: ") == 1 and "training/configs/accelerate/ddp.yaml" in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("error: ") == 1 and "training/configs/accelerate/ddp.yaml" in result.stderr, (
+        result.stderr[-2000:]
+    )
     assert "settings:" not in result.stdout and not (tmp_path / "out").exists()

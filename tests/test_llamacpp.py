@@ -14,7 +14,13 @@ from inference.gguf_convert import adapter_gguf, base_gguf
 from inference.llamacpp import CONTEXT_TOKENS, MAX_SEQUENCES, LlamaCppReplier
 
 GREEDY = GenerationSettings(max_new_tokens=16)
-COMMENTS = ["Thanks!", "How do I pick k in k-means? <|im_end|>", "¿Cómo elijo k?", 'She said "hi"\nthen left.', "这个视频太棒了"]
+COMMENTS = [
+    "Thanks!",
+    "How do I pick k in k-means? <|im_end|>",
+    "¿Cómo elijo k?",
+    'She said "hi"\nthen left.',
+    "这个视频太棒了",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,9 @@ def llama_replier(tiny_model_dir, tiny_adapter_dir, transformers_replier):
     """float32 GGUF files, so that both engines compute the same numbers up to summation order."""
     base = base_gguf(str(tiny_model_dir), outtype="f32")
     adapter = adapter_gguf(tiny_adapter_dir, str(tiny_model_dir))
-    replier = LlamaCppReplier(base, adapter, transformers_replier.tokenizer, transformers_replier.renderer, transformers_replier.examples)
+    replier = LlamaCppReplier(
+        base, adapter, transformers_replier.tokenizer, transformers_replier.renderer, transformers_replier.examples
+    )
     yield replier
     replier.close()
 
@@ -38,7 +46,7 @@ TIE = 0.01  # logits this close are a coin toss for float32 sums taken in anothe
 def top_two(transformers_replier, prompt_ids: list[int], row: str) -> tuple[list[int], float]:
     """transformers' two best next tokens after ``prompt_ids`` for a row, and their logit gap."""
     model = transformers_replier.model
-    with torch.inference_mode(), (model.disable_adapter() if row == "base" else contextlib.nullcontext()):
+    with torch.inference_mode(), model.disable_adapter() if row == "base" else contextlib.nullcontext():
         top = torch.topk(model(input_ids=torch.tensor([prompt_ids])).logits[0, -1], 2)
     return top.indices.tolist(), (top.values[0] - top.values[1]).item()
 
@@ -67,8 +75,13 @@ def test_greedy_replies_equal_transformers_float32(llama_replier, transformers_r
             assert mine.pane == theirs.pane
             for reply in (mine, theirs):
                 # Short of the cap only on the end-of-turn token: a reply cut off early fails here.
-                assert reply.done and reply.stopped == (len(reply.token_ids) < GREEDY.max_new_tokens), (reply.pane, reply.token_ids)
-            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs)
+                assert reply.done and reply.stopped == (len(reply.token_ids) < GREEDY.max_new_tokens), (
+                    reply.pane,
+                    reply.token_ids,
+                )
+            identical += assert_same_or_parted_at_a_tie(
+                transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs
+            )
     assert identical >= 4 * len(COMMENTS) - 2, identical
 
 
@@ -78,8 +91,15 @@ def test_an_adapter_that_is_zero_leaves_the_base_unchanged(tiny_model_dir, trans
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path)
-    replier = LlamaCppReplier(base_gguf(str(tiny_model_dir), outtype="f32"), adapter_gguf(tmp_path, str(tiny_model_dir)), transformers_replier.tokenizer, transformers_replier.renderer)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(
+        tmp_path
+    )
+    replier = LlamaCppReplier(
+        base_gguf(str(tiny_model_dir), outtype="f32"),
+        adapter_gguf(tmp_path, str(tiny_model_dir)),
+        transformers_replier.tokenizer,
+        transformers_replier.renderer,
+    )
     try:
         for comment in COMMENTS[:3]:
             base, tuned = replier.reply(comment, GREEDY)
@@ -98,7 +118,9 @@ def test_many_comments_decode_together_to_the_same_replies(llama_replier, transf
         alone = llama_replier.reply(comment, GREEDY)
         assert [r.pane for r in replies] == ["base", "examples", "adapter", "adapter+examples"]
         for mine, theirs in zip(replies, alone):
-            identical += assert_same_or_parted_at_a_tie(transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs)
+            identical += assert_same_or_parted_at_a_tie(
+                transformers_replier, llama_replier.prompt(comment, mine.pane).input_ids, mine, theirs
+            )
     assert identical >= 4 * len(comments) - 3
 
 
@@ -145,7 +167,6 @@ def test_a_batch_that_overflows_the_context_fails_in_both_contexts_and_the_next_
     assert all(r.done for r in llama_replier.reply("Hi", GREEDY))
 
 
-
 def test_a_model_llama_cpp_cannot_convert_falls_back_to_transformers_when_auto(mistral_tokenizer, tmp_path, caplog):
     """llama.cpp's converter refuses a tokenizer whose pre-tokenizer it does not know (this test's
     own BPE): auto says why and replies through transformers; asked for by name, it is an error."""
@@ -154,7 +175,14 @@ def test_a_model_llama_cpp_cannot_convert_falls_back_to_transformers_when_auto(m
     from inference.gguf_convert import ExportError
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(mistral_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = MistralConfig(
+        vocab_size=len(mistral_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     mistral_tokenizer.save_pretrained(tmp_path)
     with caplog.at_level("WARNING"):

@@ -71,10 +71,14 @@ def test_prompts_on_the_cpu_inference_layout_match_bitsandbytes_kernel(tiny_mode
     with torch.inference_mode():
         layer(x[:, :1])  # the first no-grad forward repacks the weight
         assert layer.weight.quant_state.packing_format_for_cpu
-        torch.testing.assert_close(dequantize_cpu_layout(layer.weight.data, layer.weight.quant_state), standard, atol=0.02, rtol=0.01)
+        torch.testing.assert_close(
+            dequantize_cpu_layout(layer.weight.data, layer.weight.quant_state), standard, atol=0.02, rtol=0.01
+        )
         kernel = Linear4bit.forward(layer, x)  # bitsandbytes' own path for every row count
         torch.testing.assert_close(layer(x), kernel, atol=0.05, rtol=0.02)
-        torch.testing.assert_close(layer(x[:, :2]), Linear4bit.forward(layer, x[:, :2]), atol=0, rtol=0)  # decoding: the kernel itself
+        torch.testing.assert_close(
+            layer(x[:, :2]), Linear4bit.forward(layer, x[:, :2]), atol=0, rtol=0
+        )  # decoding: the kernel itself
 
 
 def test_a_model_loaded_for_training_never_switches_to_the_inference_layout(tiny_model_dir):
@@ -103,12 +107,22 @@ print(rss_mib() - before)
 """
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bfloat16 matmuls go through oneDNN only where the CPU computes bf16")
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="bfloat16 matmuls go through oneDNN only where the CPU computes bf16",
+)
 def test_loading_a_model_bounds_onednn_kernel_cache(tiny_model_dir):
     """A kernel per matmul shape, kept by oneDNN up to 1,024 shapes, grew training's peak by ~1 GiB."""
+
     def growth(env: dict[str, str]) -> float:
-        run = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE, str(tiny_model_dir)], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"} | env)
+        run = subprocess.run(
+            [sys.executable, "-c", KERNEL_CACHE_PROBE, str(tiny_model_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"} | env,
+        )
         return float(run.stdout.strip().splitlines()[-1])
 
     bounded, unbounded = growth({}), growth({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
@@ -161,9 +175,16 @@ print(rss_mib() - before)
 def test_a_training_run_gives_large_tensors_back_to_the_system_when_freed():
     """Large blocks served from glibc's heap between long-lived small ones stay resident after they
     are freed: that made a training run's memory grow epoch after epoch."""
+
     def left_resident(env: dict[str, str]) -> float:
-        run = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+        run = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env,
+        )
         return float(run.stdout.strip().splitlines()[-1])
 
     assert left_resident({}) < 10  # the 3.2 MiB kept, and no freed block

@@ -11,21 +11,35 @@ import torch
 
 from training.data import DataError, Pair
 from training.prefer import PreferConfig, main, prefer
-from training.preferences import Draft, PreferencePair, PreferenceSummary, load_preferences, render_preferences, select_self_pairs
+from training.preferences import (
+    Draft,
+    PreferencePair,
+    PreferenceSummary,
+    load_preferences,
+    render_preferences,
+    select_self_pairs,
+)
 
 CHOSEN = "Thanks so much, glad you liked it! –Maya"
 REJECTED = "As an AI language model, I cannot watch videos."
 
 
 def preference_rows(n: int, start: int = 0) -> str:
-    return "".join(json.dumps({"comment": f"Comment {i}: loved part {i} of the series", "chosen": CHOSEN, "rejected": REJECTED}) + "\n" for i in range(start, start + n))
+    return "".join(
+        json.dumps({"comment": f"Comment {i}: loved part {i} of the series", "chosen": CHOSEN, "rejected": REJECTED})
+        + "\n"
+        for i in range(start, start + n)
+    )
 
 
 # --- reading
 
 
 def test_preferences_are_read_with_their_columns_matched_and_handles_anonymised(write):
-    path = write("picks.jsonl", json.dumps({"Comment Text": "@bob great video", "preferred": "Thanks @bob!", "Rejected": "ok"}) + "\n")
+    path = write(
+        "picks.jsonl",
+        json.dumps({"Comment Text": "@bob great video", "preferred": "Thanks @bob!", "Rejected": "ok"}) + "\n",
+    )
     summary = PreferenceSummary()
     [pair] = load_preferences(path, summary)
     assert (pair.comment, pair.chosen, pair.rejected) == ("@user great video", "Thanks @user!", "ok")
@@ -49,8 +63,12 @@ def test_a_pair_whose_chosen_equals_its_rejected_is_skipped_and_counted(write):
 
 
 def test_every_problem_of_a_malformed_file_is_named_by_file_and_line(write):
-    path = write("picks.jsonl", preference_rows(1) + '{"comment": "Hi", "chosen": "  ", "rejected": "x"}\n{not json\n'
-                 + '{"comment": "Hi", "chosen": "a"}\n{"comment": "Hi", "chosen": 3, "rejected": "x"}\n')
+    path = write(
+        "picks.jsonl",
+        preference_rows(1)
+        + '{"comment": "Hi", "chosen": "  ", "rejected": "x"}\n{not json\n'
+        + '{"comment": "Hi", "chosen": "a"}\n{"comment": "Hi", "chosen": 3, "rejected": "x"}\n',
+    )
     with pytest.raises(DataError) as error:
         load_preferences(path)
     message = str(error.value)
@@ -61,9 +79,22 @@ def test_every_problem_of_a_malformed_file_is_named_by_file_and_line(write):
     assert f"{path}:5: field 'chosen': expected text, got int 3" in message
 
 
-def test_a_malformed_preferences_file_stops_the_command_with_exit_2_before_any_model_loads(write, tiny_adapter_dir, tiny_model_dir, tmp_path, capsys):
+def test_a_malformed_preferences_file_stops_the_command_with_exit_2_before_any_model_loads(
+    write, tiny_adapter_dir, tiny_model_dir, tmp_path, capsys
+):
     path = write("picks.jsonl", preference_rows(1) + '{"comment": "Hi", "chosen": "", "rejected": "x"}\n')
-    code = main(["--adapter", str(tiny_adapter_dir), "--base-model", str(tiny_model_dir), "--preferences", str(path), "--output-dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "--adapter",
+            str(tiny_adapter_dir),
+            "--base-model",
+            str(tiny_model_dir),
+            "--preferences",
+            str(path),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert f"{path}:2: field 'chosen': blank" in capsys.readouterr().err
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -88,7 +119,11 @@ def test_only_drafts_a_reader_rejects_become_self_pairs_and_every_draft_is_count
     ]
     summary = PreferenceSummary()
     selected = select_self_pairs(pairs, drafts, summary)
-    assert [(p.comment, p.reason) for p in selected] == [("comment 1", "loops"), ("comment 2", "talks like an AI"), ("comment 3", "cut at the token cap")]
+    assert [(p.comment, p.reason) for p in selected] == [
+        ("comment 1", "loops"),
+        ("comment 2", "talks like an AI"),
+        ("comment 3", "cut at the token cap"),
+    ]
     assert all(p.chosen == "Thanks! –Maya" and p.source == "self-pairs" for p in selected)
     assert selected[0].where == "self-pair of data.jsonl:2"
     assert (summary.drafted, summary.draft_equals_reply, summary.self_pairs, summary.merely_different) == (5, 1, 3, 1)
@@ -115,8 +150,14 @@ def test_a_pair_the_renderer_cannot_render_is_an_error_naming_the_pair_and_side(
     from prompts.render import Persona, PromptRenderer
 
     renderer = PromptRenderer(chatml_tokenizer, Persona.from_file())
-    pairs = [PreferencePair("Hi", CHOSEN, REJECTED, "picks.jsonl:1"), PreferencePair("Hi", CHOSEN, "so long " * 300, "picks.jsonl:2")]
-    with pytest.raises(DataError, match=r"picks.jsonl:2: field 'rejected': the reply alone takes \d+ tokens with the prompt, more than max_length=512"):
+    pairs = [
+        PreferencePair("Hi", CHOSEN, REJECTED, "picks.jsonl:1"),
+        PreferencePair("Hi", CHOSEN, "so long " * 300, "picks.jsonl:2"),
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"picks.jsonl:2: field 'rejected': the reply alone takes \d+ tokens with the prompt, more than max_length=512",
+    ):
         render_preferences(pairs, renderer, 512)
 
 
@@ -168,9 +209,16 @@ def prefer_config(tiny_model_dir, start_adapter, tmp_path):
     def make(**overrides) -> PreferConfig:
         (tmp_path / "picks.jsonl").write_text(preference_rows(12))
         values = dict(
-            adapter=str(start_adapter), base_model=str(tiny_model_dir), preferences=[str(tmp_path / "picks.jsonl")],
-            output_dir=str(tmp_path / "out"), epochs=2, learning_rate=5e-3, batch_size=4, quantization="none",
-            backend="transformers", voice=False,
+            adapter=str(start_adapter),
+            base_model=str(tiny_model_dir),
+            preferences=[str(tmp_path / "picks.jsonl")],
+            output_dir=str(tmp_path / "out"),
+            epochs=2,
+            learning_rate=5e-3,
+            batch_size=4,
+            quantization="none",
+            backend="transformers",
+            voice=False,
         )
         values.update(overrides)
         return PreferConfig(**values)
@@ -209,7 +257,9 @@ def trainer_tokenizer(config: PreferConfig):
     return load_tokenizer(config.base_model)
 
 
-def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(prefer_config, tiny_model_dir, capsys):
+def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(
+    prefer_config, tiny_model_dir, capsys
+):
     from inference.engines import load_replier
     from inference.generate import GenerationSettings
 
@@ -229,7 +279,10 @@ def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_a
     assert (out / "persona.txt").read_text().strip() == SHORT_PERSONA
 
     examples = rendered(config)
-    before, after = reply_margin(tiny_model_dir, Path(config.adapter), examples), reply_margin(tiny_model_dir, out, examples)
+    before, after = (
+        reply_margin(tiny_model_dir, Path(config.adapter), examples),
+        reply_margin(tiny_model_dir, out, examples),
+    )
     assert after > before + 1.0, (before, after)
 
     # The app's two engines load it as they load a supervised adapter.
@@ -269,14 +322,21 @@ def test_a_killed_run_resumes_to_the_same_adapter(prefer_config, tmp_path, monke
     with pytest.raises(ResumeError, match="unfinished run; pass --resume"):
         prefer(config)
     assert prefer(prefer_config(resume=True)) == 0
-    resumed, expected = load_file(tmp_path / "out" / "adapter_model.safetensors"), load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    resumed, expected = (
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+        load_file(tmp_path / "reference" / "adapter_model.safetensors"),
+    )
     assert resumed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
 
 
-def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_train_with_the_files(prefer_config, tmp_path, capsys):
-    (tmp_path / "real.jsonl").write_text("".join(json.dumps({"comment": f"Comment {i}: loved it", "response": CHOSEN}) + "\n" for i in range(6)))
+def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_train_with_the_files(
+    prefer_config, tmp_path, capsys
+):
+    (tmp_path / "real.jsonl").write_text(
+        "".join(json.dumps({"comment": f"Comment {i}: loved it", "response": CHOSEN}) + "\n" for i in range(6))
+    )
     # A 2-layer random model never stops within 6 tokens: every draft is cut at the cap.
     # The voice table before and after, on 8 of the held-out pairs that travel with the adapter.
     heldout = Path(prefer_config().adapter) / "heldout.jsonl"
@@ -284,12 +344,20 @@ def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_tr
     config = prefer_config(self_pairs=True, data=[str(tmp_path / "real.jsonl")], max_new_tokens=6, epochs=1, voice=True)
     assert prefer(config) == 0
     printed = capsys.readouterr().out
-    assert "self-pairs: 6 drafted; 0 already the real reply (skipped); 6 selected as rejected (6 cut at the token cap)" in printed
+    assert (
+        "self-pairs: 6 drafted; 0 already the real reply (skipped); 6 selected as rejected (6 cut at the token cap)"
+        in printed
+    )
     summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
     assert summary["pairs_by_source"] == {"preferences": 12, "self-pairs": 6}
     assert summary["selection"]["selected"] == {"cut at the token cap": 6}
     for key in ("voice_before", "voice"):
-        assert summary[key]["comments"] == 8 and set(summary[key]["table"]["adapter"]) >= {"loop_rate", "ai_talk_rate", "cut_rate", "chrf"}
+        assert summary[key]["comments"] == 8 and set(summary[key]["table"]["adapter"]) >= {
+            "loop_rate",
+            "ai_talk_rate",
+            "cut_rate",
+            "chrf",
+        }
     card = (Path(config.output_dir) / "README.md").read_text()
     assert "Before preference tuning:" in card and "loops a phrase 3+ times" in card
     assert "6 rejected for 6 cut at the token cap" in card
@@ -304,7 +372,10 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
     save_correction(tmp_path, "Part 2?", "Soon! –Maya")
     line = waiting(tmp_path, "outputs/adapter")
     assert line.startswith(f"2 pick(s) and 1 correction(s) waiting in `{tmp_path}`.")
-    assert f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`" in line
+    assert (
+        f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`"
+        in line
+    )
     pairs = load_preferences(tmp_path / PREFERENCES_FILE)
     assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]
 
@@ -320,6 +391,8 @@ def test_a_nan_loss_stops_the_run_within_a_step_and_saves_nothing(prefer_config,
                 next(p for n, p in model.named_parameters() if "lora_A.default" in n).fill_(float("nan"))
 
     monkeypatch.setattr(_QuietProgress, "on_step_end", poison, raising=False)
-    with pytest.raises(TrainingStopped, match=r"training loss became nan at step 4 .*Last good checkpoint: .*checkpoint-3"):
+    with pytest.raises(
+        TrainingStopped, match=r"training loss became nan at step 4 .*Last good checkpoint: .*checkpoint-3"
+    ):
         prefer(prefer_config())
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

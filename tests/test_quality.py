@@ -47,7 +47,9 @@ def test_chrf_rewards_the_closer_reply():
 
 def test_content_stats_and_flags_count_each_failure():
     replies = ["Hi! Hi! Hi!", "As an AI I cannot say.", "Thanks for watching! –Maya", "Long reply that was cut"]
-    stats = content_stats(replies, [True, True, True, False], ["Hi –Maya", "Good point –Maya", "Thanks for watching! –Maya", "Sure –Maya"])
+    stats = content_stats(
+        replies, [True, True, True, False], ["Hi –Maya", "Good point –Maya", "Thanks for watching! –Maya", "Sure –Maya"]
+    )
     assert stats["loop_rate"] == 0.25 and stats["ai_talk_rate"] == 0.25 and stats["cut_rate"] == 0.25
     assert flags("Hi! Hi! Hi!", stopped=False) == ["loops", "cut at the token cap"]
     assert flags("Thanks! –Maya", stopped=True) == []

@@ -43,7 +43,13 @@ def test_default_command_trains_an_adapter_that_beats_the_base(tmp_path):
     lengths, 17 minutes on a slow day of the 2-core AMX Xeon. An AVX2-only CPU computes in float32
     and takes far longer: the limit is .ci/run's, which stops the slow checks at its time budget."""
     out = tmp_path / "adapter"
-    result = subprocess.run([sys.executable, "-m", "training.run", "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=4800)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.run", "--output-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=4800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((out / "training_summary.json").read_text())
     assert trained["eval_loss"] < trained["base_eval_loss"] - 0.5

@@ -19,7 +19,13 @@ from training.trainer import RunStats
 def style_pairs(n: int, start: int = 0) -> str:
     """Pairs in one consistent voice, so a few steps can learn it."""
     return "".join(
-        json.dumps({"comment": f"Comment {i}: loved part {i} of the series", "response": "Thanks so much, glad you liked it! –Maya"}) + "\n"
+        json.dumps(
+            {
+                "comment": f"Comment {i}: loved part {i} of the series",
+                "response": "Thanks so much, glad you liked it! –Maya",
+            }
+        )
+        + "\n"
         for i in range(start, start + n)
     )
 
@@ -67,12 +73,23 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert summary["data"]["hash"] and summary["config_hash"] == config.training_hash()
     assert summary["voice"]["table"]["adapter"]["held_out_loss"] < summary["voice"]["table"]["base"]["held_out_loss"]
     assert "## Voice fidelity" in (folder / "README.md").read_text()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "persona.txt", "heldout.jsonl", "examples.jsonl", "loss_curve.png", "README.md"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "persona.txt",
+        "heldout.jsonl",
+        "examples.jsonl",
+        "loss_curve.png",
+        "README.md",
+    ):
         assert (folder / name).is_file(), name
     from inference.adapter_files import adapter_held_out
     from training.data import load_pairs
 
-    assert adapter_held_out(str(folder)) == [(p.comment, p.response) for p in load_pairs(config.eval_data)]  # the held-out set travels
+    assert adapter_held_out(str(folder)) == [
+        (p.comment, p.response) for p in load_pairs(config.eval_data)
+    ]  # the held-out set travels
     assert any((folder / "runs").rglob("events.out.tfevents.*"))
     assert not (folder / "checkpoints").exists()
 
@@ -87,7 +104,9 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     base = load_base_model(config.base_model, "nf4")
     model = PeftModel.from_pretrained(base, str(folder)).eval()
     tokenizer = load_tokenizer(config.base_model)
-    examples, _ = tokenize_pairs(load_pairs(config.eval_data), PromptRenderer(tokenizer, Persona.from_file(folder / "persona.txt")), 512)
+    examples, _ = tokenize_pairs(
+        load_pairs(config.eval_data), PromptRenderer(tokenizer, Persona.from_file(folder / "persona.txt")), 512
+    )
     batch = ReplyCollator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch).loss.item()
@@ -96,14 +115,18 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
 
 def test_an_article_style_csv_with_unsigned_replies_trains_with_signature(tiny_config, tmp_path, capsys):
     """The original article kept `Comment,Response` columns and signed every reply in code."""
-    rows = "".join(f'"Comment {i}: loved part {i} of the series","Thanks so much, glad you liked it!"\n' for i in range(24))
+    rows = "".join(
+        f'"Comment {i}: loved part {i} of the series","Thanks so much, glad you liked it!"\n' for i in range(24)
+    )
     (tmp_path / "article.csv").write_text("Comment,Response\n" + rows)
     config = tiny_config(data=str(tmp_path / "article.csv"), signature=" –Maya", epochs=1)
     assert train(config) == 0
     out = capsys.readouterr().out
     assert f"columns: {tmp_path / 'article.csv'}: Comment -> comment, Response -> response" in out
     summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
-    assert summary["data"]["signatures_added"] == 24 and summary["data"]["columns"]  # the held-out file is signed already
+    assert (
+        summary["data"]["signatures_added"] == 24 and summary["data"]["columns"]
+    )  # the held-out file is signed already
 
 
 def test_true_parameter_count_includes_packed_4bit_weights(tiny_model_dir):
@@ -147,7 +170,10 @@ def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_confi
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
-    assert summary["base_eval_loss"] == json.loads((tmp_path / "reference" / "training_summary.json").read_text())["base_eval_loss"]
+    assert (
+        summary["base_eval_loss"]
+        == json.loads((tmp_path / "reference" / "training_summary.json").read_text())["base_eval_loss"]
+    )
 
 
 def test_resume_skips_a_half_written_checkpoint(tiny_config, tmp_path, monkeypatch, capsys):
@@ -173,9 +199,27 @@ def test_unknown_target_module_lists_the_real_ones(tiny_config, capsys):
     from training.run import main
 
     config = tiny_config()
-    assert main(["--base-model", config.base_model, "--data", *config.data, "--eval-data", config.eval_data, "--output-dir", config.output_dir,
-                 "--target-modules", "query_key_value"]) == 2
-    assert "error: target_modules ['query_key_value'] are not in this model; its linear layers: " in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--base-model",
+                config.base_model,
+                "--data",
+                *config.data,
+                "--eval-data",
+                config.eval_data,
+                "--output-dir",
+                config.output_dir,
+                "--target-modules",
+                "query_key_value",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "error: target_modules ['query_key_value'] are not in this model; its linear layers: "
+        in capsys.readouterr().err
+    )
 
 
 def lora_gradients(trainer, batch) -> dict[str, torch.Tensor]:
@@ -200,8 +244,12 @@ def trainer_and_batch(config: TrainConfig):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, compute_dtype())
-    return trainer, trainer.data_collator([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples[:4]])
+    trainer, _ = build_trainer(
+        config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, compute_dtype()
+    )
+    return trainer, trainer.data_collator(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples[:4]]
+    )
 
 
 def test_evaluation_before_training_leaves_the_gradients_intact(tiny_config):
@@ -301,7 +349,9 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
     between = (estimate.total_with(1) + estimate.total_with(0)) / 2
     assert estimate_for_config(config, 64, limit=between).checkpointed_layers == 1
     assert estimate_for_config(config, 64, limit=estimate.total_with(0)).checkpointed_layers == 0
-    assert estimate_for_config(config, 64, limit=estimate.total_with(1) - 1).checkpointed_layers == 2  # cannot fit: all of them
+    assert (
+        estimate_for_config(config, 64, limit=estimate.total_with(1) - 1).checkpointed_layers == 2
+    )  # cannot fit: all of them
     assert estimate_for_config(tiny_config(gradient_checkpointing=True), 64, limit=None).checkpointed_layers == 2
 
     # In a run, the limit applies to batches of the data's longest example (sharing the prompt's
@@ -312,14 +362,19 @@ def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit(tiny_config, caps
     assert prepared.shared_prefix() > 0
     prefix = prepared.shared_prefix()
     packed, learned = prepared.largest_batch(prefix)  # what the run estimates: the largest batch the data can make
-    longest = estimate_for_config(config, prepared.summary.longest, limit=None, shared_prefix=prefix, learned_tokens=learned, packed_tokens=packed)
+    longest = estimate_for_config(
+        config, prepared.summary.longest, limit=None, shared_prefix=prefix, learned_tokens=learned, packed_tokens=packed
+    )
     assert longest.total_with(0) < estimate_for_config(config, prepared.summary.longest, limit=None).total_with(0)
     with_limit = tiny_config(epochs=1, memory_limit_gib=(longest.total_with(0) - 1) / GiB)
     assert train(with_limit) == 0
     out = capsys.readouterr().out
     assert "gradient checkpointing: 1 of 2 layers, the fewest that keep the estimate under the memory limit" in out
     assert "memory limit: " in out and "(--memory-limit-gib)" in out
-    assert json.loads((Path(with_limit.output_dir) / "training_summary.json").read_text())["config"]["memory_limit_gib"] == with_limit.memory_limit_gib
+    assert (
+        json.loads((Path(with_limit.output_dir) / "training_summary.json").read_text())["config"]["memory_limit_gib"]
+        == with_limit.memory_limit_gib
+    )
 
 
 def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_it_saves_work():
@@ -345,7 +400,9 @@ def test_shared_prefix_stops_before_the_first_learned_prediction_and_only_where_
 
 
 @pytest.mark.parametrize("attention", ["replytune_grouped", "eager", "sdpa"])
-def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_padded_rows(tiny_config, tmp_path, attention):
+def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_padded_rows(
+    tiny_config, tmp_path, attention
+):
     """The chat template and persona that every example starts with are computed once per batch;
     the examples' own tokens see them and their own earlier tokens only, at their own positions."""
     from training.collate import TrainingCollator
@@ -354,8 +411,15 @@ def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_
     from training.trainer import build_trainer
 
     config = tiny_config(lora_dropout=0.0, quantization="none")
-    comments = ["hi", "what camera do you use for the outdoor shots?", "great video", "could you explain the loss curve at 12:30 again, slower?"]
-    Path(config.data[0]).write_text("".join(json.dumps({"comment": c, "response": f"Thanks! ({len(c)}) –Maya"}) + "\n" for c in comments))
+    comments = [
+        "hi",
+        "what camera do you use for the outdoor shots?",
+        "great video",
+        "could you explain the loss curve at 12:30 again, slower?",
+    ]
+    Path(config.data[0]).write_text(
+        "".join(json.dumps({"comment": c, "response": f"Thanks! ({len(c)}) –Maya"}) + "\n" for c in comments)
+    )
     prepared = prepare_examples(config)
     prefix = prepared.shared_prefix()
     lengths = [len(e.input_ids) for e in prepared.train_examples]
@@ -367,7 +431,9 @@ def test_a_packed_batch_computes_the_prefix_once_with_the_loss_and_gradients_of_
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, torch.float32, prefix)
+    trainer, _ = build_trainer(
+        config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, torch.float32, prefix
+    )
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.train_examples]
     packed = trainer.data_collator(rows)
     padded = TrainingCollator(prepared.tokenizer.pad_token_id)(rows)
@@ -400,8 +466,16 @@ def test_the_evaluation_loss_is_the_mean_over_held_out_reply_tokens_however_they
     from training.trainer import build_trainer
 
     config = tiny_config(quantization="none")
-    replies = ["Thanks!", "Glad it helped, and thanks for watching the whole series –Maya", "Yes", "I use a small mirrorless camera and one prime lens for all of it –Maya", "Noted, fixed in the description –Maya"]
-    Path(config.eval_data).write_text("".join(json.dumps({"comment": f"comment {i}", "response": r}) + "\n" for i, r in enumerate(replies)))
+    replies = [
+        "Thanks!",
+        "Glad it helped, and thanks for watching the whole series –Maya",
+        "Yes",
+        "I use a small mirrorless camera and one prime lens for all of it –Maya",
+        "Noted, fixed in the description –Maya",
+    ]
+    Path(config.eval_data).write_text(
+        "".join(json.dumps({"comment": f"comment {i}", "response": r}) + "\n" for i, r in enumerate(replies))
+    )
     prepared = prepare_examples(config)
     torch.manual_seed(0)
     model = trainable_model(load_training_base(config.base_model, "none", torch.float32), config, 0)
@@ -409,11 +483,21 @@ def test_the_evaluation_loss_is_the_mean_over_held_out_reply_tokens_however_they
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
     model.eval()
-    batch = ReplyCollator(prepared.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.eval_examples])
+    batch = ReplyCollator(prepared.tokenizer.pad_token_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.eval_examples]
+    )
     with torch.no_grad():
         token_mean = model(**batch).loss.item()  # transformers' causal-LM loss: the mean over every learned token
 
     for batch_size in (1, 4, 5):
         prefix = prepared.shared_prefix() if batch_size > 1 else 0
-        trainer, _ = build_trainer(replace(config, batch_size=batch_size), model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, torch.float32, prefix)
+        trainer, _ = build_trainer(
+            replace(config, batch_size=batch_size),
+            model,
+            prepared.tokenizer,
+            prepared.train_examples,
+            prepared.eval_examples,
+            torch.float32,
+            prefix,
+        )
         assert trainer.evaluate()["eval_loss"] == pytest.approx(token_mean, rel=1e-5), batch_size

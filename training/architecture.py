@@ -72,7 +72,9 @@ def model_widths(config: PretrainedConfig) -> tuple[int, int, int]:
     text = text_config(config)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None)
     inner = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", 0) + getattr(text, "num_decoder_layers", 0)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", 0) + getattr(
+        text, "num_decoder_layers", 0
+    )
     if not hidden or not layers:
         raise EstimateError(f"{text.model_type}: cannot read the hidden size and layer count from its config")
     return hidden, inner, layers

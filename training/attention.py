@@ -61,14 +61,27 @@ def grouped_attention(
     probabilities (batch, heads, q, k). A packed row (``segment_index`` among the keyword arguments,
     see packed_attention) is computed segment by segment."""
     if "segment_index" in kwargs:
-        return packed_attention(module, query, key, value, scaling, dropout, kwargs["packed_prefix"], kwargs["segment_index"], kwargs["segment_valid"], kwargs["segment_mask"])
+        return packed_attention(
+            module,
+            query,
+            key,
+            value,
+            scaling,
+            dropout,
+            kwargs["packed_prefix"],
+            kwargs["segment_index"],
+            kwargs["segment_valid"],
+            kwargs["segment_mask"],
+        )
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads  # query head h reads key/value head h // group, as repeat_kv arranges
     query = (query * scaling).reshape(batch, kv_heads, group * q_len, dim)
     scores = query @ key.transpose(2, 3)
     if attention_mask is not None:
-        scores = (scores.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]).view(batch, kv_heads, group * q_len, -1)
+        scores = (scores.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]).view(
+            batch, kv_heads, group * q_len, -1
+        )
     probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
     out = (probs @ value).view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
     return out, probs.view(batch, heads, q_len, -1)
@@ -102,7 +115,9 @@ def packed_attention(
     kv_heads = key.shape[1]
     batch, own = index.shape
     causal = torch.full((prefix, prefix), torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device).triu_(1)
-    head, _ = grouped_attention(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], causal[None, None], scaling, dropout)
+    head, _ = grouped_attention(
+        module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], causal[None, None], scaling, dropout
+    )
 
     def segments(states: torch.Tensor, n_heads: int) -> torch.Tensor:  # (1, h, T, d) -> (B, h, S, d)
         return states[0].index_select(1, index.flatten()).view(n_heads, batch, own, dim).transpose(0, 1)
@@ -110,5 +125,7 @@ def packed_attention(
     def with_prefix(states: torch.Tensor) -> torch.Tensor:
         return torch.cat([states[:, :, :prefix].expand(batch, -1, -1, -1), segments(states, kv_heads)], dim=2)
 
-    tail, _ = grouped_attention(module, segments(query, heads), with_prefix(key), with_prefix(value), mask, scaling, dropout)
+    tail, _ = grouped_attention(
+        module, segments(query, heads), with_prefix(key), with_prefix(value), mask, scaling, dropout
+    )
     return torch.cat([head[0], tail[valid]], dim=0)[None], None

@@ -27,7 +27,11 @@ CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 # Under FSDP the weights and optimizer state are each a folder of every process's shards
 # (torch.distributed.checkpoint), whose .metadata is written once all shards are.
 FSDP_CHECKPOINT_FILES = ("optimizer_0/.metadata", "scheduler.pt", "trainer_state.json")
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # LoRA, full fine-tune
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "model.safetensors.index.json",
+)  # LoRA, full fine-tune
 FSDP_WEIGHT_FILES = ("pytorch_model_fsdp_0/.metadata",)
 
 
@@ -180,8 +184,12 @@ def prepare_output(output: Path, resume: bool, run_info: dict) -> Path | None:
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     changed = [k for k in ("data_hash", "config_hash") if saved.get(k) != run_info[k]]
     if changed:
-        what = " and ".join({"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed)
-        raise ResumeError(f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume")
+        what = " and ".join(
+            {"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed
+        )
+        raise ResumeError(
+            f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume"
+        )
     # Runs before processes were recorded had one. Each process takes its share of every batch, so
     # another count would train on other batches.
     if saved.get("processes", 1) != run_info["processes"]:

@@ -45,7 +45,9 @@ def packed_row_length(prefix: int, batch_size: int, length: int) -> int:
     return prefix + batch_size * (length - prefix)
 
 
-def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: int, linear_attention: bool = False) -> int:
+def shared_prefix_length(
+    examples: list[Example], batch_size: int, hidden_size: int, linear_attention: bool = False
+) -> int:
     """How many leading tokens a batch computes once for all its examples (0: each row computes its own).
 
     Every example opens with the same chat template and persona: 143 of the default data's ~181
@@ -68,7 +70,9 @@ def shared_prefix_length(examples: list[Example], batch_size: int, hidden_size: 
     if batch_size < 2 or not examples:
         return 0
     prefix = len(os.path.commonprefix([e.input_ids for e in examples]))
-    first_learned = min(next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples)
+    first_learned = min(
+        next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples
+    )
     prefix = min(prefix, first_learned - 1, min(len(e.input_ids) for e in examples) - 1)
     if linear_attention:
         return max(prefix, 0)
@@ -114,7 +118,13 @@ class TrainingCollator(ReplyCollator):
 
     def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         p = self.prefix
-        ids, labels, shift, positions, segments = [rows[0]["input_ids"][:p]], [[IGNORE_INDEX] * p], [[IGNORE_INDEX] * p], [range(p)], [[-1] * p]
+        ids, labels, shift, positions, segments = (
+            [rows[0]["input_ids"][:p]],
+            [[IGNORE_INDEX] * p],
+            [[IGNORE_INDEX] * p],
+            [range(p)],
+            [[-1] * p],
+        )
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids.append(r["input_ids"][p:])
@@ -132,8 +142,15 @@ class TrainingCollator(ReplyCollator):
         # What each example's token sees beyond the prefix: its own keys up to itself, not padding.
         sees = torch.ones(len(width), len(width), dtype=torch.bool).tril_()[None] & valid[:, None, :]
         return {
-            "input_ids": row(ids), "labels": row(labels), "shift_labels": row(shift), "position_ids": row(positions),
-            "segments": row(segments), "packed_prefix": torch.tensor(p), "segment_index": index, "segment_valid": valid, "segment_sees": sees,
+            "input_ids": row(ids),
+            "labels": row(labels),
+            "shift_labels": row(shift),
+            "position_ids": row(positions),
+            "segments": row(segments),
+            "packed_prefix": torch.tensor(p),
+            "segment_index": index,
+            "segment_valid": valid,
+            "segment_sees": sees,
         }
 
 
@@ -148,7 +165,9 @@ def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch
         return allowed[None, None]
     if implementation not in ("eager", GROUPED):
         raise NotImplementedError(f"packed batches need eager or sdpa attention, not {implementation}")
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )[None, None]
 
 
 def segment_attention_mask(sees: torch.Tensor, prefix: int, dtype: torch.dtype) -> torch.Tensor:

@@ -53,7 +53,9 @@ def load_pairs(source: str | Path, comment_field: str | None = None, response_fi
     return read_pairs(source, comment_field, response_field)[0]
 
 
-def read_pairs(source: str | Path, comment_field: str | None = None, response_field: str | None = None) -> tuple[list[Pair], list[str]]:
+def read_pairs(
+    source: str | Path, comment_field: str | None = None, response_field: str | None = None
+) -> tuple[list[Pair], list[str]]:
     """The pairs, and the column mappings used (``"Comment -> comment, Reply -> response"``, one per
     distinct mapping; none when the file names its fields comment and response)."""
     path = Path(source)
@@ -76,13 +78,18 @@ def _normal(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name).casefold()
 
 
-def column_mapping(names, comment_field: str | None = None, response_field: str | None = None) -> dict[str, str] | str | None:
+def column_mapping(
+    names, comment_field: str | None = None, response_field: str | None = None
+) -> dict[str, str] | str | None:
     """Which of ``names`` (a CSV header, a JSON row's keys) hold the comment and the reply:
     ``{"comment": name, "response": name}``; a problem (a named field that is missing, two
     candidates for one role); or None when the row has no comment/reply pair (Dolly, Guanaco rows)."""
     names = [n for n in names if isinstance(n, str)]
     found = {}
-    for role, chosen, aliases, flag in (("comment", comment_field, COMMENT_ALIASES, "--comment-field"), ("response", response_field, RESPONSE_ALIASES, "--response-field")):
+    for role, chosen, aliases, flag in (
+        ("comment", comment_field, COMMENT_ALIASES, "--comment-field"),
+        ("response", response_field, RESPONSE_ALIASES, "--response-field"),
+    ):
         if chosen is not None:
             if chosen not in names:
                 return f"no field {chosen!r} ({flag}); the fields are {', '.join(names)}"
@@ -114,7 +121,9 @@ def file_hash(*paths: str | Path | None) -> str:
 def check_no_overlap(train: list[Pair], evals: list[Pair]) -> None:
     """A held-out comment that is also trained on makes the eval loss meaningless."""
     train_at = {comment_key(p.comment): p.where for p in train}
-    clashes = [f"{p.where} (also at {train_at[comment_key(p.comment)]})" for p in evals if comment_key(p.comment) in train_at]
+    clashes = [
+        f"{p.where} (also at {train_at[comment_key(p.comment)]})" for p in evals if comment_key(p.comment) in train_at
+    ]
     if clashes:
         raise DataError(
             f"{len(clashes)} held-out comment(s) also appear in the training data: "
@@ -146,8 +155,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); "
-            "save the file as UTF-8"
+            f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); save the file as UTF-8"
         ) from None
 
 
@@ -161,7 +169,9 @@ def _json_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         yield from _youtube_rows(path, pages)
         return
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}, or a YouTube Data API commentThreads export")
+        raise DataError(
+            f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}, or a YouTube Data API commentThreads export"
+        )
     for number, row in enumerate(data, start=1):
         yield f"{path}: item {number}", row
 
@@ -183,7 +193,11 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
                 owner = snippet["channelId"]
                 comment = snippet["topLevelComment"]["snippet"]["textOriginal"]
                 replies = (thread.get("replies") or {}).get("comments") or []
-                owner_replies = [r["snippet"]["textOriginal"] for r in replies if (r["snippet"].get("authorChannelId") or {}).get("value") == owner]
+                owner_replies = [
+                    r["snippet"]["textOriginal"]
+                    for r in replies
+                    if (r["snippet"].get("authorChannelId") or {}).get("value") == owner
+                ]
             except (KeyError, TypeError) as exc:
                 yield where, Problem(f"not a commentThread in the YouTube Data API format (missing {exc})")
                 continue
@@ -192,7 +206,9 @@ def _youtube_rows(path: Path, pages: list[dict]) -> Iterable[tuple[str, Any]]:
                 yield where, {"comment": comment, "response": owner_replies[0]}
 
 
-def _csv_rows(path: Path, text: str, comment_field: str | None = None, response_field: str | None = None) -> Iterable[tuple[str, Any]]:
+def _csv_rows(
+    path: Path, text: str, comment_field: str | None = None, response_field: str | None = None
+) -> Iterable[tuple[str, Any]]:
     def check_header(header: list[str] | None) -> None:
         if header is None:
             raise DataError(f"{path}: empty file; expected a header line with {', '.join(FIELDS)}")
@@ -226,9 +242,12 @@ def csv_records(path: Path, text: str, check_header: Callable[[list[str] | None]
             if not row:
                 continue
             if len(row) != len(header):
-                yield where, Problem(
-                    f"{len(row)} fields, but the header has {len(header)}; quote any field that "
-                    'contains a comma, e.g. "Thanks, great video"'
+                yield (
+                    where,
+                    Problem(
+                        f"{len(row)} fields, but the header has {len(header)}; quote any field that "
+                        'contains a comma, e.g. "Thanks, great video"'
+                    ),
                 )
             else:
                 # Every value stays a string: a comment that reads NA, null or None is text.
@@ -241,7 +260,9 @@ def _load_hub(dataset_id: str, comment_field: str | None, response_field: str | 
     import datasets
 
     rows = datasets.load_dataset(dataset_id, split="train")
-    return _validate(((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id, comment_field, response_field)
+    return _validate(
+        ((f"{dataset_id}: row {i + 1}", row) for i, row in enumerate(rows)), dataset_id, comment_field, response_field
+    )
 
 
 def row_fields(keys) -> tuple[str, ...]:
@@ -253,7 +274,9 @@ def row_fields(keys) -> tuple[str, ...]:
     return ("instruction", "response") if "instruction" in keys else ("text",)
 
 
-def _validate(rows: Iterable[tuple[str, Any]], source: str, comment_field: str | None = None, response_field: str | None = None) -> tuple[list[Pair], list[str]]:
+def _validate(
+    rows: Iterable[tuple[str, Any]], source: str, comment_field: str | None = None, response_field: str | None = None
+) -> tuple[list[Pair], list[str]]:
     pairs, problems, mappings = [], [], {}
     for where, row in rows:
         if isinstance(row, Problem):

@@ -81,10 +81,14 @@ def launch_plan(path: Path) -> tuple[int, bool]:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read it as an accelerate config ({exc})") from None
     if not isinstance(data, dict) or "num_processes" not in data:
-        raise ConfigError(f"{path}: no num_processes; expected an accelerate config (accelerate config --config_file {path})")
+        raise ConfigError(
+            f"{path}: no num_processes; expected an accelerate config (accelerate config --config_file {path})"
+        )
     fsdp = data.get("distributed_type") == "FSDP"
     if fsdp and (data.get("fsdp_config") or {}).get("fsdp_offload_params"):
-        raise ConfigError(f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound")
+        raise ConfigError(
+            f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound"
+        )
     return int(data["num_processes"]), fsdp
 
 

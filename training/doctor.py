@@ -87,11 +87,21 @@ def collated_labels(examples: Sequence[Example], collate: Callable[[list[dict[st
     return out
 
 
-def check_end_of_turn(pairs: Sequence[Pair], examples: Sequence[Example], labels: list[list[int]], end_of_turn_id: int) -> Finding:
-    missing = [i for i, (e, l) in enumerate(zip(examples, labels)) if not l or l[-1] != end_of_turn_id or e.input_ids[-1] != end_of_turn_id]
+def check_end_of_turn(
+    pairs: Sequence[Pair], examples: Sequence[Example], labels: list[list[int]], end_of_turn_id: int
+) -> Finding:
+    missing = [
+        i
+        for i, (e, l) in enumerate(zip(examples, labels))
+        if not l or l[-1] != end_of_turn_id or e.input_ids[-1] != end_of_turn_id
+    ]
     if missing:
-        return Finding("end of turn learned", False, f"{len(missing)} example(s) do not learn the end-of-turn token (id {end_of_turn_id}), "
-                       f"so the model never learns to stop; is the pad token equal to EOS in the collator? {_where(pairs, missing)}")
+        return Finding(
+            "end of turn learned",
+            False,
+            f"{len(missing)} example(s) do not learn the end-of-turn token (id {end_of_turn_id}), "
+            f"so the model never learns to stop; is the pad token equal to EOS in the collator? {_where(pairs, missing)}",
+        )
     return Finding("end of turn learned", True, f"all {len(examples)} examples end on a learned end-of-turn token")
 
 
@@ -100,12 +110,18 @@ def check_bos(pairs: Sequence[Pair], examples: Sequence[Example], bos_id: int | 
         return Finding("one BOS", True, "the tokenizer has no BOS token")
     doubled = [i for i, e in enumerate(examples) if e.input_ids[:2] == [bos_id, bos_id]]
     if doubled:
-        return Finding("one BOS", False, f"{len(doubled)} example(s) start with two BOS tokens (a literal BOS in the template plus "
-                       f"the tokenizer's own): {_where(pairs, doubled)}")
+        return Finding(
+            "one BOS",
+            False,
+            f"{len(doubled)} example(s) start with two BOS tokens (a literal BOS in the template plus "
+            f"the tokenizer's own): {_where(pairs, doubled)}",
+        )
     return Finding("one BOS", True, "no example starts with a doubled BOS")
 
 
-def check_label_mask(pairs: Sequence[Pair], examples: Sequence[Example], labels: list[list[int]], renderer: PromptRenderer) -> Finding:
+def check_label_mask(
+    pairs: Sequence[Pair], examples: Sequence[Example], labels: list[list[int]], renderer: PromptRenderer
+) -> Finding:
     leaks, learned, total = [], 0, 0
     for i, (pair, example, label) in enumerate(zip(pairs, examples, labels)):
         prompt_len = len(renderer.prompt(pair.comment).input_ids) - example.comment_tokens_cut
@@ -116,8 +132,12 @@ def check_label_mask(pairs: Sequence[Pair], examples: Sequence[Example], labels:
         total += len(label)
     ratio = f"{learned} of {total} tokens learned ({learned / max(total, 1):.1%})"
     if leaks:
-        return Finding("loss on the reply only", False, f"{len(leaks)} example(s) learn tokens outside the reply (prompt or comment "
-                       f"in the loss inflates the apparent gain): {_where(pairs, leaks)}; {ratio}")
+        return Finding(
+            "loss on the reply only",
+            False,
+            f"{len(leaks)} example(s) learn tokens outside the reply (prompt or comment "
+            f"in the loss inflates the apparent gain): {_where(pairs, leaks)}; {ratio}",
+        )
     return Finding("loss on the reply only", True, ratio)
 
 
@@ -127,8 +147,12 @@ def check_app_prompt(pairs: Sequence[Pair], train: PromptRenderer, app: PromptRe
         sample = pairs[differ[0]].comment
         a, b = train.prompt(sample).text, app.prompt(sample).text
         at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        return Finding("training prompt = app prompt", False, f"{len(differ)} comment(s) are rendered differently by the app "
-                       f"(from character {at}: training {a[at:at + 40]!r} vs app {b[at:at + 40]!r}); train and serve with the same persona")
+        return Finding(
+            "training prompt = app prompt",
+            False,
+            f"{len(differ)} comment(s) are rendered differently by the app "
+            f"(from character {at}: training {a[at : at + 40]!r} vs app {b[at : at + 40]!r}); train and serve with the same persona",
+        )
     return Finding("training prompt = app prompt", True, "the app sends byte-identical prompts")
 
 
@@ -140,12 +164,20 @@ def check_signature(pairs: Sequence[Pair], signature: str | None) -> Finding:
         return re.sub(f"[{re.escape(DASHES)}]", "-", text)
 
     exact = [i for i, p in enumerate(pairs) if is_signed(p.response, signature)]
-    variant = [i for i, p in enumerate(pairs) if i not in set(exact) and norm(p.response.rstrip()).endswith(norm(signature))]
+    variant = [
+        i for i, p in enumerate(pairs) if i not in set(exact) and norm(p.response.rstrip()).endswith(norm(signature))
+    ]
     if variant:
-        found = Counter(pairs[i].response.rstrip()[-len(signature):] for i in variant).most_common(1)[0][0]
-        return Finding("signature", False, f"the persona signs {signature!r} ({_codepoints(signature)}), but {len(variant)} repl(ies) sign "
-                       f"{found!r} ({_codepoints(found)}): {_where(pairs, variant)}; write it the same way everywhere")
-    return Finding("signature", True, f"{len(exact)} of {len(pairs)} replies end with {signature!r}, written as in the persona")
+        found = Counter(pairs[i].response.rstrip()[-len(signature) :] for i in variant).most_common(1)[0][0]
+        return Finding(
+            "signature",
+            False,
+            f"the persona signs {signature!r} ({_codepoints(signature)}), but {len(variant)} repl(ies) sign "
+            f"{found!r} ({_codepoints(found)}): {_where(pairs, variant)}; write it the same way everywhere",
+        )
+    return Finding(
+        "signature", True, f"{len(exact)} of {len(pairs)} replies end with {signature!r}, written as in the persona"
+    )
 
 
 def _codepoints(text: str) -> str:
@@ -186,7 +218,9 @@ def diagnose(
 def format_report(findings: list[Finding], example: str) -> str:
     failed = sum(not f.ok for f in findings)
     head = "data doctor: " + ("all checks passed" if not failed else f"{failed} check(s) failed")
-    return "\n".join([head, *(f.line() for f in findings), "  one example, learned tokens in [brackets]:", "    " + example])
+    return "\n".join(
+        [head, *(f.line() for f in findings), "  one example, learned tokens in [brackets]:", "    " + example]
+    )
 
 
 def app_renderer(config: TrainConfig, persona: Persona) -> PromptRenderer:

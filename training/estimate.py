@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from errors import exits_on_error
-from training.architecture import EstimateError, linear_packing, meta_model, model_widths, read_model_config, text_config
+from training.architecture import (
+    EstimateError,
+    linear_packing,
+    meta_model,
+    model_widths,
+    read_model_config,
+    text_config,
+)
 from training.distributed import launch_plan, world_size
 from training.memory import GiB, memory_limit
 
@@ -38,7 +45,13 @@ Storage = Literal["nf4", "gptq", "int8", "bf16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit"]
 # Bytes per stored weight. NF4: 4 bits + one 8-bit absmax per 64 weights + one float32 per 256 of
 # those (double quantization); GPTQ: 4 bits + a float16 scale and a 4-bit zero per group of 128.
-WEIGHT_BYTES: dict[str, float] = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "gptq": 0.5 + 2.5 / 128, "int8": 1.0 + 4 / 4096, "bf16": 2.0, "fp32": 4.0}
+WEIGHT_BYTES: dict[str, float] = {
+    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "gptq": 0.5 + 2.5 / 128,
+    "int8": 1.0 + 4 / 4096,
+    "bf16": 2.0,
+    "fp32": 4.0,
+}
 # Tensors a decoder layer keeps for backward, per token, in units of the hidden size h and the MLP
 # width i: norm inputs and outputs (partly in float32), q/k/v, attention output and its
 # log-sum-exp, residuals; gate, up, activation and product in the MLP. Fitted to peak memory
@@ -80,7 +93,16 @@ class Estimate:
 
     def training_with(self, checkpointed: int) -> float:
         """Memory while training: every part counted once, the activations for ``checkpointed`` layers."""
-        return self.weights + self.trainable_weights + self.gradients + self.optimizer + self.gathered + self.logits + self.runtime + self.activations(checkpointed)
+        return (
+            self.weights
+            + self.trainable_weights
+            + self.gradients
+            + self.optimizer
+            + self.gathered
+            + self.logits
+            + self.runtime
+            + self.activations(checkpointed)
+        )
 
     @property
     def while_loading(self) -> float:
@@ -125,12 +147,16 @@ class Estimate:
             ("output-head logits", self.logits, True),
             ("runtime (CPU process)" if self.runtime else "runtime (not counted on GPU)", self.runtime, True),
         ]
-        lines = [f"{'part':46} {'GiB':>8}"] + [f"{name + (' *' if counted else ''):46} {value / GiB:8.3f}" for name, value, counted in rows]
+        lines = [f"{'part':46} {'GiB':>8}"] + [
+            f"{name + (' *' if counted else ''):46} {value / GiB:8.3f}" for name, value, counted in rows
+        ]
         training = self.training_with(k)
         lines.append(f"{'training (the rows marked *)':46} {training / GiB:8.3f}")
         if self.loading:
             lines.append(f"{'loading (weights + runtime + the mapped file)':46} {self.while_loading / GiB:8.3f}")
-        lines.append(f"{'peak, ' + ('while loading' if self.while_loading > training else 'while training'):46} {self.total / GiB:8.3f}")
+        lines.append(
+            f"{'peak, ' + ('while loading' if self.while_loading > training else 'while training'):46} {self.total / GiB:8.3f}"
+        )
         return "\n".join(lines)
 
 
@@ -170,7 +196,9 @@ def estimate(
     layers = model_widths(config)[2]
     if not 0 <= checkpointed_layers <= layers:
         raise EstimateError(f"checkpointed_layers: {checkpointed_layers}, but the model has {layers} layers")
-    tokens, layer_activations, layer_input = _activations(config, compute_bytes, batch_size, seq_len, shared_prefix, packed_tokens, on_cpu)
+    tokens, layer_activations, layer_input = _activations(
+        config, compute_bytes, batch_size, seq_len, shared_prefix, packed_tokens, on_cpu
+    )
     share = devices if sharded else 1
     return Estimate(
         parameters=int(total),
@@ -182,7 +210,9 @@ def estimate(
         optimizer=trainable * (2 * trained_bytes if optimizer == "adamw" else 2) / share,
         # The other devices' shards of two layers, and of what lies outside the layers (embeddings,
         # head: gathered for the whole forward and backward pass).
-        gathered=((frozen - in_layers) + 2 * (in_layers + trainable * trained_bytes) / layers) * (1 - 1 / devices) if sharded else 0.0,
+        gathered=((frozen - in_layers) + 2 * (in_layers + trainable * trained_bytes) / layers) * (1 - 1 / devices)
+        if sharded
+        else 0.0,
         devices=devices,
         layers=layers,
         layer_activations=layer_activations,
@@ -200,26 +230,45 @@ def _loading(config: PretrainedConfig, total: float, frozen: float) -> float:
     its quantized size."""
     if getattr(config, "quantization_config", None):
         return frozen
-    stored = {"float32": 4, "float": 4}.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."), 2)
+    stored = {"float32": 4, "float": 4}.get(
+        str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."),
+        2,
+    )
     return total * stored
 
 
 def _activations(
-    config: PretrainedConfig, compute_bytes: int, batch_size: int, seq_len: int, shared_prefix: int, packed_tokens: int | None, on_cpu: bool
+    config: PretrainedConfig,
+    compute_bytes: int,
+    batch_size: int,
+    seq_len: int,
+    shared_prefix: int,
+    packed_tokens: int | None,
+    on_cpu: bool,
 ) -> tuple[int, float, float]:
     """(tokens of the largest batch, what one layer keeps for backward when it is not checkpointed,
     what a checkpointed layer keeps: its input). A batch with a shared prefix is one packed row."""
     from training.collate import packed_row_length
 
     hidden, inner, _ = model_widths(config)
-    rows, row_len = (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len)) if shared_prefix else (batch_size, seq_len)
+    rows, row_len = (
+        (1, packed_tokens or packed_row_length(shared_prefix, batch_size, seq_len))
+        if shared_prefix
+        else (batch_size, seq_len)
+    )
     tokens = rows * row_len
     per_layer_token = (ACTIVATION_H * hidden + ACTIVATION_I * inner) * compute_bytes
     scores = _attention_scores(config, rows, row_len, batch_size, seq_len, shared_prefix, on_cpu)
-    return tokens, tokens * per_layer_token + scores * _score_bytes(config, compute_bytes), tokens * hidden * compute_bytes
+    return (
+        tokens,
+        tokens * per_layer_token + scores * _score_bytes(config, compute_bytes),
+        tokens * hidden * compute_bytes,
+    )
 
 
-def _attention_scores(config: PretrainedConfig, rows: int, row_len: int, batch_size: int, seq_len: int, shared_prefix: int, on_cpu: bool) -> int:
+def _attention_scores(
+    config: PretrainedConfig, rows: int, row_len: int, batch_size: int, seq_len: int, shared_prefix: int, on_cpu: bool
+) -> int:
     """The attention probabilities one layer keeps, per head (0 on a GPU). On a CPU, training
     attention is the plain softmax(QK^T)V path (see load_base_model), which keeps them per head and
     query-key pair."""
@@ -250,7 +299,13 @@ def _logits(config: PretrainedConfig, tokens: int, learned_tokens: int | None) -
     return (tokens if learned_tokens is None else min(learned_tokens, tokens)) * vocab * 4 * 2
 
 
-def _weights(model: torch.nn.Module, quantized_bytes: float, compute_bytes: int, lora_r: int | None, target_modules: list[str] | None) -> tuple[float, float, float, float]:
+def _weights(
+    model: torch.nn.Module,
+    quantized_bytes: float,
+    compute_bytes: int,
+    lora_r: int | None,
+    target_modules: list[str] | None,
+) -> tuple[float, float, float, float]:
     """(parameters, bytes of the frozen weights, trainable parameters, bytes of the frozen block
     linear weights) of a meta model: its block linear layers stored at ``quantized_bytes`` per
     weight, the rest in the compute dtype, LoRA of rank ``lora_r`` on ``target_modules`` (None:
@@ -277,7 +332,9 @@ def _weights(model: torch.nn.Module, quantized_bytes: float, compute_bytes: int,
             matched.add(leaf)
     if lora_r is not None and targets - matched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise EstimateError(f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}")
+        raise EstimateError(
+            f"target_modules {sorted(targets - matched)} are not in this model; its linear layers: {', '.join(linear)}"
+        )
     tied = head_weight is not None and head_weight is model.get_input_embeddings().weight
     total -= head_weight.numel() if tied else 0  # named_modules visits a tied weight twice
     return total, frozen, total if lora_r is None else trainable, in_layers
@@ -342,13 +399,30 @@ def parse_size(text: str) -> float:
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.estimate", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.estimate", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
     parser.add_argument("--model", default=None, help="model id or config path (default: the recipe's base model)")
-    parser.add_argument("--config", default="default", help="training recipe (a path, or a name from training/configs/)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the recipe's max_length)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: the recipe's)")
-    parser.add_argument("--gpu-memory", type=parse_size, default=None, help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB")
-    parser.add_argument("--accelerate-config", default=None, help="the run's accelerate config (e.g. training/configs/accelerate/fsdp.yaml): its processes, and whether FSDP shards the model")
+    parser.add_argument(
+        "--config", default="default", help="training recipe (a path, or a name from training/configs/)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per example (default: the recipe's max_length)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="examples per forward pass (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=parse_size,
+        default=None,
+        help="estimate for a GPU and say whether the run fits one of this size, e.g. 24GiB",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        default=None,
+        help="the run's accelerate config (e.g. training/configs/accelerate/fsdp.yaml): its processes, and whether FSDP shards the model",
+    )
     args = parser.parse_args(argv)
     from training.config import load_config
 
@@ -359,17 +433,30 @@ def main(argv: list[str] | None = None) -> int:
     # With --gpu-memory the question is about a GPU: no CPU process or mapped file to count.
     limit = args.gpu_memory if args.gpu_memory else memory_limit(train_config)[0]
     devices, sharded = launch_plan(Path(args.accelerate_config)) if args.accelerate_config else (None, None)
-    result = estimate_for_config(train_config, args.seq_len, on_cpu=False if args.gpu_memory else None, limit=limit, devices=devices, sharded=sharded)
+    result = estimate_for_config(
+        train_config,
+        args.seq_len,
+        on_cpu=False if args.gpu_memory else None,
+        limit=limit,
+        devices=devices,
+        sharded=sharded,
+    )
     print(
         f"{train_config.base_model}: {result.parameters / 1e6:,.1f}M parameters, {result.trainable / 1e6:,.2f}M trainable; "
         f"batch {train_config.batch_size} x {args.seq_len or train_config.max_length} tokens"
-        + (f" per device, {result.devices} devices{', FSDP-sharded' if result.gathered else ''} (the figures are per device)" if result.devices > 1 else "")
+        + (
+            f" per device, {result.devices} devices{', FSDP-sharded' if result.gathered else ''} (the figures are per device)"
+            if result.devices > 1
+            else ""
+        )
     )
     print(result.table())
     print(checkpointing_plan(result, limit, train_config.gradient_checkpointing))
     if args.gpu_memory:
         verdict = "fits" if result.total <= args.gpu_memory else "does not fit"
-        print(f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about {CUDA_CONTEXT_BYTES / GiB:.1f} GiB of CUDA context)")
+        print(
+            f"GPU: {result.total / GiB:.2f} GiB of {args.gpu_memory / GiB:.1f} GiB -> {verdict} (plus about {CUDA_CONTEXT_BYTES / GiB:.1f} GiB of CUDA context)"
+        )
     return 0
 
 
@@ -379,8 +466,10 @@ def checkpointing_plan(result: Estimate, limit: float, forced: bool) -> str:
     if forced:
         return f"gradient checkpointing: all {layers} layers (gradient_checkpointing is on)"
     if result.total > limit:
-        return (f"gradient checkpointing: all {layers} layers, and the estimate ({result.total / GiB:.2f} GiB) is still above the "
-                f"memory limit ({limit / GiB:.2f} GiB): if memory runs out, lower --batch-size or --max-length")
+        return (
+            f"gradient checkpointing: all {layers} layers, and the estimate ({result.total / GiB:.2f} GiB) is still above the "
+            f"memory limit ({limit / GiB:.2f} GiB): if memory runs out, lower --batch-size or --max-length"
+        )
     if k == 0:
         return f"gradient checkpointing: off, the estimate fits the memory limit of {limit / GiB:.2f} GiB"
     return f"gradient checkpointing: {k} of {layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from errors import exits_on_error
-from inference.generate import BEST_PROMPT_PANE, PANE_NAMES, PANE_ROW, WITH_EXAMPLES, GenerationSettings, Pane, Replier, StreamingReplier
+from inference.generate import (
+    BEST_PROMPT_PANE,
+    PANE_NAMES,
+    PANE_ROW,
+    WITH_EXAMPLES,
+    GenerationSettings,
+    Pane,
+    Replier,
+    StreamingReplier,
+)
 from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
 from prompts.render import IGNORE_INDEX, is_signed
@@ -47,7 +56,9 @@ def language(text: str) -> str | None:
     return best.lang if best.prob >= 0.9 else None
 
 
-def reply_stats(replies: Sequence[str], pairs: Sequence[Pair], signature: str | None, trained_replies: set[str]) -> dict[str, float | None]:
+def reply_stats(
+    replies: Sequence[str], pairs: Sequence[Pair], signature: str | None, trained_replies: set[str]
+) -> dict[str, float | None]:
     def strip_signature(text: str) -> str:
         return text.rstrip().removesuffix(signature).rstrip() if signature else text
 
@@ -63,7 +74,9 @@ def reply_stats(replies: Sequence[str], pairs: Sequence[Pair], signature: str | 
     }
 
 
-def held_out_losses(replier: Replier, pairs: Sequence[Pair], max_length: int, panes: Sequence[Pane] = ("base", "adapter")) -> dict[str, float]:
+def held_out_losses(
+    replier: Replier, pairs: Sequence[Pair], max_length: int, panes: Sequence[Pane] = ("base", "adapter")
+) -> dict[str, float]:
     """Loss on the reply tokens of the held-out pairs for each pane: with the adapter off or on, and
     with the creator's retrieved examples as earlier turns where the pane shows them."""
     import torch
@@ -116,7 +129,11 @@ def evaluate(
     generated: dict[str, list[str]] = {pane: [] for pane in panes}
     stopped: dict[str, list[bool]] = {pane: [] for pane in panes}
     comments = [pair.comment for pair in held_out]
-    for replies in tqdm(replier.replies(comments, settings, panes, background=False), total=len(comments), desc=f"voice evaluation ({replier.backend})"):
+    for replies in tqdm(
+        replier.replies(comments, settings, panes, background=False),
+        total=len(comments),
+        desc=f"voice evaluation ({replier.backend})",
+    ):
         for reply in replies:
             generated[reply.pane].append(reply.text)
             stopped[reply.pane].append(reply.stopped)
@@ -140,7 +157,10 @@ def evaluate(
         "settings": {**dataclasses.asdict(settings), "backend": replier.backend},
         "panes": list(panes),
         "table": table,
-        "replies": [{"comment": p.comment, "real": p.response, **{pane: generated[pane][i] for pane in panes}} for i, p in enumerate(held_out)],
+        "replies": [
+            {"comment": p.comment, "real": p.response, **{pane: generated[pane][i] for pane in panes}}
+            for i, p in enumerate(held_out)
+        ],
     }
 
 
@@ -161,7 +181,10 @@ ROWS = [
 def markdown_table(result: dict[str, Any]) -> str:
     """The voice table: one column per pane and the creator's real replies."""
     sources = [*result.get("panes", ("base", "adapter")), "real"]
-    lines = ["| metric | " + " | ".join(PANE_NAMES.get(s, "creator's real replies") for s in sources) + " |", "|---" * (len(sources) + 1) + "|"]
+    lines = [
+        "| metric | " + " | ".join(PANE_NAMES.get(s, "creator's real replies") for s in sources) + " |",
+        "|---" * (len(sources) + 1) + "|",
+    ]
     for key, label, fmt in ROWS:
         cells = []
         for source in sources:
@@ -170,7 +193,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     backend = f", replies by {settings['backend']}" if "backend" in settings else ""
-    return "\n".join(lines) + f"\n\n{result['comments']} held-out comments, {decoding_text(settings)}, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+    return (
+        "\n".join(lines)
+        + f"\n\n{result['comments']} held-out comments, {decoding_text(settings)}, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+    )
 
 
 VERDICT_MEASURES = [  # (key, what it is, higher is better)
@@ -209,7 +235,9 @@ def verdict(result: dict[str, Any]) -> str:
 
 def decoding_text(settings: dict[str, Any]) -> str:
     """How the replies were decoded, in words (the settings saved with a voice table)."""
-    parts = ["greedy decoding" if not settings.get("temperature") else f"sampling at temperature {settings['temperature']}"]
+    parts = [
+        "greedy decoding" if not settings.get("temperature") else f"sampling at temperature {settings['temperature']}"
+    ]
     if settings.get("repetition_penalty", 1.0) != 1.0:
         parts.append(f"repetition penalty {settings['repetition_penalty']}")
     if settings.get("no_repeat_ngram"):
@@ -226,18 +254,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder to evaluate")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    parser.add_argument("--eval-data", default=str(ROOT / "data" / "heldout.jsonl"), help="held-out pairs with the creator's real replies")
-    parser.add_argument("--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="what writes the replies (auto: llama.cpp on a CPU); the losses come from transformers")
-    parser.add_argument("--panes", nargs="+", choices=list(PANE_ROW), help="which panes to evaluate (default: every pane the app shows for this adapter)")
+    parser.add_argument(
+        "--eval-data",
+        default=str(ROOT / "data" / "heldout.jsonl"),
+        help="held-out pairs with the creator's real replies",
+    )
+    parser.add_argument(
+        "--data", default=str(ROOT / "data" / "train.jsonl"), help="the training pairs (for the memorization rate)"
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="nf4",
+        help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what writes the replies (auto: llama.cpp on a CPU); the losses come from transformers",
+    )
+    parser.add_argument(
+        "--panes",
+        nargs="+",
+        choices=list(PANE_ROW),
+        help="which panes to evaluate (default: every pane the app shows for this adapter)",
+    )
     parser.add_argument("--json", type=Path, help="also write the full result (with every reply) here")
     args = parser.parse_args(argv)
     held_out = load_pairs(args.eval_data)
     scorer = load_replier(args.base_model, args.adapter, args.quantization, backend="transformers")
     replier = load_replier(args.base_model, args.adapter, args.quantization, backend=args.backend)
     panes = tuple(args.panes or replier.panes)
-    result = evaluate(replier, held_out, load_pairs(args.data), held_out_losses(scorer, held_out, 512, panes), panes=panes)
+    result = evaluate(
+        replier, held_out, load_pairs(args.data), held_out_losses(scorer, held_out, 512, panes), panes=panes
+    )
     print(markdown_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -44,7 +44,9 @@ class DataSummary:
             out.append(f"files: {len(self.files)} merged in order ({', '.join(self.files)})")
         out += [f"columns: {mapping}" for mapping in self.columns]
         if self.signature:
-            out.append(f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it")
+            out.append(
+                f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it"
+            )
         out += [f"warning: {w}" for w in self.warnings]
         if self.subset:
             out.append(f"subset: {self.subset}")
@@ -80,7 +82,10 @@ def add_signature(pairs: list[Pair], signature: str) -> tuple[list[Pair], int]:
     """Every reply that does not already end with ``signature`` gets it appended (the original
     article added " -ShawGPT" to every reply in code); nothing else changes. Returns the pairs and
     how many were signed."""
-    signed = [p if is_signed(p.response, signature) else Pair(p.comment, p.response.rstrip() + signature, p.where) for p in pairs]
+    signed = [
+        p if is_signed(p.response, signature) else Pair(p.comment, p.response.rstrip() + signature, p.where)
+        for p in pairs
+    ]
     return signed, sum(a is not b for a, b in zip(pairs, signed))
 
 
@@ -95,7 +100,9 @@ def check_signature(signature: str, persona_signature: str | None, persona_sourc
 
 def check_enough_rows(train: list[Pair], source: str, summary: DataSummary) -> None:
     if len(train) < MIN_TRAIN_ROWS:
-        raise DataError(f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})")
+        raise DataError(
+            f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})"
+        )
     if len(train) < RECOMMENDED_TRAIN_ROWS:
         summary.warnings.append(
             f"only {len(train)} training rows; a voice is learned from about {RECOMMENDED_TRAIN_ROWS} or more "
@@ -210,7 +217,9 @@ class Prepared:
         model_config = read_model_config(self.config.base_model)
         examples = self.train_examples + self.eval_examples
         on_cpu = not torch.cuda.is_available()
-        return shared_prefix_length(examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config, on_cpu))
+        return shared_prefix_length(
+            examples, self.config.batch_size, model_widths(model_config)[0], linear_packing(model_config, on_cpu)
+        )
 
     def largest_batch(self, prefix: int) -> tuple[int, int]:
         """(tokens of the longest packed row, learned tokens of the batch with the most) that any
@@ -219,9 +228,10 @@ class Prepared:
         copies of the longest example at realistic lengths, and still an upper bound."""
         k = self.config.batch_size
         own = sorted((len(e.input_ids) - prefix for e in self.train_examples), reverse=True)[:k]
-        learned = sorted((sum(label != IGNORE_INDEX for label in e.labels) for e in self.train_examples), reverse=True)[:k]
+        learned = sorted((sum(label != IGNORE_INDEX for label in e.labels) for e in self.train_examples), reverse=True)[
+            :k
+        ]
         return prefix + sum(own), sum(learned)
-
 
 
 def prepare_examples(config: TrainConfig) -> Prepared:
@@ -237,4 +247,6 @@ def prepare_examples(config: TrainConfig) -> Prepared:
     summarize_tokens(summary, train_examples, cut)
     eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length)
     summarize_tokens(summary, eval_examples, cut)
-    return Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary, seq2seq)
+    return Prepared(
+        config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary, seq2seq
+    )

@@ -49,10 +49,14 @@ def waiting(folder: Path, adapter: str = "ADAPTER") -> str:
     counts = {}
     for name in (PREFERENCES_FILE, PAIRS_FILE):
         path = folder / name
-        counts[name] = sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line.strip()) if path.is_file() else 0
+        counts[name] = (
+            sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line.strip()) if path.is_file() else 0
+        )
     picks, corrections = counts[PREFERENCES_FILE], counts[PAIRS_FILE]
     text = f"{picks} pick(s) and {corrections} correction(s) waiting in `{folder}`."
     if picks:
-        text += (f" Train on them: `python -m training.prefer --adapter {adapter} --preferences {folder / PREFERENCES_FILE} "
-                 "--output-dir outputs/preferred`")
+        text += (
+            f" Train on them: `python -m training.prefer --adapter {adapter} --preferences {folder / PREFERENCES_FILE} "
+            "--output-dir outputs/preferred`"
+        )
     return text

@@ -36,18 +36,34 @@ def quantize(base_model: str, out: Path, bits: int, group_size: int, texts: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.gptq", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("--base-model", required=True, help="local folder or Hub id ('embedded:SmolLM2-135M-Instruct' for the default)")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.gptq", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "--base-model", required=True, help="local folder or Hub id ('embedded:SmolLM2-135M-Instruct' for the default)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the quantized model")
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=64, help="weights per scale; must divide every layer's input width (SmolLM2: 576, so 64, not 128)")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "train.jsonl", help="calibration pairs (a training data file)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="weights per scale; must divide every layer's input width (SmolLM2: 576, so 64, not 128)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "data" / "train.jsonl", help="calibration pairs (a training data file)"
+    )
     parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args(argv)
     if importlib.util.find_spec("gptqmodel") is None:
-        print("error: gptqmodel is not installed; install requirements-gptq.txt in its own environment (see README)", file=sys.stderr)
+        print(
+            "error: gptqmodel is not installed; install requirements-gptq.txt in its own environment (see README)",
+            file=sys.stderr,
+        )
         return 2
-    print(f"quantized model saved to {quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}")
+    print(
+        f"quantized model saved to {quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}"
+    )
     return 0
 
 

@@ -103,11 +103,21 @@ or, with replytune's app: `ADAPTER=THIS_REPO_OR_FOLDER python app.py`.
 def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
     config = summary["config"]
     epochs = "\n".join(
-        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |" for e in summary["epochs"] if e.get("train_loss") is not None
+        f"| {e['epoch']} | {e['train_loss']:.4f} | {e['eval_loss']:.4f} |"
+        for e in summary["epochs"]
+        if e.get("train_loss") is not None
     )
     lora = config.get("method", "lora") == "lora"
-    keys = ("method", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules") if lora else ("method", "quantization")
-    hyper = {k: config[k] for k in (*keys, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed") if k in config}
+    keys = (
+        ("method", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules")
+        if lora
+        else ("method", "quantization")
+    )
+    hyper = {
+        k: config[k]
+        for k in (*keys, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length", "seed")
+        if k in config
+    }
     auto = "AutoModelForSeq2SeqLM" if summary.get("seq2seq") else "AutoModelForCausalLM"
     load = (
         f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\nmodel = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
@@ -158,7 +168,11 @@ def voice_section(summary: dict[str, Any]) -> str:
     return (
         "## Voice fidelity\n\nGenerated replies to the held-out comments from every pane (the base model with the persona "
         "prompt, with the persona and the creator's most similar past replies as earlier turns, and fine-tuned), compared "
-        "with the creator's real replies:\n\n" + markdown_table(summary["voice"]) + "\n" + verdict(summary["voice"]) + "\n"
+        "with the creator's real replies:\n\n"
+        + markdown_table(summary["voice"])
+        + "\n"
+        + verdict(summary["voice"])
+        + "\n"
     )
 
 
@@ -173,7 +187,9 @@ def weight_files(folder: Path) -> list[Path]:
     files = [p.relative_to(folder).as_posix() for p in folder.iterdir() if p.is_file()]
     weights = sorted(folder / name for name in filter_repo_objects(files, allow_patterns=WEIGHT_PATTERNS))
     if not weights:
-        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors or model.safetensors; pass a folder written by `python -m training.run`")
+        raise FileNotFoundError(
+            f"{folder}: no adapter_model.safetensors or model.safetensors; pass a folder written by `python -m training.run`"
+        )
     return weights
 
 
@@ -183,7 +199,9 @@ def check_finite(weights: Path) -> None:
 
     bad = [name for name, tensor in load_file(weights).items() if not tensor.isfinite().all()]
     if bad:
-        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]}); this model is not pushed")
+        raise ValueError(
+            f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]}); this model is not pushed"
+        )
 
 
 def push_adapter(folder: Path, repo_id: str, private: bool, api: HfApi | None = None) -> str:

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def load_training_base(name: str, quantization: Quantization, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_training_base(
+    name: str, quantization: Quantization, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """The frozen base of a run, as inference.loading loads it for training; on a CPU with the
     plain softmax(QK^T)V attention in the fewest passes (see training.attention)."""
     import torch
@@ -26,8 +28,12 @@ def load_training_base(name: str, quantization: Quantization, dtype: torch.dtype
 
     attention = None
     if not torch.cuda.is_available():
-        attention = training_attention(AutoConfig.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code))
-    return load_base_model(name, quantization, dtype, trust_remote_code, for_training=True, attn_implementation=attention)
+        attention = training_attention(
+            AutoConfig.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code)
+        )
+    return load_base_model(
+        name, quantization, dtype, trust_remote_code, for_training=True, attn_implementation=attention
+    )
 
 
 def lora_model(model: PreTrainedModel, config: TrainConfig, checkpointed_layers: int) -> PreTrainedModel:

@@ -52,32 +52,90 @@ TRAINER = "DPO"  # TRL's DPOTrainer, sigmoid loss; the run's summary and card sa
 @dataclass
 class PreferConfig:
     # --- what to prefer
-    adapter: str | None = field(default=None, metadata={"help": "the adapter folder to tune (from python -m training.run); it is also the reference"})
-    preferences: list[str] = field(default_factory=list, metadata={"help": "files with comment, chosen, rejected columns (the app's flywheel/preferences.jsonl, .json or .csv)"})
-    self_pairs: bool = field(default=False, metadata={"help": "pair the creator's real replies (chosen) with the adapter's own greedy drafts that loop, talk like an AI or run to the cap (rejected)"})
-    data: list[str] = field(default_factory=list, metadata={"help": "the comments and real replies of --self-pairs (default: the pairs the adapter was trained on, its examples.jsonl)"})
-    max_rows: int | None = field(default=None, metadata={"help": "draft self-pairs for a seeded random subset of this many rows of --data (all when unset)"})
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "the adapter folder to tune (from python -m training.run); it is also the reference"},
+    )
+    preferences: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "files with comment, chosen, rejected columns (the app's flywheel/preferences.jsonl, .json or .csv)"
+        },
+    )
+    self_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "pair the creator's real replies (chosen) with the adapter's own greedy drafts that loop, talk like an AI or run to the cap (rejected)"
+        },
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "the comments and real replies of --self-pairs (default: the pairs the adapter was trained on, its examples.jsonl)"
+        },
+    )
+    max_rows: int | None = field(
+        default=None,
+        metadata={"help": "draft self-pairs for a seeded random subset of this many rows of --data (all when unset)"},
+    )
     # --- model
-    base_model: str | None = field(default=None, metadata={"help": "the adapter's base (default: the one its training summary or adapter config names)"})
-    quantization: Quantization = field(default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA), int8 or none"})
-    backend: Backend = field(default="auto", metadata={"help": "what drafts the self-pairs and writes the voice replies: auto (llama.cpp on a CPU), llama.cpp or transformers"})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "the adapter's base (default: the one its training summary or adapter config names)"},
+    )
+    quantization: Quantization = field(
+        default="nf4", metadata={"help": "how the frozen base is stored: nf4 (QLoRA), int8 or none"}
+    )
+    backend: Backend = field(
+        default="auto",
+        metadata={
+            "help": "what drafts the self-pairs and writes the voice replies: auto (llama.cpp on a CPU), llama.cpp or transformers"
+        },
+    )
     # --- optimisation
     epochs: float = field(default=3.0, metadata={"help": "passes over the preference pairs"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (issue 29's trial: 1e-4 over 3 epochs moved the greedy replies, 2e-5 over 1 did not)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the adapter may move from the reference (lower: further)"})
-    batch_size: int = field(default=4, metadata={"help": "pairs per forward pass (each is two rows: chosen and rejected)"})
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={
+            "help": "peak learning rate (issue 29's trial: 1e-4 over 3 epochs moved the greedy replies, 2e-5 over 1 did not)"
+        },
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta: how far the adapter may move from the reference (lower: further)"}
+    )
+    batch_size: int = field(
+        default=4, metadata={"help": "pairs per forward pass (each is two rows: chosen and rejected)"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "forward passes whose gradients are summed into one update"})
-    max_length: int = field(default=512, metadata={"help": "longest prompt + reply in tokens; longer comments are cut, replies never"})
-    max_new_tokens: int = field(default=120, metadata={"help": "the token cap of the self-pair drafts (a draft that reaches it is 'cut at the cap')"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute every layer's activations in the backward pass"})
-    memory_limit_gib: float | None = field(default=None, metadata={"help": "checkpoint only as many layers as keep the memory estimate under this many GiB"})
+    max_length: int = field(
+        default=512, metadata={"help": "longest prompt + reply in tokens; longer comments are cut, replies never"}
+    )
+    max_new_tokens: int = field(
+        default=120,
+        metadata={"help": "the token cap of the self-pair drafts (a draft that reaches it is 'cut at the cap')"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute every layer's activations in the backward pass"}
+    )
+    memory_limit_gib: float | None = field(
+        default=None,
+        metadata={"help": "checkpoint only as many layers as keep the memory estimate under this many GiB"},
+    )
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     seed: int = field(default=42, metadata={"help": "seed for the subset and the data order"})
     # --- run
-    output_dir: str = field(default=str(ROOT / "outputs" / "preferred"), metadata={"help": "where the tuned adapter, summary, card, logs and checkpoints go"})
+    output_dir: str = field(
+        default=str(ROOT / "outputs" / "preferred"),
+        metadata={"help": "where the tuned adapter, summary, card, logs and checkpoints go"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output-dir"})
-    doctor: bool = field(default=True, metadata={"help": "check the rendered pairs before training (--no-doctor skips it)"})
-    voice: bool = field(default=True, metadata={"help": "write the voice table of the held-out comments before and after (--no-voice skips it)"})
+    doctor: bool = field(
+        default=True, metadata={"help": "check the rendered pairs before training (--no-doctor skips it)"}
+    )
+    voice: bool = field(
+        default=True,
+        metadata={"help": "write the voice table of the held-out comments before and after (--no-voice skips it)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "learning_rate", "beta"):
@@ -120,7 +178,17 @@ class PreferConfig:
 
     def training_hash(self) -> str:
         """Every setting that changes what is trained (paths are in the data hash)."""
-        skip = {"adapter", "preferences", "data", "output_dir", "resume", "doctor", "voice", "memory_limit_gib", "backend"}
+        skip = {
+            "adapter",
+            "preferences",
+            "data",
+            "output_dir",
+            "resume",
+            "doctor",
+            "voice",
+            "memory_limit_gib",
+            "backend",
+        }
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -131,10 +199,16 @@ def parse_config(argv: list[str] | None) -> tuple[PreferConfig, set[str]]:
 
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(PreferConfig, prog="python -m training.prefer", description="Preference-tune an adapter on the creator's picks (DPO).")
+    parser = HfArgumentParser(
+        PreferConfig,
+        prog="python -m training.prefer",
+        description="Preference-tune an adapter on the creator's picks (DPO).",
+    )
     for action in parser._actions:
         if action.dest in PreferConfig.__dataclass_fields__ and action.default is not argparse.SUPPRESS:
-            if action.help is not None and action.const is not False and "(default" not in action.help:  # --no-X shares its default
+            if (
+                action.help is not None and action.const is not False and "(default" not in action.help
+            ):  # --no-X shares its default
                 action.help = (action.help + f" (default: {action.default})").replace("%", "%%")
             action.default = argparse.SUPPRESS  # only the flags given come back
     given = vars(parser.parse_args(argv))
@@ -162,7 +236,11 @@ def prefer(config: PreferConfig) -> int:
     output.mkdir(parents=True, exist_ok=True)
     adapter = Path(config.adapter)
     sources = [*config.preferences, *self_pair_sources(config)]
-    run_info = {"data_hash": file_hash(*sources, adapter / "adapter_model.safetensors", adapter / "persona.txt"), "config_hash": config.training_hash(), "processes": 1}
+    run_info = {
+        "data_hash": file_hash(*sources, adapter / "adapter_model.safetensors", adapter / "persona.txt"),
+        "config_hash": config.training_hash(),
+        "processes": 1,
+    }
     summary = PreferenceSummary()
     pairs = read_preference_files(config, summary)  # malformed files fail before any model loads
     checkpoint = prepare_output(output, config.resume, run_info)
@@ -189,7 +267,9 @@ def prefer(config: PreferConfig) -> int:
     from inference.loading import load_tokenizer
     from prompts.render import Persona, PromptRenderer
 
-    persona = adapter_persona(str(adapter)) or Persona.from_file()  # as the app reads it (inference.generate.load_replier)
+    persona = (
+        adapter_persona(str(adapter)) or Persona.from_file()
+    )  # as the app reads it (inference.generate.load_replier)
     tokenizer = load_tokenizer(config.base_model)
     renderer = PromptRenderer(tokenizer, persona)
     examples = render_preferences(pairs, renderer, config.max_length)
@@ -201,7 +281,9 @@ def prefer(config: PreferConfig) -> int:
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
-    fit(Run(config, trainer, None, estimate, trainable, total), checkpoint)  # NaN stop, out of memory, full disk: one message each
+    fit(
+        Run(config, trainer, None, estimate, trainable, total), checkpoint
+    )  # NaN stop, out of memory, full disk: one message each
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in model.peft_config:
         model.delete_adapter("ref")  # the frozen reference copy: the output holds the tuned adapter alone
@@ -267,22 +349,32 @@ def read_preference_files(config: PreferConfig, summary: PreferenceSummary) -> l
 
 def self_pair_counts(summary: PreferenceSummary) -> dict[str, Any]:
     """The selection step's counts (and the preference files' skips), for the summary and the card."""
-    return {"drafted": summary.drafted, "draft_equals_reply": summary.draft_equals_reply, "selected": dict(summary.selected),
-            "self_pairs": summary.self_pairs, "merely_different": summary.merely_different, "same_skipped": summary.same_skipped,
-            "rows": summary.rows, "files": summary.files}
+    return {
+        "drafted": summary.drafted,
+        "draft_equals_reply": summary.draft_equals_reply,
+        "selected": dict(summary.selected),
+        "self_pairs": summary.self_pairs,
+        "merely_different": summary.merely_different,
+        "same_skipped": summary.same_skipped,
+        "rows": summary.rows,
+        "files": summary.files,
+    }
 
 
 def restore_self_pair_counts(summary: PreferenceSummary, counts: dict[str, Any]) -> None:
     from collections import Counter
 
     summary.drafted, summary.draft_equals_reply, summary.self_pairs, summary.merely_different = (
-        counts[k] for k in ("drafted", "draft_equals_reply", "self_pairs", "merely_different"))
+        counts[k] for k in ("drafted", "draft_equals_reply", "self_pairs", "merely_different")
+    )
     summary.selected = Counter(counts["selected"])
 
 
 def write_pairs(path: Path, pairs: list[PreferencePair]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    tmp.write_text(
+        "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8"
+    )
     tmp.replace(path)
 
 
@@ -293,7 +385,9 @@ def draft_self_pairs(config: PreferConfig, summary: PreferenceSummary) -> list[P
     pairs: list[Pair] = []
     for source in self_pair_sources(config):
         if not Path(source).is_file():
-            raise DataError(f"{source}: file not found; --self-pairs needs the comments and real replies (pass --data FILE)")
+            raise DataError(
+                f"{source}: file not found; --self-pairs needs the comments and real replies (pass --data FILE)"
+            )
         pairs += read_pairs(source)[0]
     if config.max_rows is not None and config.max_rows < len(pairs):
         keep = sorted(random.Random(config.seed).sample(range(len(pairs)), config.max_rows))
@@ -311,12 +405,16 @@ def draft(replier: StreamingReplier, comments: list[str], max_new_tokens: int) -
 
     from inference.generate import GenerationSettings
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0
+    )
     replies = replier.replies(comments, settings, panes=("adapter",), background=False)
     return [Draft(r[0].text, r[0].stopped) for r in tqdm(replies, total=len(comments), desc="drafting self-pairs")]
 
 
-def run_doctor(config: PreferConfig, pairs: list[PreferencePair], examples: list[PreferenceExample], renderer: PromptRenderer) -> None:
+def run_doctor(
+    config: PreferConfig, pairs: list[PreferencePair], examples: list[PreferenceExample], renderer: PromptRenderer
+) -> None:
     """The data doctor's checks on preference pairs: the app's prompt, the end of turn learned on
     both sides, and the loss on the replies only."""
     from training.doctor import DoctorError, Finding, app_renderer, check_app_prompt, format_report
@@ -328,14 +426,31 @@ def run_doctor(config: PreferConfig, pairs: list[PreferencePair], examples: list
     leaks = [p.where for p, e in uncut if e.prompt_ids != renderer.prompt(p.comment).input_ids]
     app = app_renderer(TrainConfig(base_model=config.base_model, eval_data=None), renderer.persona)
     findings = [
-        Finding("end of turn in chosen and rejected", not no_end, f"missing at {', '.join(no_end[:5])}" if no_end else f"every pair ends both replies with {renderer.tokenizer.convert_ids_to_tokens(eot)!r}"),
-        Finding("loss on the replies only", not leaks, f"the prompt differs from the generation prompt at {', '.join(leaks[:5])}" if leaks
-                else "the prompt is the generation prompt; only the replies and their end of turn are scored"),
+        Finding(
+            "end of turn in chosen and rejected",
+            not no_end,
+            f"missing at {', '.join(no_end[:5])}"
+            if no_end
+            else f"every pair ends both replies with {renderer.tokenizer.convert_ids_to_tokens(eot)!r}",
+        ),
+        Finding(
+            "loss on the replies only",
+            not leaks,
+            f"the prompt differs from the generation prompt at {', '.join(leaks[:5])}"
+            if leaks
+            else "the prompt is the generation prompt; only the replies and their end of turn are scored",
+        ),
         check_app_prompt(pairs, renderer, app),
     ]
     first = examples[0]
-    shown = (renderer.tokenizer.decode(first.prompt_ids[-8:]) + " [" + renderer.tokenizer.decode(first.chosen_ids) + "] / ["
-             + renderer.tokenizer.decode(first.rejected_ids) + "]")
+    shown = (
+        renderer.tokenizer.decode(first.prompt_ids[-8:])
+        + " ["
+        + renderer.tokenizer.decode(first.chosen_ids)
+        + "] / ["
+        + renderer.tokenizer.decode(first.rejected_ids)
+        + "]"
+    )
     text = format_report(findings, repr(shown))
     if not all(f.ok for f in findings):
         raise DoctorError(f"{text}\nfix the data or prompt above, or pass --no-doctor to train anyway")
@@ -361,9 +476,18 @@ def set_up(config: PreferConfig, tokenizer, examples: list[PreferenceExample]):
     targets = lora["target_modules"] if isinstance(lora["target_modules"], list) else [lora["target_modules"]]
     # The estimate of a supervised run whose batch holds the chosen and the rejected row of every
     # pair; the reference's forward is without gradients, its activations freed before the policy's.
-    as_run = TrainConfig(base_model=config.base_model, quantization=config.quantization, batch_size=2 * config.batch_size, max_length=config.max_length,
-                         lora_r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=sorted(targets), eval_data=None,
-                         gradient_checkpointing=config.gradient_checkpointing, memory_limit_gib=config.memory_limit_gib)
+    as_run = TrainConfig(
+        base_model=config.base_model,
+        quantization=config.quantization,
+        batch_size=2 * config.batch_size,
+        max_length=config.max_length,
+        lora_r=lora["r"],
+        lora_alpha=lora["lora_alpha"],
+        target_modules=sorted(targets),
+        eval_data=None,
+        gradient_checkpointing=config.gradient_checkpointing,
+        memory_limit_gib=config.memory_limit_gib,
+    )
     longest = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
     limit, limit_source = memory_limit(as_run)
     estimate = estimate_for_config(as_run, longest, limit=limit)
@@ -375,7 +499,9 @@ def set_up(config: PreferConfig, tokenizer, examples: list[PreferenceExample]):
     model = load_adapter(base, config.adapter, trainable=True)
     trainer = build_trainer(config, model, tokenizer, examples, dtype)
     trainable, total = count_parameters(trainer.model)
-    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (the adapter; its frozen copy is the reference), compute in {str(dtype).removeprefix('torch.')}")
+    print(
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (the adapter; its frozen copy is the reference), compute in {str(dtype).removeprefix('torch.')}"
+    )
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     return model, trainer, estimate, trainable, total
 
@@ -459,10 +585,19 @@ def adapter_pairs(adapter: Path) -> tuple[list[Pair], list[Pair]]:
     """The held-out and trained-on pairs that travel with the adapter, carried to the tuned one."""
     from inference.adapter_files import EXAMPLES_FILE, HELD_OUT_FILE
 
-    return tuple(read_pairs(adapter / name)[0] if (adapter / name).is_file() else [] for name in (HELD_OUT_FILE, EXAMPLES_FILE))
+    return tuple(
+        read_pairs(adapter / name)[0] if (adapter / name).is_file() else [] for name in (HELD_OUT_FILE, EXAMPLES_FILE)
+    )
 
 
-def voice_before_after(config: PreferConfig, start: Path, output: Path, held_out: list[Pair], trained_on: list[Pair], result: dict[str, Any]) -> None:
+def voice_before_after(
+    config: PreferConfig,
+    start: Path,
+    output: Path,
+    held_out: list[Pair],
+    trained_on: list[Pair],
+    result: dict[str, Any],
+) -> None:
     """The voice table of the held-out comments (content measures: loops, AI talk, cut at the cap,
     chrF) for the starting adapter and the tuned one, with the same greedy decoding."""
     from inference.engines import load_replier
@@ -475,7 +610,10 @@ def voice_before_after(config: PreferConfig, start: Path, output: Path, held_out
         replier = load_replier(config.base_model, str(folder), config.quantization, backend=config.backend)
         result[key] = evaluate(replier, held_out, trained_on, {}, panes=("adapter",), settings=EVAL_SETTINGS)
         del replier
-        print(f"voice fidelity {'before' if key == 'voice_before' else 'after'} preference tuning:\n" + markdown_table(result[key]))
+        print(
+            f"voice fidelity {'before' if key == 'voice_before' else 'after'} preference tuning:\n"
+            + markdown_table(result[key])
+        )
 
 
 def model_card(result: dict[str, Any], persona: str) -> str:
@@ -483,24 +621,63 @@ def model_card(result: dict[str, Any], persona: str) -> str:
 
     selection = result["selection"]
     lines = [
-        "---", f"base_model: {result['base_model_hub_id']}", "library_name: peft", "pipeline_tag: text-generation", "license: apache-2.0",
-        "tags:", "- lora", "- dpo", "- replytune", "- youtube-comments", "---", "",
-        f"# {result['name']}", "",
+        "---",
+        f"base_model: {result['base_model_hub_id']}",
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        "license: apache-2.0",
+        "tags:",
+        "- lora",
+        "- dpo",
+        "- replytune",
+        "- youtube-comments",
+        "---",
+        "",
+        f"# {result['name']}",
+        "",
         f"A LoRA adapter that answers YouTube comments in a creator's voice: `{result['start_adapter']}` preference-tuned by replytune "
-        f"with {result['trainer']}.", "",
-        "## Preference tuning", "",
-        f"- pairs: {result['pairs']} (" + ", ".join(f"{n} from {s}" for s, n in result["pairs_by_source"].items()) + ")",
+        f"with {result['trainer']}.",
+        "",
+        "## Preference tuning",
+        "",
+        f"- pairs: {result['pairs']} ("
+        + ", ".join(f"{n} from {s}" for s, n in result["pairs_by_source"].items())
+        + ")",
     ]
     if selection["drafted"]:
         reasons = ", ".join(f"{n} {r}" for r, n in selection["selected"].items()) or "none"
-        lines.append(f"- self-pairs: {selection['drafted']} drafts; {selection['draft_equals_reply']} already the real reply; "
-                     f"{selection['self_pairs']} rejected for {reasons}; {selection['merely_different']} merely different, skipped")
+        lines.append(
+            f"- self-pairs: {selection['drafted']} drafts; {selection['draft_equals_reply']} already the real reply; "
+            f"{selection['self_pairs']} rejected for {reasons}; {selection['merely_different']} merely different, skipped"
+        )
     if selection["rows"]:
-        lines.append(f"- preference rows read: {selection['rows']}; {len(selection['same_skipped'])} skipped (chosen equals rejected)")
+        lines.append(
+            f"- preference rows read: {selection['rows']}; {len(selection['same_skipped'])} skipped (chosen equals rejected)"
+        )
     lines += [f"- reward accuracy (last epoch): {result['reward_accuracy']}, margin {result['reward_margin']}", ""]
     if "voice_before" in result:
-        lines += ["## Voice fidelity", "", "Before preference tuning:", "", markdown_table(result["voice_before"]), "After:", "", markdown_table(result["voice"])]
-    lines += ["## Prompt", "", "```text", persona, "```", "", "## How to use", "", "`ADAPTER=THIS_REPO_OR_FOLDER python app.py`", ""]
+        lines += [
+            "## Voice fidelity",
+            "",
+            "Before preference tuning:",
+            "",
+            markdown_table(result["voice_before"]),
+            "After:",
+            "",
+            markdown_table(result["voice"]),
+        ]
+    lines += [
+        "## Prompt",
+        "",
+        "```text",
+        persona,
+        "```",
+        "",
+        "## How to use",
+        "",
+        "`ADAPTER=THIS_REPO_OR_FOLDER python app.py`",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -19,7 +19,18 @@ from typing import Any
 from inference.jsonl import Problem, jsonl_rows
 from inference.quality import flags
 from prompts.render import IGNORE_INDEX, PromptError, PromptRenderer
-from training.data import COMMENT_ALIASES, DataError, Pair, _json_rows, _listing, _normal, _read_text, anonymize, csv_records, text_problem
+from training.data import (
+    COMMENT_ALIASES,
+    DataError,
+    Pair,
+    _json_rows,
+    _listing,
+    _normal,
+    _read_text,
+    anonymize,
+    csv_records,
+    text_problem,
+)
 
 FIELDS = ("comment", "chosen", "rejected")
 # Names real preference files give the three columns, compared as training.data compares them
@@ -73,7 +84,9 @@ class PreferenceSummary:
     def lines(self) -> list[str]:
         out = []
         if self.files:
-            out.append(f"preferences: {self.rows} read from {', '.join(self.files)}; {len(self.same_skipped)} skipped (chosen equals rejected)")
+            out.append(
+                f"preferences: {self.rows} read from {', '.join(self.files)}; {len(self.same_skipped)} skipped (chosen equals rejected)"
+            )
             if self.same_skipped:
                 out.append("  skipped at: " + _listing(self.same_skipped))
         if self.drafted:
@@ -99,7 +112,9 @@ def load_preferences(source: str | Path, summary: PreferenceSummary | None = Non
     if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
     text = _read_text(path)
-    rows = _csv_rows(path, text) if suffix == ".csv" else {".jsonl": jsonl_rows, ".json": _json_rows}[suffix](path, text)
+    rows = (
+        _csv_rows(path, text) if suffix == ".csv" else {".jsonl": jsonl_rows, ".json": _json_rows}[suffix](path, text)
+    )
     pairs = _validate(rows, str(path), summary)
     summary.files.append(str(path))
     return pairs
@@ -114,7 +129,9 @@ def column_mapping(names: Iterable[Any]) -> dict[str, str] | str:
         if len(candidates) > 1:
             return f"{len(candidates)} fields could be the {role}: {', '.join(candidates)}"
         if not candidates:
-            return f"field {role!r}: missing (the fields are {', '.join(names) or 'none'}; expected {', '.join(FIELDS)})"
+            return (
+                f"field {role!r}: missing (the fields are {', '.join(names) or 'none'}; expected {', '.join(FIELDS)})"
+            )
         found[role] = candidates[0]
     return found
 
@@ -168,7 +185,9 @@ class Draft:
     stopped: bool
 
 
-def select_self_pairs(pairs: Sequence[Pair], drafts: Sequence[Draft], summary: PreferenceSummary) -> list[PreferencePair]:
+def select_self_pairs(
+    pairs: Sequence[Pair], drafts: Sequence[Draft], summary: PreferenceSummary
+) -> list[PreferencePair]:
     """Self-pairs whose rejected side is worth learning from: the real reply is chosen over the
     adapter's draft only where the draft has what a reader rejects at a glance (inference.quality's
     flags: a loop, AI talk, a reply cut at the token cap). In a first trial, all 225 self-pairs moved
@@ -187,7 +206,16 @@ def select_self_pairs(pairs: Sequence[Pair], drafts: Sequence[Draft], summary: P
             summary.merely_different += 1
             continue
         summary.selected.update(found)
-        selected.append(PreferencePair(pair.comment, pair.response, anonymize(draft.text), f"self-pair of {pair.where}", SELF_SOURCE, ", ".join(found)))
+        selected.append(
+            PreferencePair(
+                pair.comment,
+                pair.response,
+                anonymize(draft.text),
+                f"self-pair of {pair.where}",
+                SELF_SOURCE,
+                ", ".join(found),
+            )
+        )
     summary.self_pairs += len(selected)
     return selected
 
@@ -214,7 +242,9 @@ class PreferenceExample:
     comment_tokens_cut: int
 
 
-def render_preferences(pairs: Sequence[PreferencePair], renderer: PromptRenderer, max_length: int) -> list[PreferenceExample]:
+def render_preferences(
+    pairs: Sequence[PreferencePair], renderer: PromptRenderer, max_length: int
+) -> list[PreferenceExample]:
     """Render each pair with the one renderer; a reply it cannot tokenize is a DataError naming the pair."""
     examples, problems = [], []
     for pair in pairs:
@@ -226,13 +256,16 @@ def render_preferences(pairs: Sequence[PreferencePair], renderer: PromptRenderer
                 problems.append(f"{pair.where}: field {role!r}: {exc}")
         if len(rendered) < 2:
             continue
-        split = {role: next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX) for role, ex in rendered.items()}
+        split = {
+            role: next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX) for role, ex in rendered.items()
+        }
         # A long comment is cut to fit the longer reply; both sides then share the shorter prompt.
         role = min(split, key=split.get)
         prompt = rendered[role].input_ids[: split[role]]
         chosen, rejected = (rendered[r].input_ids[split[r] :] for r in ("chosen", "rejected"))
-        examples.append(PreferenceExample(prompt, chosen, rejected, max(e.comment_tokens_cut for e in rendered.values())))
+        examples.append(
+            PreferenceExample(prompt, chosen, rejected, max(e.comment_tokens_cut for e in rendered.values()))
+        )
     if problems:
         raise DataError(f"{len(problems)} pair(s) cannot be rendered:\n  " + _listing(problems, sep="\n  "))
     return examples
-

@@ -80,10 +80,19 @@ def cpu_flags() -> str:
     """The CPU features that decide the speed of every number measured here: AVX2 on most laptops,
     AVX-512 BF16 and AMX (native bf16 matmuls) on recent Xeons."""
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
     except OSError:
         return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags) or "none of avx2/avx512/amx"
+    return (
+        " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags) or "none of avx2/avx512/amx"
+    )
 
 
 def display_path(path: str | None) -> str | None:
@@ -128,7 +137,11 @@ def run_record(
             "tokens": summary.tokens,
         },
         "config": {
-            k: [display_path(s) for s in v] if k == "data" else display_path(v) if k in ("eval_data", "persona", "output_dir") else v
+            k: [display_path(s) for s in v]
+            if k == "data"
+            else display_path(v)
+            if k in ("eval_data", "persona", "output_dir")
+            else v
             for k, v in dataclasses.asdict(config).items()
             if k not in ("resume", "check_data", "push_to_hub", "private")
         },
@@ -166,7 +179,9 @@ def plot_losses(folder: Path, log_history: list[dict[str, Any]], base_eval_loss:
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out loss (per epoch)", color="#d9534f")
     if base_eval_loss is not None:
-        ax.axhline(base_eval_loss, linestyle="--", color="gray", label=f"base model held-out loss ({base_eval_loss:.2f})")
+        ax.axhline(
+            base_eval_loss, linestyle="--", color="gray", label=f"base model held-out loss ({base_eval_loss:.2f})"
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss on reply tokens")
     ax.set_title("LoRA fine-tuning")

@@ -90,7 +90,11 @@ def train(config: TrainConfig) -> int:
     if config.check_data:
         return 0
     output = Path(config.output_dir)
-    run_info = {"data_hash": file_hash(*prepared.summary.files, config.eval_data, config.persona), "config_hash": config.training_hash(), "processes": world_size()}
+    run_info = {
+        "data_hash": file_hash(*prepared.summary.files, config.eval_data, config.persona),
+        "config_hash": config.training_hash(),
+        "processes": world_size(),
+    }
     # Under a launcher the main process checks and prepares the output folder; the others find the
     # checkpoint it chose once it has.
     if is_main():
@@ -112,7 +116,9 @@ def train(config: TrainConfig) -> int:
     model = run.trainer.accelerator.unwrap_model(run.trainer.model)
     if config.method == "lora":
         model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
-    save_adapter(model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, prepared.train_pairs, output, weights)
+    save_adapter(
+        model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, prepared.train_pairs, output, weights
+    )
 
     from training import report
     from training.hub import CARD_FILE, model_card, push_adapter
@@ -120,8 +126,16 @@ def train(config: TrainConfig) -> int:
 
     history = run.trainer.state.log_history
     result = report.run_record(
-        prepared, run_info, base_eval, final_eval, run.trainer.state, run.trainable, run.total,
-        peak_memory_gib(), run.stats.tokens_per_second, time.perf_counter() - started,
+        prepared,
+        run_info,
+        base_eval,
+        final_eval,
+        run.trainer.state,
+        run.trainable,
+        run.total,
+        peak_memory_gib(),
+        run.stats.tokens_per_second,
+        time.perf_counter() - started,
     )
     evaluation_started = time.perf_counter()
     voice_evaluation(prepared, model, {"base": base_eval, "adapter": final_eval}, result)
@@ -188,21 +202,33 @@ def set_up(prepared: Prepared, base_eval: BaseEvaluation) -> Run:
     prefix = prepared.shared_prefix()
     # The loss projects only the learned positions; a packed row holds the prefix once.
     packed, learned = prepared.largest_batch(prefix)
-    estimate = estimate_for_config(config, summary.longest, limit=limit, shared_prefix=prefix,
-                                   learned_tokens=None if prepared.seq2seq else learned, packed_tokens=packed if prefix else None)
+    estimate = estimate_for_config(
+        config,
+        summary.longest,
+        limit=limit,
+        shared_prefix=prefix,
+        learned_tokens=None if prepared.seq2seq else learned,
+        packed_tokens=packed if prefix else None,
+    )
     base = load_training_base(config.base_model, config.quantization, dtype, config.trust_remote_code)
     model = trainable_model(base, config, estimate.checkpointed_layers)
     trainable, total = count_parameters(model)
     what = "LoRA" if config.method == "lora" else "full fine-tune"
-    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}")
+    print(
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}"
+    )
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     if prefix:
-        print(f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
-              f"the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}")
+        print(
+            f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
+            f"the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}"
+        )
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
     print(checkpointing_plan(estimate, limit, config.gradient_checkpointing))
-    trainer, stats = build_trainer(config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base_eval)
+    trainer, stats = build_trainer(
+        config, model, prepared.tokenizer, prepared.train_examples, prepared.eval_examples, dtype, prefix, base_eval
+    )
     return Run(config, trainer, stats, estimate, trainable, total)
 
 
@@ -257,7 +283,9 @@ def fit(run: Run, checkpoint: Path | None) -> None:
         raise write_failure(output, exc.filename or f"the training logs in {output / RUNS}", exc) from exc
 
 
-def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]) -> None:
+def voice_evaluation(
+    prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]
+) -> None:
     """Replies to the held-out comments with and without the adapter, scored (training.evaluate)."""
     from inference.adapter_files import HELD_OUT_FILE
     from inference.generate import Replier
@@ -274,8 +302,10 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     if fsdp_enabled():
         # Each process holds a shard of the model: the main one cannot generate alone. The adapter
         # folder carries its held-out pairs.
-        print(f"voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine that holds the whole model: "
-              f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}")
+        print(
+            f"voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine that holds the whole model: "
+            f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
+        )
         return
     ready_for_generation(model)
     from inference.retrieval import ExampleBank
@@ -286,7 +316,10 @@ def voice_evaluation(prepared: Prepared, model: torch.nn.Module, losses: dict[st
     # training) and on: the same reply tokens of the same pairs.
     replier = voice_replier(config, trained, Path(config.output_dir))
     # The examples panes' losses are measured here: the run measured the persona-only prompt's.
-    losses = {**losses, **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples"))}
+    losses = {
+        **losses,
+        **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples")),
+    }
     result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
 
@@ -296,11 +329,19 @@ def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> Stream
     instead of minutes), or the trained model itself."""
     from inference.engines import engine_replier
 
-    return engine_replier(config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained)
+    return engine_replier(
+        config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained
+    )
 
 
 def save_adapter(
-    model, tokenizer, persona: Persona, held_out: list[Pair], trained_on: list[Pair], output: Path, weights: dict[str, torch.Tensor] | None = None
+    model,
+    tokenizer,
+    persona: Persona,
+    held_out: list[Pair],
+    trained_on: list[Pair],
+    output: Path,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter, tokenizer, persona, held-out and training pairs so that a kill leaves the
     old files or the new ones. The pairs (anonymised) travel with the adapter: the app's blind test
@@ -318,7 +359,9 @@ def save_adapter(
     trained = weights if weights is not None else {name: p for name, p in model.named_parameters() if p.requires_grad}
     bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
     if bad:
-        raise TrainingStopped(f"the adapter has NaN or infinite weights ({bad[0]} and {len(bad) - 1} more); it is not saved")
+        raise TrainingStopped(
+            f"the adapter has NaN or infinite weights ({bad[0]} and {len(bad) - 1} more); it is not saved"
+        )
     staging = output / ".saving"
     if staging.exists():
         shutil.rmtree(staging)  # left by a save that was killed
@@ -337,7 +380,11 @@ def out_of_memory_message(config: TrainConfig, step: int, estimate: Estimate) ->
         f"out of memory at step {step}. Estimated need for this run: {estimate.summary()}. "
         f"Lower --batch-size (now {config.batch_size}; raise --grad-accum to keep the effective batch) "
         f"or --max-length (now {config.max_length})"
-        + ("" if estimate.checkpointed_layers == estimate.layers else ", or set a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing")
+        + (
+            ""
+            if estimate.checkpointed_layers == estimate.layers
+            else ", or set a lower --memory-limit-gib (more layers checkpointed) or --gradient-checkpointing"
+        )
     )
 
 

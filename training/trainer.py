@@ -75,7 +75,9 @@ class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._held_out_losses: list[torch.Tensor] = []  # each example's (summed loss, learned tokens), in the running evaluation
+        self._held_out_losses: list[
+            torch.Tensor
+        ] = []  # each example's (summed loss, learned tokens), in the running evaluation
 
     def train_sampler(self, dataset) -> torch.utils.data.Sampler:
         # Length grouping works in megabatches of some updates' examples: the Trainer sizes them by
@@ -83,7 +85,10 @@ class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
         # other batches. Sized by the whole update, N processes see the batches one process does.
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size, lengths=list(dataset["length"]))
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+            lengths=list(dataset["length"]),
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses = self.token_losses(model, inputs)
@@ -94,7 +99,9 @@ class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
         loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         # The Trainer's evaluation loss is the mean of its batches' mean losses, weighted by
         # examples: it moved with how the held-out examples were batched (the base model's 4.444
         # with 4 to a batch read 4.485 with 8). Here it is the mean over every held-out learned token.
@@ -126,11 +133,17 @@ class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
             learned = labels != IGNORE_INDEX
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[learned], labels[learned], reduction="none")
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-            raise NotImplementedError(f"{config.model_type}: logits are post-processed; the reply-only head does not apply")
+            raise NotImplementedError(
+                f"{config.model_type}: logits are post-processed; the reply-only head does not apply"
+            )
         # The model is called as the Trainer wraps it (DDP syncs the gradients of what its forward
         # ran; FSDP gathers each layer's shards in it). The LoRA layers rely on autocast (see lora_model).
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        forward = {"input_ids": inputs["input_ids"], "use_cache": False, "logits_to_keep": inputs["head_positions"]}  # a cache would copy every key and value
+        forward = {
+            "input_ids": inputs["input_ids"],
+            "use_cache": False,
+            "logits_to_keep": inputs["head_positions"],
+        }  # a cache would copy every key and value
         if "segments" in inputs:
             mask_dtype = dtype or causal.get_input_embeddings().weight.dtype
             forward["position_ids"] = inputs["position_ids"]
@@ -139,10 +152,16 @@ class _ReplyTrainer(StopOnNonFiniteLoss, Trainer):
                 # mask building as it is, so no (row x row) mask is made.
                 forward["attention_mask"] = torch.zeros(1, 1, 1, 1, dtype=mask_dtype, device=inputs["input_ids"].device)
                 prefix = int(inputs["packed_prefix"])
-                forward.update(packed_prefix=prefix, segment_index=inputs["segment_index"], segment_valid=inputs["segment_valid"],
-                               segment_mask=segment_attention_mask(inputs["segment_sees"], prefix, mask_dtype))
+                forward.update(
+                    packed_prefix=prefix,
+                    segment_index=inputs["segment_index"],
+                    segment_valid=inputs["segment_valid"],
+                    segment_mask=segment_attention_mask(inputs["segment_sees"], prefix, mask_dtype),
+                )
             else:
-                forward["attention_mask"] = shared_prefix_mask(inputs["segments"], attention_implementation(config), mask_dtype)
+                forward["attention_mask"] = shared_prefix_mask(
+                    inputs["segments"], attention_implementation(config), mask_dtype
+                )
         else:
             forward["attention_mask"] = inputs["attention_mask"]
         with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
@@ -217,7 +236,10 @@ def per_example_sums(inputs: dict[str, torch.Tensor], losses: torch.Tensor) -> t
     if "learned_positions" not in inputs:  # seq2seq: the learned labels' rows, in the order token_losses takes them
         examples, owner = inputs["labels"].shape[0], (inputs["labels"] != IGNORE_INDEX).nonzero()[:, 0]
     elif "segments" in inputs:  # one row: the head's positions are the row's
-        examples, owner = inputs["segment_index"].shape[0], inputs["segments"][0, inputs["head_positions"]][inputs["learned_positions"]]
+        examples, owner = (
+            inputs["segment_index"].shape[0],
+            inputs["segments"][0, inputs["head_positions"]][inputs["learned_positions"]],
+        )
     else:
         examples, owner = inputs["input_ids"].shape[0], inputs["learned_positions"] // inputs["head_positions"].numel()
     sums = torch.zeros(examples, 2, dtype=torch.float64, device=losses.device)
@@ -370,7 +392,9 @@ def build_trainer(
         args=args,
         train_dataset=to_dataset(train),
         eval_dataset=to_dataset(evals),
-        data_collator=ReplyCollator(tokenizer.pad_token_id) if model.config.is_encoder_decoder else TrainingCollator(tokenizer.pad_token_id, prefix),
+        data_collator=ReplyCollator(tokenizer.pad_token_id)
+        if model.config.is_encoder_decoder
+        else TrainingCollator(tokenizer.pad_token_id, prefix),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

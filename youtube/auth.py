@@ -44,7 +44,9 @@ def default_token_url() -> str:
 def check_outside_repository(token_file: Path) -> None:
     """A token inside the checkout is one `git add .` away from being published."""
     if token_file.resolve().is_relative_to(REPO_ROOT):
-        raise AuthError(f"{token_file} is inside the repository {REPO_ROOT}: keep the sign-in outside it (the default is ~/.config/replytune/)")
+        raise AuthError(
+            f"{token_file} is inside the repository {REPO_ROOT}: keep the sign-in outside it (the default is ~/.config/replytune/)"
+        )
 
 
 def login(client_secrets: Path, token_file: Path) -> Path:
@@ -53,7 +55,9 @@ def login(client_secrets: Path, token_file: Path) -> Path:
 
     check_outside_repository(token_file)
     if not client_secrets.is_file():
-        raise AuthError(f"{client_secrets}: no such file; download the OAuth client (type Desktop app) from APIs & Services > Credentials in the Google Cloud console")
+        raise AuthError(
+            f"{client_secrets}: no such file; download the OAuth client (type Desktop app) from APIs & Services > Credentials in the Google Cloud console"
+        )
     flow = InstalledAppFlow.from_client_secrets_file(str(client_secrets), scopes=SCOPES)
     credentials = flow.run_local_server(port=0)
     save(credentials, token_file)
@@ -64,7 +68,12 @@ def save(credentials: Credentials, token_file: Path) -> None:
     """The refresh token and its OAuth client, never the access token, written 0600 in one rename."""
     check_outside_repository(token_file)
     token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    record = {"refresh_token": credentials.refresh_token, "client_id": credentials.client_id, "client_secret": credentials.client_secret, "scopes": SCOPES}
+    record = {
+        "refresh_token": credentials.refresh_token,
+        "client_id": credentials.client_id,
+        "client_secret": credentials.client_secret,
+        "scopes": SCOPES,
+    }
     tmp = token_file.with_name(token_file.name + ".tmp")
     # Created with mode 0600 from the start: a chmod after writing would leave a moment where others can read it.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -99,9 +108,13 @@ class SignIn:
             # shown, never the request or the response body.
             answer = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
             code = answer.get("error") or "refused"
-            raise AuthError(f"the YouTube sign-in was refused ({code}: revoked or expired): run `{LOGIN_COMMAND}` again") from None
+            raise AuthError(
+                f"the YouTube sign-in was refused ({code}: revoked or expired): run `{LOGIN_COMMAND}` again"
+            ) from None
         except TransportError as exc:
-            raise AuthError(f"could not reach the sign-in server {credentials.token_uri} ({type(exc).__name__}): check the connection and run the same command again") from None
+            raise AuthError(
+                f"could not reach the sign-in server {credentials.token_uri} ({type(exc).__name__}): check the connection and run the same command again"
+            ) from None
         if credentials.refresh_token != before:
             save(credentials, self.token_file)  # the endpoint rotated the refresh token: keep the new one
         return credentials.token
@@ -117,8 +130,15 @@ def load(token_file: Path, token_url: str) -> SignIn:
     try:
         record = json.loads(token_file.read_text(encoding="utf-8"))
         credentials = Credentials(
-            token=None, refresh_token=record["refresh_token"], token_uri=token_url, client_id=record["client_id"], client_secret=record["client_secret"], scopes=record["scopes"]
+            token=None,
+            refresh_token=record["refresh_token"],
+            token_uri=token_url,
+            client_id=record["client_id"],
+            client_secret=record["client_secret"],
+            scopes=record["scopes"],
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise AuthError(f"{token_file}: not a saved sign-in (field {exc} missing or unreadable): delete it and run `{LOGIN_COMMAND}`") from None
+        raise AuthError(
+            f"{token_file}: not a saved sign-in (field {exc} missing or unreadable): delete it and run `{LOGIN_COMMAND}`"
+        ) from None
     return SignIn(credentials, token_file)

@@ -29,7 +29,13 @@ PAGE_SIZE = 100  # the API's maximum for commentThreads.list
 
 def thread_page(client: Client, channel: str, page_token: str | None, **extra: Any) -> dict[str, Any]:
     """One page of the channel's comment threads, newest first, with their replies."""
-    params = {"part": "snippet,replies", "allThreadsRelatedToChannelId": channel, "maxResults": PAGE_SIZE, "textFormat": "plainText", **extra}
+    params = {
+        "part": "snippet,replies",
+        "allThreadsRelatedToChannelId": channel,
+        "maxResults": PAGE_SIZE,
+        "textFormat": "plainText",
+        **extra,
+    }
     if page_token:
         params["pageToken"] = page_token
     page = client.get("commentThreads", params)
@@ -47,7 +53,9 @@ def fetch_channel(channel: str, out: Path, client: Client, max_pages: int | None
     if partial.is_file():
         saved = json.loads(partial.read_text(encoding="utf-8"))
         if saved.get("channel") != channel:
-            raise YouTubeError(f"{partial} holds a fetch of another channel ({saved.get('channel')}); remove it or pass --out another file")
+            raise YouTubeError(
+                f"{partial} holds a fetch of another channel ({saved.get('channel')}); remove it or pass --out another file"
+            )
         state = saved
     threads = sum(len(p.get("items") or []) for p in state["pages"])
     with tqdm(desc=f"fetching {channel}", unit=" page", initial=len(state["pages"])) as bar:
@@ -84,16 +92,31 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m youtube.fetch", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("--channel", required=True, help="the channel id (UC...), from YouTube Studio > Settings > Channel > Advanced")
-    parser.add_argument("--out", type=Path, default=Path("comments.json"), help="the export to write (default: comments.json)")
+    parser = argparse.ArgumentParser(
+        prog="python -m youtube.fetch", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "--channel", required=True, help="the channel id (UC...), from YouTube Studio > Settings > Channel > Advanced"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("comments.json"), help="the export to write (default: comments.json)"
+    )
     parser.add_argument("--api-key", help=f"a YouTube Data API v3 key (default: ${KEY_ENV}); never written anywhere")
-    parser.add_argument("--max-pages", type=int, help="stop after this many pages of 100 threads (the fetch can be continued later)")
-    parser.add_argument("--api-url", default=default_api_url(), help="the API root: another endpoint, a proxy or a local server [env YOUTUBE_API_URL]")
+    parser.add_argument(
+        "--max-pages", type=int, help="stop after this many pages of 100 threads (the fetch can be continued later)"
+    )
+    parser.add_argument(
+        "--api-url",
+        default=default_api_url(),
+        help="the API root: another endpoint, a proxy or a local server [env YOUTUBE_API_URL]",
+    )
     args = parser.parse_args(argv)
     key = args.api_key or os.environ.get(KEY_ENV)
     if not key:
-        print(f"error: no API key: set {KEY_ENV} (or pass --api-key); a key comes from the Google Cloud console with the YouTube Data API v3 enabled", file=sys.stderr)
+        print(
+            f"error: no API key: set {KEY_ENV} (or pass --api-key); a key comes from the Google Cloud console with the YouTube Data API v3 enabled",
+            file=sys.stderr,
+        )
         return 2
     try:
         pages, threads = fetch_channel(args.channel, args.out, Client(args.api_url, key=key), args.max_pages)
@@ -107,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             pairs = len(load_pairs(args.out))
         except DataError:  # the loader's "no rows": no thread has a reply of the channel
             pairs = 0
-        print(f"{threads} threads in {pages} page(s) written to {args.out}: {pairs} with your reply, the pairs to train on")
+        print(
+            f"{threads} threads in {pages} page(s) written to {args.out}: {pairs} with your reply, the pairs to train on"
+        )
         if pairs:
             print(f"train: python -m training.run --data {args.out} --eval-data none")
     else:

@@ -53,7 +53,15 @@ DEFAULT_SINCE_DAYS = 30
 MAX_CHECK_PAGES = 20  # of 100 replies: a thread with more is beyond what a creator answers by hand
 # 400s about one reply (its text, or a thread the channel may not answer): that item stays
 # approved with the reason, and the rest of the batch goes on.
-ITEM_REASONS = ("commentTextRequired", "commentTextTooLong", "invalidCustomEmoji", "invalidCommentMetadata", "operationNotSupported", "parentCommentIsPrivate", "processingFailure")
+ITEM_REASONS = (
+    "commentTextRequired",
+    "commentTextTooLong",
+    "invalidCustomEmoji",
+    "invalidCommentMetadata",
+    "operationNotSupported",
+    "parentCommentIsPrivate",
+    "processingFailure",
+)
 
 
 class InboxError(YouTubeError):
@@ -93,9 +101,13 @@ def load(state: Path) -> dict[str, Item]:
             record = json.loads(line)
             item = Item(**{k: v for k, v in record.items() if k in fields})
         except (ValueError, TypeError) as exc:
-            raise InboxError(f"{path}:{number}: not an inbox line ({exc}); restore the line or delete it and pull again") from None
+            raise InboxError(
+                f"{path}:{number}: not an inbox line ({exc}); restore the line or delete it and pull again"
+            ) from None
         if item.status not in get_args(Status):
-            raise InboxError(f"{path}:{number}: field 'status': {item.status!r} is none of {', '.join(get_args(Status))}")
+            raise InboxError(
+                f"{path}:{number}: field 'status': {item.status!r} is none of {', '.join(get_args(Status))}"
+            )
         items[item.id] = item
     return items
 
@@ -109,7 +121,10 @@ def editing(state: Path) -> Iterator[dict[str, Item]]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         items = load(state)
         yield items
-        write_atomically(state / STATE_FILE, "".join(json.dumps(dataclasses.asdict(i), ensure_ascii=False) + "\n" for i in items.values()))
+        write_atomically(
+            state / STATE_FILE,
+            "".join(json.dumps(dataclasses.asdict(i), ensure_ascii=False) + "\n" for i in items.values()),
+        )
 
 
 def _change(state: Path, comment_id: str, change: Callable[[Item], None]) -> Item:
@@ -174,9 +189,18 @@ def _item(thread: dict[str, Any], channel: str) -> Item:
     try:
         top = thread["snippet"]["topLevelComment"]
         snippet = top["snippet"]
-        return Item(id=top["id"], channel=channel, video=snippet.get("videoId", ""), author=snippet.get("authorDisplayName", ""), text=snippet["textOriginal"], published=snippet["publishedAt"])
+        return Item(
+            id=top["id"],
+            channel=channel,
+            video=snippet.get("videoId", ""),
+            author=snippet.get("authorDisplayName", ""),
+            text=snippet["textOriginal"],
+            published=snippet["publishedAt"],
+        )
     except (KeyError, TypeError) as exc:
-        raise YouTubeError(f"thread {thread.get('id')!r} is not a commentThread in the YouTube Data API format (missing {exc})") from None
+        raise YouTubeError(
+            f"thread {thread.get('id')!r} is not a commentThread in the YouTube Data API format (missing {exc})"
+        ) from None
 
 
 def _answered(thread: dict[str, Any], channel: str) -> bool:
@@ -192,7 +216,9 @@ def parse_since(text: str) -> datetime:
     try:
         return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--since {text!r}: give a number of days (30d) or a date (2026-11-01)") from None
+        raise argparse.ArgumentTypeError(
+            f"--since {text!r}: give a number of days (30d) or a date (2026-11-01)"
+        ) from None
 
 
 # --- drafts ------------------------------------------------------------------------------------
@@ -205,7 +231,11 @@ class DraftRun:
     seconds: float
 
     def __str__(self) -> str:
-        rate = f"{self.comments / self.seconds:.2f} comments/s, {self.tokens / self.seconds:.1f} tokens/s" if self.comments else "nothing to draft"
+        rate = (
+            f"{self.comments / self.seconds:.2f} comments/s, {self.tokens / self.seconds:.1f} tokens/s"
+            if self.comments
+            else "nothing to draft"
+        )
         return f"{self.comments} drafts in {self.seconds:.1f} s ({rate})"
 
 
@@ -219,7 +249,9 @@ def draft(state: Path, replier: StreamingReplier, settings: GenerationSettings |
     waiting = [i for i in load(state).values() if i.status == "waiting"]
     tokens, started = 0, time.perf_counter()
     # background=False: the decoding runs on this (main) thread, as in the voice evaluation.
-    replies = replier.replies([i.text for i in waiting], settings or EVAL_SETTINGS, panes=(replier.tuned_pane,), background=False)
+    replies = replier.replies(
+        [i.text for i in waiting], settings or EVAL_SETTINGS, panes=(replier.tuned_pane,), background=False
+    )
     for item, (reply,) in tqdm(zip(waiting, replies), total=len(waiting), desc="drafting", unit=" comment"):
         tokens += len(reply.token_ids)
         with editing(state) as items:
@@ -235,7 +267,9 @@ def regenerate(state: Path, replier: StreamingReplier, comment_id: str) -> Item:
     from training.evaluate import EVAL_SETTINGS
 
     text = _answerable(load(state), comment_id).text
-    (reply,) = replier.reply(text, GenerationSettings(EVAL_SETTINGS.max_new_tokens, temperature=0.8, top_p=0.95), panes=(replier.tuned_pane,))
+    (reply,) = replier.reply(
+        text, GenerationSettings(EVAL_SETTINGS.max_new_tokens, temperature=0.8, top_p=0.95), panes=(replier.tuned_pane,)
+    )
 
     def new_draft(item: Item) -> None:
         _check_answerable(item)
@@ -339,7 +373,10 @@ class PostRun:
         if self.gone:
             parts.append(f"{len(self.gone)} gone (deleted before posting)")
         if self.refused:
-            parts.append(f"{len(self.refused)} refused by YouTube and left approved: " + "; ".join(f"{i.id}: {i.note}" for i in self.refused))
+            parts.append(
+                f"{len(self.refused)} refused by YouTube and left approved: "
+                + "; ".join(f"{i.id}: {i.note}" for i in self.refused)
+            )
         return ", ".join(parts)
 
 
@@ -382,7 +419,9 @@ def _claim(state: Path, comment_id: str) -> Item | None:
 
 def _post_one(state: Path, client: Client, item: Item, run: PostRun) -> None:
     try:
-        answer = client.post("comments", {"part": "snippet"}, {"snippet": {"parentId": item.id, "textOriginal": item.final}})
+        answer = client.post(
+            "comments", {"part": "snippet"}, {"snippet": {"parentId": item.id, "textOriginal": item.final}}
+        )
     except ApiError as exc:
         if exc.status == 404:
             run.gone.append(_set(state, item, "gone", note=str(exc)))
@@ -406,11 +445,19 @@ def _resolve(state: Path, client: Client, item: Item, run: PostRun) -> None:
     token: str | None = None
     try:
         for _ in range(MAX_CHECK_PAGES):
-            params = {"part": "snippet", "parentId": item.id, "maxResults": 100, "textFormat": "plainText", **({"pageToken": token} if token else {})}
+            params = {
+                "part": "snippet",
+                "parentId": item.id,
+                "maxResults": 100,
+                "textFormat": "plainText",
+                **({"pageToken": token} if token else {}),
+            }
             page = client.get("comments", params)
             for reply in page.get("items") or []:
                 snippet = reply.get("snippet") or {}
-                if (snippet.get("authorChannelId") or {}).get("value") == item.channel and snippet.get("textOriginal", "").strip() == item.final:
+                if (snippet.get("authorChannelId") or {}).get("value") == item.channel and snippet.get(
+                    "textOriginal", ""
+                ).strip() == item.final:
                     run.found.append(_set(state, item, "posted", reply_id=reply.get("id", "")))
                     return
             token = page.get("nextPageToken")
@@ -449,16 +496,38 @@ def main(argv: list[str] | None = None) -> int:
     from youtube import auth
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state", type=Path, required=True, help="the inbox folder (inbox.jsonl, pairs.jsonl, preferences.jsonl)")
-    common.add_argument("--api-url", default=default_api_url(), help="the API root: a proxy or a local server [env YOUTUBE_API_URL]")
+    common.add_argument(
+        "--state", type=Path, required=True, help="the inbox folder (inbox.jsonl, pairs.jsonl, preferences.jsonl)"
+    )
+    common.add_argument(
+        "--api-url", default=default_api_url(), help="the API root: a proxy or a local server [env YOUTUBE_API_URL]"
+    )
     signed = argparse.ArgumentParser(add_help=False)
-    signed.add_argument("--token-file", type=Path, default=auth.default_token_file(), help="the saved sign-in, outside the repository [env YOUTUBE_TOKEN_FILE]")
-    signed.add_argument("--token-url", default=auth.default_token_url(), help="the OAuth token endpoint [env YOUTUBE_TOKEN_URL]")
-    parser = argparse.ArgumentParser(prog="python -m youtube.inbox", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    signed.add_argument(
+        "--token-file",
+        type=Path,
+        default=auth.default_token_file(),
+        help="the saved sign-in, outside the repository [env YOUTUBE_TOKEN_FILE]",
+    )
+    signed.add_argument(
+        "--token-url", default=auth.default_token_url(), help="the OAuth token endpoint [env YOUTUBE_TOKEN_URL]"
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m youtube.inbox",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pull", parents=[common], help="fetch the comments still waiting for your answer")
-    p.add_argument("--channel", required=True, help="the channel id (UC...), from YouTube Studio > Settings > Channel > Advanced")
-    p.add_argument("--since", type=parse_since, default=f"{DEFAULT_SINCE_DAYS}d", help=f"how far back: days (30d) or a date (2026-11-01); default {DEFAULT_SINCE_DAYS}d")
+    p.add_argument(
+        "--channel", required=True, help="the channel id (UC...), from YouTube Studio > Settings > Channel > Advanced"
+    )
+    p.add_argument(
+        "--since",
+        type=parse_since,
+        default=f"{DEFAULT_SINCE_DAYS}d",
+        help=f"how far back: days (30d) or a date (2026-11-01); default {DEFAULT_SINCE_DAYS}d",
+    )
     p.add_argument("--max-pages", type=int, help="stop after this many pages of 100 threads")
     p.add_argument("--api-key", help=f"a YouTube Data API v3 key (default: ${KEY_ENV}); never written anywhere")
     d = commands.add_parser("draft", parents=[common], help="draft a reply for every waiting comment")
@@ -466,7 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--adapter", default=None, help="the adapter to draft with (default: the shipped adapters/default)")
     commands.add_parser("list", parents=[common], help="the counts and the comments to answer")
     g = commands.add_parser("login", parents=[signed], help="sign in as the channel (once)")
-    g.add_argument("--client-secrets", type=Path, required=True, help="the OAuth client (Desktop app) JSON from the Google Cloud console")
+    g.add_argument(
+        "--client-secrets",
+        type=Path,
+        required=True,
+        help="the OAuth client (Desktop app) JSON from the Google Cloud console",
+    )
     o = commands.add_parser("post", parents=[common, signed], help="post the approved replies")
     o.add_argument("--dry-run", action="store_true", help="show what would be posted, post nothing")
     args = parser.parse_args(argv)
@@ -474,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pull":
             key = args.api_key or os.environ.get(KEY_ENV)
             if not key:
-                raise YouTubeError(f"no API key: set {KEY_ENV} (or pass --api-key); a key comes from the Google Cloud console with the YouTube Data API v3 enabled")
+                raise YouTubeError(
+                    f"no API key: set {KEY_ENV} (or pass --api-key); a key comes from the Google Cloud console with the YouTube Data API v3 enabled"
+                )
             added, pages = pull(Client(args.api_url, key=key), args.state, args.channel, args.since, args.max_pages)
             print(f"{added} new comment(s) from {pages} page(s); inbox: {counts_line(args.state)}")
         elif args.command == "draft":

@@ -35,6 +35,10 @@ def written_for(library: str, versions: str, what: str) -> bool:
         return True
     logger.warning(
         "%s %s: replytune's use of %s was written for %s %s; using the library's stock path instead",
-        library, installed or "(not installed)", what, library, versions,
+        library,
+        installed or "(not installed)",
+        what,
+        library,
+        versions,
     )
     return False

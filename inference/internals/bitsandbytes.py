@@ -50,7 +50,11 @@ def _prefill_linear4bit() -> type:
     class PrefillLinear4bit(Linear4bit):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             state = self.weight.quant_state
-            if x.requires_grad or not getattr(state, "packing_format_for_cpu", False) or x.numel() < PREFILL_ROWS * x.shape[-1]:
+            if (
+                x.requires_grad
+                or not getattr(state, "packing_format_for_cpu", False)
+                or x.numel() < PREFILL_ROWS * x.shape[-1]
+            ):
                 return super().forward(x)
             weight = dequantize_cpu_layout(self.weight.data, state)
             bias = None if self.bias is None else self.bias.to(weight.dtype)
@@ -80,5 +84,7 @@ def dequantize_cpu_layout(packed: torch.Tensor, state) -> torch.Tensor:
     byte = torch.arange(256, device=packed.device)
     table = torch.stack([code[byte & 0xF], code[byte >> 4]], dim=1)  # byte -> (low value, high value)
     values = torch.nn.functional.embedding(packed.view(torch.uint8).reshape(-1).long(), table)  # [n * k / 2, 2]
-    weight = values.view(n // 32, k // 2, 16, 2, 2).permute(0, 4, 2, 1, 3).reshape(n, k // state.blocksize, state.blocksize)
+    weight = (
+        values.view(n // 32, k // 2, 16, 2, 2).permute(0, 4, 2, 1, 3).reshape(n, k // state.blocksize, state.blocksize)
+    )
     return (weight * state.absmax.t().reshape(n, k // state.blocksize, 1)).view(n, k)

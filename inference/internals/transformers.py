@@ -46,7 +46,9 @@ def attention_known() -> bool:
 def attention_implementation(config: Any) -> str:
     """The attention a loaded model runs (``config._attn_implementation``); only where attention_known."""
     if not attention_known():
-        raise RuntimeError("the attention implementation of a model is unknown on this transformers version; batches must not be packed")
+        raise RuntimeError(
+            "the attention implementation of a model is unknown on this transformers version; batches must not be packed"
+        )
     return config._attn_implementation
 
 
@@ -76,7 +78,9 @@ def trainer_hooks(trainer_class: type) -> type:
     ``train_sampler(dataset)`` makes the training sampler (``_get_train_sampler``), and
     ``before_loading_optimizer(checkpoint)`` runs before a checkpoint's optimizer and scheduler
     states are loaded into the new ones (``_load_optimizer_and_scheduler``)."""
-    if not written_for("transformers", WRITTEN_FOR, "Trainer._get_train_sampler and Trainer._load_optimizer_and_scheduler"):
+    if not written_for(
+        "transformers", WRITTEN_FOR, "Trainer._get_train_sampler and Trainer._load_optimizer_and_scheduler"
+    ):
         return trainer_class
 
     class Hooked(trainer_class):
