@@ -528,6 +528,8 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
             return write_failure(output, f"checkpoint-{self.state.global_step}", exc) if is_write_error(exc) else None
 
     rows = {
+        # For the length-grouped order: a batch pads every row to its longest pair.
+        "length": [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples],
         "prompt_ids": [e.prompt_ids for e in examples],
         "chosen_ids": [e.chosen_ids for e in examples],
         "rejected_ids": [e.rejected_ids for e in examples],
@@ -545,6 +547,12 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
         beta=config.beta,
         loss_type=["sigmoid"],
         max_length=None,  # the renderer cut each pair to --max-length, the comment and never a reply
+        # The reference (the starting adapter, frozen) scores every pair once before the first step,
+        # not again in every step of every epoch; pairs of like length share a batch, so little of
+        # it is padding.
+        precompute_ref_log_probs=True,
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,  # keeps "length" for the sampler; the collator reads its own keys
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         save_strategy="epoch",

@@ -16,6 +16,7 @@ from inference.internals import written_for
 
 WRITTEN_FOR = "==1.16.*"
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+LENGTH = "length"  # kept where present: the length-grouped sampler's column
 
 
 def takes_token_ids(trainer_class: type) -> type:
@@ -26,7 +27,7 @@ def takes_token_ids(trainer_class: type) -> type:
     class TokenIds(trainer_class):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if all(name in dataset.column_names for name in IDS):
-                return dataset.select_columns(list(IDS))
+                return dataset.select_columns([*IDS, *([LENGTH] if LENGTH in dataset.column_names else [])])
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     TokenIds.__name__ = TokenIds.__qualname__ = trainer_class.__name__
