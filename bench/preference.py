@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from inference.adapter_files import SUMMARY_FILE
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT
 from inference.engines import load_replier
 from training.data import load_pairs
@@ -75,6 +76,11 @@ def main() -> None:
         ["training.prefer", "--adapter", str(supervised), "--self-pairs", "--output-dir", str(preferred)],
         args.out / "preference.log",
     )
+    # Each run's own clock, before its evaluation (the supervised run's voice evaluation scores every
+    # pane with held-out losses; the preference run's only the adapter before and after).
+    for name, folder in (("supervised", supervised), ("preference", preferred)):
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+        times[f"{name} before evaluation"] = summary["wall_seconds"]
     print(f"wall: {times}", flush=True)
 
     held_out, trained = load_pairs(ROOT / "data" / "heldout.jsonl"), load_pairs(ROOT / "data" / "train.jsonl")
