@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from inference.default_model import ROOT
 from inference.quality import chrf, content_stats, flags, loops, talks_like_an_ai
 
 
@@ -15,10 +16,31 @@ from inference.quality import chrf, content_stats, flags, loops, talks_like_an_a
         ("Great question! Start with the elbow method, then check the silhouette score. –Maya", False),
         ("Thanks! Thanks a lot, really. –Maya", False),  # twice is style, not a loop
         ("k-means, k-means and more k-means: the elbow method helps with k-means. –Maya", False),
+        # A loop that mutates (what the no-repeat n-gram rule leaves): no phrase three times.
+        (
+            "You should ask questions about the data, the data science, the data scientist, and the data. You should "
+            "also ask about the data scientist's experience, their experience with data science, and their experience "
+            "with machine learning. You should ask about the experience with pandas, about the experience of the team, "
+            "and about the experience you'll have. –Maya",
+            True,
+        ),
     ],
 )
 def test_loops(reply, expected):
     assert loops(reply) is expected
+
+
+def test_no_real_reply_loops():
+    """The measure must not mark the creator's own replies: every one in data/, long ones included."""
+    from training.data import load_pairs
+
+    replies = [
+        p.response
+        for name in ("train", "heldout", "short/train", "short/heldout")
+        for p in load_pairs(ROOT / "data" / f"{name}.jsonl")
+    ]
+    assert len(replies) > 400
+    assert [r for r in replies if loops(r)] == []
 
 
 @pytest.mark.parametrize(
