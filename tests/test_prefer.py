@@ -359,7 +359,7 @@ def test_self_pairs_draft_with_the_adapter_select_by_the_content_measures_and_tr
             "chrf",
         }
     card = (Path(config.output_dir) / "README.md").read_text()
-    assert "Before preference tuning:" in card and "loops a phrase 3+ times" in card
+    assert "Before preference tuning:" in card and "loops or repeats itself" in card
     assert "6 rejected for 6 cut at the token cap" in card
 
 

@@ -165,7 +165,7 @@ def evaluate(
 
 
 ROWS = [
-    ("loop_rate", "loops a phrase 3+ times", "{:.0%}"),
+    ("loop_rate", "loops or repeats itself", "{:.0%}"),
     ("ai_talk_rate", "talks about being an AI", "{:.0%}"),
     ("cut_rate", "cut at the token cap", "{:.0%}"),
     ("chrf", "chrF to the real reply (0-100)", "{:.1f}"),
