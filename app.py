@@ -25,12 +25,12 @@ from errors import exits_on_error
 from inference.compare import compare, pane_labels, to_html
 from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT
 from inference.generate import LIMITS, PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
-from inference.quality import flags
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
+from inference.quality import flags
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
+from training.flywheel import waiting as flywheel_waiting
 from youtube import inbox
 from youtube.api import YouTubeError
-from training.flywheel import waiting as flywheel_waiting
 
 logger = logging.getLogger("replytune.app")
 

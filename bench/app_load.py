@@ -86,12 +86,11 @@ def run_load(url: str, comments: list[str], clients: int, per_client: int, setti
 
 def main() -> None:
     import app as app_module
-    from inference.default_model import DEFAULT_BASE_MODEL
     from inference.adapter_files import adapter_held_out
+    from inference.compare import pane_labels
+    from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL
     from inference.engines import load_replier
     from inference.generate import GenerationSettings
-    from inference.default_model import DEFAULT_ADAPTER
-    from inference.compare import pane_labels
     from training.report import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

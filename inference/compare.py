@@ -20,11 +20,11 @@ from typing import Any
 
 from errors import exits_on_error
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT, hub_id
-from inference.retrieval import K_EXAMPLES
 from inference.generate import PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
 from inference.jsonl import Problem, jsonl_rows
 from inference.loading import BACKENDS, QUANTIZATIONS
 from inference.quality import flags
+from inference.retrieval import K_EXAMPLES
 from prompts.render import is_signed
 
 MAX_COMMENTS = 500
@@ -138,9 +138,8 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    from inference.default_model import DEFAULT_BASE_MODEL
+    from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL
     from inference.engines import load_replier
-    from inference.default_model import DEFAULT_ADAPTER
 
     parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
     parser.add_argument(

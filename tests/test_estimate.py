@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig
 from training.architecture import EstimateError, read_model_config
+from training.config import TrainConfig
 from training.estimate import estimate, estimate_for_config, main
 from training.memory import GiB
 

@@ -141,9 +141,8 @@ def card_summary(method: str = "lora") -> dict:
         "base_model_hub_id": "org/b",
         "config": {
             "method": method,
-            **{
-                k: 1
-                for k in (
+            **dict.fromkeys(
+                (
                     "quantization",
                     "lora_r",
                     "lora_alpha",
@@ -155,8 +154,9 @@ def card_summary(method: str = "lora") -> dict:
                     "grad_accum",
                     "max_length",
                     "seed",
-                )
-            },
+                ),
+                1,
+            ),
         },
         "epochs": [{"epoch": 1, "train_loss": 2.0, "eval_loss": 1.5}],
         "base_eval_loss": 3.0,

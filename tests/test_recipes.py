@@ -115,8 +115,8 @@ def test_seq2seq_recipe_trains_an_8bit_t5_on_input_target_pairs(mistral_tokenize
     from inference.loading import load_base_model, load_tokenizer
     from prompts.render import Persona, Seq2SeqRenderer
     from tests.helpers import pairs_jsonl
-    from training.data import load_pairs, tokenize_pairs
     from training.collate import ReplyCollator
+    from training.data import load_pairs, tokenize_pairs
 
     t5 = T5Config(
         vocab_size=len(mistral_tokenizer),

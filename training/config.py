@@ -264,9 +264,9 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, S
     sources: dict[str, Source] = {f.name: "default" for f in dataclasses.fields(TrainConfig)}
     if config_path:
         values.update(read_yaml(Path(config_path)))
-        sources.update({k: "config" for k in values})
+        sources.update(dict.fromkeys(values, "config"))
     values.update(args)  # argparse.SUPPRESS leaves only the flags that were given
-    sources.update({k: "flag" for k in args})
+    sources.update(dict.fromkeys(args, "flag"))
     return TrainConfig(**values), sources
 
 

@@ -269,7 +269,7 @@ def row_fields(keys) -> tuple[str, ...]:
     """The required fields of a row (or CSV header) by its shape: comment/response, Dolly-style
     instruction/response (+ optional context), or Guanaco-style conversation text."""
     keys = set(keys)
-    if "comment" in keys or "instruction" not in keys and "text" not in keys:
+    if "comment" in keys or ("instruction" not in keys and "text" not in keys):
         return FIELDS
     return ("instruction", "response") if "instruction" in keys else ("text",)
 

@@ -32,8 +32,8 @@ from inference.generate import (
     Replier,
     StreamingReplier,
 )
-from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
+from inference.quality import content_stats, loops, talks_like_an_ai
 from prompts.render import IGNORE_INDEX, is_signed
 from training.data import Pair
 

@@ -12,7 +12,6 @@ from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_si
 from training.config import TrainConfig
 from training.data import DataError, Pair, check_no_overlap, comment_key, read_pairs, tokenize_pairs
 
-
 MIN_ROWS_TO_SPLIT = 10
 MIN_TRAIN_ROWS = 2  # fewer cannot train at all
 RECOMMENDED_TRAIN_ROWS = 50  # what the original article trained on; fewer is a warning
@@ -209,8 +208,8 @@ class Prepared:
         import torch
 
         from inference.internals.transformers import attention_known
-        from training.collate import shared_prefix_length
         from training.architecture import linear_packing, model_widths, read_model_config
+        from training.collate import shared_prefix_length
 
         if self.seq2seq or not attention_known():
             return 0

@@ -14,8 +14,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from inference.loading import resolve_base_model
 from inference.default_model import ROOT
+from inference.loading import resolve_base_model
 from training.data import load_pairs
 
 

@@ -28,11 +28,11 @@ from training.checkpoints import CHECKPOINTS, check_disk_space, prepare_output, 
 from training.config import ConfigError
 from training.data import DataError, Pair, file_hash, read_pairs
 from training.preferences import (
+    SELF_SOURCE,
     Draft,
     PreferenceExample,
     PreferencePair,
     PreferenceSummary,
-    SELF_SOURCE,
     load_preferences,
     remove_duplicate_preferences,
     render_preferences,
@@ -417,8 +417,8 @@ def run_doctor(
 ) -> None:
     """The data doctor's checks on preference pairs: the app's prompt, the end of turn learned on
     both sides, and the loss on the replies only."""
-    from training.doctor import DoctorError, Finding, app_renderer, check_app_prompt, format_report
     from training.config import TrainConfig
+    from training.doctor import DoctorError, Finding, app_renderer, check_app_prompt, format_report
 
     eot = renderer.end_of_turn_id
     no_end = [p.where for p, e in zip(pairs, examples) if e.chosen_ids[-1:] != [eot] or e.rejected_ids[-1:] != [eot]]

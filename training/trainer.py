@@ -24,8 +24,8 @@ from transformers.trainer_callback import ProgressCallback
 from errors import ReplytuneError
 from inference.internals.transformers import attention_implementation, checkpoint_errors_named, trainer_hooks
 from prompts.render import IGNORE_INDEX, Example
-from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.attention import GROUPED
+from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.collate import ReplyCollator, TrainingCollator, segment_attention_mask, shared_prefix_mask
 from training.config import TrainConfig
 from training.distributed import is_main, world_size

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -212,9 +212,9 @@ def _answered(thread: dict[str, Any], channel: str) -> bool:
 def parse_since(text: str) -> datetime:
     """``30d`` (days back from now) or a date, ``2026-11-01``."""
     if match := re.fullmatch(r"(\d+)d", text.strip()):
-        return datetime.now(timezone.utc) - timedelta(days=int(match[1]))
+        return datetime.now(UTC) - timedelta(days=int(match[1]))
     try:
-        return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(text.strip()).replace(tzinfo=UTC)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--since {text!r}: give a number of days (30d) or a date (2026-11-01)"
