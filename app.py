@@ -29,8 +29,9 @@ from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from inference.quality import flags
 from training.flywheel import PAIRS_FILE, PREFERENCES_FILE, save_correction, save_preference
 from training.flywheel import waiting as flywheel_waiting
-from youtube import inbox
 from youtube.api import YouTubeError
+from youtube.inbox import posting, review
+from youtube.inbox import state as inbox_state
 
 logger = logging.getLogger("replytune.app")
 
@@ -389,16 +390,16 @@ def batch_tab(
 
 def inbox_view(inbox_dir: Path, selected: str | None = None) -> tuple:
     """The Inbox tab's counts, table and comment picker (keeping ``selected`` while it is listed)."""
-    items = inbox.to_answer(inbox_dir)
+    items = inbox_state.to_answer(inbox_dir)
     rows = [[i.status, i.author, i.text, i.final] for i in items]
     choices = [(f"{i.author}: {i.text[:80]}", i.id) for i in items]
     keep = selected if selected in {i.id for i in items} else (items[0].id if items else None)
-    return inbox.counts_line(inbox_dir), rows, gr.Dropdown(choices=choices, value=keep)
+    return inbox_state.counts_line(inbox_dir), rows, gr.Dropdown(choices=choices, value=keep)
 
 
 def inbox_pick(inbox_dir: Path, comment_id: str | None) -> tuple[str, str]:
     """The picked comment (with its author, as the creator sees it on YouTube) and its reply."""
-    item = inbox.load(inbox_dir).get(comment_id or "")
+    item = inbox_state.load(inbox_dir).get(comment_id or "")
     return (f"{item.author}: {item.text}", item.final) if item else ("", "")
 
 
@@ -410,13 +411,13 @@ def inbox_action(action: str, inbox_dir: Path, replier: StreamingReplier, commen
         raise gr.Error(NO_ADAPTER_TEXT)
     try:
         if action == "edit":
-            item = inbox.edit(inbox_dir, comment_id, text)
+            item = review.edit(inbox_dir, comment_id, text)
         elif action == "approve":
-            item = inbox.approve(inbox_dir, comment_id, text)
+            item = review.approve(inbox_dir, comment_id, text)
         elif action == "skip":
-            item = inbox.skip(inbox_dir, comment_id)
+            item = review.skip(inbox_dir, comment_id)
         else:
-            item = inbox.regenerate(inbox_dir, replier, comment_id)
+            item = review.regenerate(inbox_dir, replier, comment_id)
     except YouTubeError as exc:
         raise gr.Error(str(exc)) from None
     return (*inbox_view(inbox_dir, comment_id), item.final, f"{item.author}'s comment: {item.status}.")
@@ -430,10 +431,12 @@ def inbox_post(inbox_dir: Path, dry_run: bool) -> tuple:
 
     try:
         if dry_run:
-            message = "\n".join(f"- {line}" for line in inbox.preview(inbox_dir)) or "Nothing approved to post."
+            message = "\n".join(f"- {line}" for line in posting.preview(inbox_dir)) or "Nothing approved to post."
         else:
             sign_in = auth.load(auth.default_token_file(), auth.default_token_url())
-            message = f"Posted: {inbox.post(inbox_dir, Client(default_api_url(), sign_in=sign_in), echo=logger.info)}."
+            message = (
+                f"Posted: {posting.post(inbox_dir, Client(default_api_url(), sign_in=sign_in), echo=logger.info)}."
+            )
     except YouTubeError as exc:
         raise gr.Error(str(exc)) from None
     return (*inbox_view(inbox_dir), message)

@@ -31,7 +31,9 @@ from tests.helpers import (
 )  # the tests' local API: the only fake, at the network edge
 from training.evaluate import EVAL_SETTINGS
 from training.report import environment
-from youtube import auth, inbox
+from youtube import auth
+from youtube.inbox import cli, review
+from youtube.inbox import state as inbox_state
 
 CHANNEL = "UCbench000000000000000"
 APP_START_TIMEOUT_S = 600
@@ -117,9 +119,9 @@ def main() -> None:
         os.environ.update(env)
 
         started = time.perf_counter()
-        if inbox.main(["pull", "--state", str(state), "--channel", CHANNEL, "--since", "2026-01-01"]) != 0:
+        if cli.main(["pull", "--state", str(state), "--channel", CHANNEL, "--since", "2026-01-01"]) != 0:
             raise SystemExit("the pull failed")
-        notes.append(f"pull: {len(inbox.load(state))} threads in {time.perf_counter() - started:.2f} s")
+        notes.append(f"pull: {len(inbox_state.load(state))} threads in {time.perf_counter() - started:.2f} s")
 
         replier = load_replier(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER))
         replier.warm_up()
@@ -135,7 +137,7 @@ def main() -> None:
         with app_polled(state, env) as latencies:
             time.sleep(5)
             idle = latencies[:]
-            run = inbox.draft(state, replier)
+            run = review.draft(state, replier)
             during = latencies[len(idle) :]
         notes.append(
             f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
@@ -145,10 +147,10 @@ def main() -> None:
             f"{statistics.median(during):.2f} s median / {max(during):.2f} s max over {len(during)} reads while drafting"
         )
 
-        for item in inbox.to_answer(state)[: args.post]:
-            inbox.approve(state, item.id, item.final)
+        for item in inbox_state.to_answer(state)[: args.post]:
+            review.approve(state, item.id, item.final)
         started = time.perf_counter()
-        if inbox.main(["post", "--state", str(state)]) != 0:
+        if cli.main(["post", "--state", str(state)]) != 0:
             raise SystemExit("the post failed")
         posted = len(api.inserts)
         notes.append(
