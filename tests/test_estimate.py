@@ -6,7 +6,8 @@ import pytest
 
 from training.architecture import EstimateError, read_model_config
 from training.config import TrainConfig
-from training.estimate import estimate, estimate_for_config, main
+from training.estimate import estimate_for_config, main
+from training.footprint import estimate
 from training.memory import GiB
 
 

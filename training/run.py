@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from inference.generate import Replier, StreamingReplier
-    from training.estimate import Estimate
+    from training.footprint import Estimate
     from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
 
 
