@@ -123,8 +123,8 @@ def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, tr
 
     from inference.loading import compute_dtype, load_base_model, load_tokenizer
     from prompts.render import Persona
+    from training.callbacks import peak_memory_gib
     from training.data import load_pairs
-    from training.trainer import peak_memory_gib
 
     set_seed(42)
     dtype = compute_dtype()

@@ -309,12 +309,12 @@ def interrupt_after_first_save(self, args, state, control, **kwargs):
 def test_a_killed_run_resumes_to_the_same_adapter(prefer_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from training.callbacks import QuietProgress
     from training.checkpoints import ResumeError
-    from training.trainer import _QuietProgress
 
     assert prefer(prefer_config(output_dir=str(tmp_path / "reference"))) == 0
     config = prefer_config()
-    monkeypatch.setattr(_QuietProgress, "on_save", interrupt_after_first_save, raising=False)
+    monkeypatch.setattr(QuietProgress, "on_save", interrupt_after_first_save, raising=False)
     with pytest.raises(Interrupted):
         prefer(config)
     monkeypatch.undo()
@@ -382,15 +382,15 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
 
 def test_a_nan_loss_stops_the_run_within_a_step_and_saves_nothing(prefer_config, tmp_path, monkeypatch):
     """A weight of the trained adapter turned NaN after step 3 (as a diverging update would) stops the run at step 4."""
+    from training.callbacks import QuietProgress
     from training.run import TrainingStopped
-    from training.trainer import _QuietProgress
 
     def poison(self, args, state, control, model=None, **kwargs):
         if state.global_step == 3:
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if "lora_A.default" in n).fill_(float("nan"))
 
-    monkeypatch.setattr(_QuietProgress, "on_step_end", poison, raising=False)
+    monkeypatch.setattr(QuietProgress, "on_step_end", poison, raising=False)
     with pytest.raises(
         TrainingStopped, match=r"training loss became nan at step 4 .*Last good checkpoint: .*checkpoint-3"
     ):

@@ -171,8 +171,8 @@ def guanaco(n: int, start: int, answer: str) -> list[dict]:
 def test_full_fine_tune_recipe_stops_early_when_it_overfits(chatml_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from training.callbacks import RunStats
     from training.checkpoints import checkpoint_folders
-    from training.trainer import RunStats
 
     model = build(Qwen2Config(**small(chatml_tokenizer), tie_word_embeddings=True), chatml_tokenizer, tmp_path / "qwen")
     # Training answers all read one way, held-out answers another: after the shared words are

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.callbacks import RunStats
 from training.checkpoints import ResumeError
 from training.config import TrainConfig
 from training.model import count_parameters
 from training.run import train
-from training.trainer import RunStats
 
 
 def style_pairs(n: int, start: int = 0) -> str:

@@ -290,7 +290,7 @@ def prefer(config: PreferConfig) -> int:
     model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
     held_out, trained_on = adapter_pairs(adapter)
     save_adapter(model, tokenizer, persona, held_out, trained_on, output)
-    from training.trainer import peak_memory_gib
+    from training.callbacks import peak_memory_gib
 
     accuracy = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
@@ -518,8 +518,9 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
 
     from inference.internals.transformers import checkpoint_errors_named
     from inference.internals.trl import takes_token_ids
+    from training.callbacks import QuietProgress
     from training.checkpoints import is_write_error, write_failure
-    from training.trainer import RUNS, StopOnNonFiniteLoss, _QuietProgress
+    from training.trainer import RUNS, StopOnNonFiniteLoss
 
     output = Path(config.output_dir)
 
@@ -577,7 +578,7 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_QuietProgress)
+    trainer.add_callback(QuietProgress)
     return trainer
 
 

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     import torch
 
     from inference.generate import Replier, StreamingReplier
+    from training.callbacks import BaseEvaluation, RunStats
     from training.footprint import Estimate
-    from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
+    from training.trainer import ReplyTrainer
 
 
 class TrainingStopped(ReplytuneError, RuntimeError):
@@ -121,8 +122,8 @@ def train(config: TrainConfig) -> int:
     )
 
     from training import report
+    from training.callbacks import peak_memory_gib
     from training.hub import CARD_FILE, model_card, push_adapter
-    from training.trainer import peak_memory_gib
 
     history = run.trainer.state.log_history
     result = report.run_record(
@@ -240,7 +241,7 @@ def base_evaluation(checkpoint: Path | None, run_file: Path, run_info: dict[str,
     evaluate() prepared is never wrapped in DDP afterwards (accelerate skips a model it has
     prepared), and each process would train on its own gradients.
     """
-    from training.trainer import BaseEvaluation
+    from training.callbacks import BaseEvaluation
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
