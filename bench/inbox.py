@@ -130,7 +130,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         tokens = sum(len(r.token_ids) for r in evaluated)
         notes.append(
-            f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, max {EVAL_SETTINGS.max_new_tokens} new tokens): "
+            f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, "
+            f"max {EVAL_SETTINGS.max_new_tokens} new tokens): "
             f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s"
         )
 
@@ -140,11 +141,13 @@ def main() -> None:
             run = review.draft(state, replier)
             during = latencies[len(idle) :]
         notes.append(
-            f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
+            f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} "
+            f"new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
         )
         notes.append(
             f"app responsiveness: the inbox read in {statistics.median(idle):.2f} s idle (median of {len(idle)}), "
-            f"{statistics.median(during):.2f} s median / {max(during):.2f} s max over {len(during)} reads while drafting"
+            f"{statistics.median(during):.2f} s median / {max(during):.2f} s max "
+            f"over {len(during)} reads while drafting"
         )
 
         for item in inbox_state.to_answer(state)[: args.post]:
@@ -154,13 +157,15 @@ def main() -> None:
             raise SystemExit("the post failed")
         posted = len(api.inserts)
         notes.append(
-            f"post: {posted} replies in {time.perf_counter() - started:.2f} s, {len({s['parentId'] for s in api.inserts})} distinct comments"
+            f"post: {posted} replies in {time.perf_counter() - started:.2f} s, "
+            f"{len({s['parentId'] for s in api.inserts})} distinct comments"
         )
 
     env_info = environment()
     libs = env_info["libraries"]
     print(
-        f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} ({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
+        f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} "
+        f"({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
         + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
     )
     print("\n".join(f"- {note}" for note in notes))

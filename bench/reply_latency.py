@@ -83,8 +83,9 @@ def latency_table(
     for mode, r in results.items():
         ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
         lines.append(
-            f"| {replier.backend} | {mode} | {statistics.median(r['first']):.2f} s | {percentile(r['first'], 0.9):.2f} s | "
-            f"{statistics.median(r['total']):.2f} s | {percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
+            f"| {replier.backend} | {mode} | {statistics.median(r['first']):.2f} s | "
+            f"{percentile(r['first'], 0.9):.2f} s | {statistics.median(r['total']):.2f} s | "
+            f"{percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
         )
     return lines, statistics.median(longer_speed)
 
@@ -113,7 +114,10 @@ def main() -> None:
     comments = read_comments(args.comments)[: args.limit]
     many = [c for path in args.many for c in read_comments(path)]
     table = [
-        "| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |",
+        (
+            "| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment "
+            "| x the longer reply alone (median) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
@@ -133,7 +137,8 @@ def main() -> None:
                 )
             )
             notes.append(
-                f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s"
+                f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max "
+                f"{120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s"
             )
         if isinstance(replier, LlamaCppReplier):  # the ceiling is llama.cpp's own decoding of the same file
             ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
@@ -150,7 +155,8 @@ def main() -> None:
         + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
     )
     print(
-        f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} new tokens; transformers on a {args.quantization} base\n"
+        f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} "
+        f"new tokens; transformers on a {args.quantization} base\n"
     )
     print("\n".join(table) + "\n")
     print("\n".join(f"- {note}" for note in notes))

@@ -95,15 +95,18 @@ def main() -> None:
 
     env = environment()
     print(
-        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; llama.cpp replies, losses from transformers (full-precision base)\n"
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} "
+        "cores; llama.cpp replies, losses from transformers (full-precision base)\n"
     )
     for settings, result in zip(args.decoding, results):
         print(
-            f"### repetition penalty {settings.repetition_penalty}, no-repeat n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n"
+            f"### repetition penalty {settings.repetition_penalty}, no-repeat "
+            f"n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n"
         )
         print(markdown_table(result))
     print(
-        f"30 comments through inference.compare (panes {', '.join(replier.panes)}, max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s"
+        f"30 comments through inference.compare (panes {', '.join(replier.panes)}, "
+        f"max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s"
     )
     print(f"blind reading file: {args.out / 'blind.jsonl'} ({len(blind)} replies); key: {args.out / 'blind_key.json'}")
 

@@ -277,14 +277,16 @@ def compare(
 def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None:
     base = rows["reference (article recipe)"]["tokens_per_s"]
     print(
-        "| run | real tokens/s | x reference | share of the matmul ceiling | peak memory | held-out loss (reply tokens) |"
+        "| run | real tokens/s | x reference | share of the matmul "
+        "ceiling | peak memory | held-out loss (reply tokens) |"
     )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
         loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
         print(
-            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |"
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} "
+            f"| {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |"
         )
     for name, r in rows.items():
         for line in r.get("plan", []):
@@ -378,12 +380,14 @@ def main() -> None:
     device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores, CPU flags: {cpu_flags()}"
     print(
         f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
-        f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}"
+        f"transformers {env['libraries']['transformers']}, peft "
+        f"{env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}"
     )
     from inference.loading import compute_dtype
 
     print(
-        f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token"
+        f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} "
+        f"matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token"
     )
     for name, rows in results.items():
         print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")

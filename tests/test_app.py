@@ -145,7 +145,7 @@ def test_app_without_adapter_says_so(tiny_model_dir):
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict(
+        _, base, _, tuned, _tuned_stats, _ = Client(demo.local_url, verbose=False).predict(
             "Hi", *SETTINGS[:-1], "base", api_name="/reply"
         )
         assert base and "No adapter is loaded" in tuned and "python -m training.run" in tuned

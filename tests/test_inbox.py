@@ -355,7 +355,7 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
     assert shown.count("would reply to") == 2 and api.inserts == []
     counts, _, _, posted = client.predict(False, api_name="/inbox_post")
     assert counts == "8 waiting · 0 approved · 2 posted" and "2 posted" in posted
-    assert [s["textOriginal"] for s in api.inserts][0] == "My own answer, @viewer1. –Maya"
+    assert api.inserts[0]["textOriginal"] == "My own answer, @viewer1. –Maya"
     with pytest.raises(Exception, match="can no longer be changed"):
         client.predict(UNANSWERED[0], "again", api_name="/inbox_approve")
     assert (drafted / "preferences.jsonl").read_text().count("\n") == 1 and (drafted / "pairs.jsonl").read_text().count(

@@ -1,4 +1,5 @@
-"""Model loading: safetensors only, no code from a model folder runs without --trust-remote-code, bounded kernel cache."""
+"""Model loading: safetensors only, no code from a model folder runs without --trust-remote-code,
+bounded kernel cache."""
 
 from __future__ import annotations
 

@@ -156,7 +156,10 @@ def test_a_pair_the_renderer_cannot_render_is_an_error_naming_the_pair_and_side(
     ]
     with pytest.raises(
         DataError,
-        match=r"picks.jsonl:2: field 'rejected': the reply alone takes \d+ tokens with the prompt, more than max_length=512",
+        match=(
+            r"picks.jsonl:2: field 'rejected': the reply alone takes "
+            r"\d+ tokens with the prompt, more than max_length=512"
+        ),
     ):
         render_preferences(pairs, renderer, 512)
 
@@ -240,7 +243,7 @@ def test_the_reference_is_a_frozen_copy_of_the_starting_adapter_on_the_same_base
 
     config = prefer_config()
     examples = rendered(config)
-    model, trainer, *_ = set_up(config, trainer_tokenizer(config), examples)
+    _model, trainer, *_ = set_up(config, trainer_tokenizer(config), examples)
     assert trainer.ref_model is None  # no second model: the reference is an adapter on the policy's base
     assert set(trainer.model.peft_config) == {"default", "ref"}
     params = dict(trainer.model.named_parameters())
@@ -373,8 +376,8 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
     line = waiting(tmp_path, "outputs/adapter")
     assert line.startswith(f"2 pick(s) and 1 correction(s) waiting in `{tmp_path}`.")
     assert (
-        f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`"
-        in line
+        "`python -m training.prefer --adapter outputs/adapter --preferences "
+        f"{tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`" in line
     )
     pairs = load_preferences(tmp_path / PREFERENCES_FILE)
     assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]

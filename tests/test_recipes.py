@@ -49,7 +49,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def recipe(name: str, model: Path, data: Path, eval_data: Path, out: Path, *flags: str):
-    config, sources = load_config(
+    config, _sources = load_config(
         [
             "--config",
             name,

@@ -193,10 +193,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     backend = f", replies by {settings['backend']}" if "backend" in settings else ""
-    return (
-        "\n".join(lines)
-        + f"\n\n{result['comments']} held-out comments, {decoding_text(settings)}, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+    footer = (
+        f"{result['comments']} held-out comments, {decoding_text(settings)}, "
+        f"at most {settings['max_new_tokens']} new tokens{backend}."
     )
+    return "\n".join(lines) + f"\n\n{footer}\n"
 
 
 VERDICT_MEASURES = [  # (key, what it is, higher is better)

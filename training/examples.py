@@ -44,7 +44,8 @@ class DataSummary:
         out += [f"columns: {mapping}" for mapping in self.columns]
         if self.signature:
             out.append(
-                f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it"
+                f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} "
+                "appended (--signature); the others already ended with it"
             )
         out += [f"warning: {w}" for w in self.warnings]
         if self.subset:
@@ -100,7 +101,8 @@ def check_signature(signature: str, persona_signature: str | None, persona_sourc
 def check_enough_rows(train: list[Pair], source: str, summary: DataSummary) -> None:
     if len(train) < MIN_TRAIN_ROWS:
         raise DataError(
-            f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})"
+            f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are "
+            f"needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})"
         )
     if len(train) < RECOMMENDED_TRAIN_ROWS:
         summary.warnings.append(

@@ -147,8 +147,10 @@ def train(config: TrainConfig) -> int:
     # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
     shutil.rmtree(output / CHECKPOINTS)
     print(
-        f"done: trained in {result['wall_seconds'] / 60:.1f} min, evaluated in {result['evaluation_seconds'] / 60:.1f} min; held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
-        f"(adapter); {result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
+        f"done: trained in {result['wall_seconds'] / 60:.1f} min, "
+        f"evaluated in {result['evaluation_seconds'] / 60:.1f} min; "
+        f"held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} (adapter); "
+        f"{result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
         f"adapter saved to {output}"
     )
     if config.push_to_hub:
@@ -216,13 +218,14 @@ def set_up(prepared: Prepared, base_eval: BaseEvaluation) -> Run:
     trainable, total = count_parameters(model)
     what = "LoRA" if config.method == "lora" else "full fine-tune"
     print(
-        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}"
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
+        f"trainable ({what}), compute in {str(dtype).removeprefix('torch.')}"
     )
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     if prefix:
         print(
-            f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
-            f"the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}"
+            f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per "
+            f"batch: the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}"
         )
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
@@ -267,9 +270,9 @@ def fit(run: Run, checkpoint: Path | None) -> None:
     except NonFiniteLoss as exc:
         good = last_complete_checkpoint(output)
         raise TrainingStopped(
-            f"{exc} (epoch {trainer.state.epoch or 0:.2f}); stopped before that update, and no adapter was saved. "
-            f"Last good checkpoint: {good or 'none yet'}. Lower --learning-rate (now {config.learning_rate:g}) and start over, "
-            "or look for broken rows in the data"
+            f"{exc} (epoch {trainer.state.epoch or 0:.2f}); stopped before that update, and no "
+            f"adapter was saved. Last good checkpoint: {good or 'none yet'}. Lower --learning-rate "
+            f"(now {config.learning_rate:g}) and start over, or look for broken rows in the data"
         ) from exc
     except (RuntimeError, MemoryError) as exc:
         # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError or Python's MemoryError.
@@ -304,8 +307,9 @@ def voice_evaluation(
         # Each process holds a shard of the model: the main one cannot generate alone. The adapter
         # folder carries its held-out pairs.
         print(
-            f"voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine that holds the whole model: "
-            f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
+            "voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine "
+            f"that holds the whole model: python -m training.evaluate --adapter {config.output_dir} "
+            f"--base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
         )
         return
     ready_for_generation(model)
