@@ -96,14 +96,7 @@ def train(config: TrainConfig) -> int:
         "config_hash": config.training_hash(),
         "processes": world_size(),
     }
-    # Under a launcher the main process checks and prepares the output folder; the others find the
-    # checkpoint it chose once it has.
-    if is_main():
-        run_doctor(prepared)
-        checkpoint = prepare_output(output, config.resume, run_info)
-    wait_for_everyone()
-    if not is_main():
-        checkpoint = last_complete_checkpoint(output) if config.resume else None
+    checkpoint = check_and_prepare_output(prepared, output, run_info)
     base = base_evaluation(checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
     run = set_up(prepared, base)
     fit(run, checkpoint)
@@ -120,11 +113,53 @@ def train(config: TrainConfig) -> int:
     save_adapter(
         model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, prepared.train_pairs, output, weights
     )
+    result = write_reports(run, prepared, model, run_info, base_eval, final_eval, time.perf_counter() - started)
+    # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
+    shutil.rmtree(output / CHECKPOINTS)
+    print(
+        f"done: trained in {result['wall_seconds'] / 60:.1f} min, "
+        f"evaluated in {result['evaluation_seconds'] / 60:.1f} min; "
+        f"held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} (adapter); "
+        f"{result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
+        f"adapter saved to {output}"
+    )
+    if config.push_to_hub:
+        from training.hub import push_adapter
 
+        print(f"pushed to {push_adapter(output, config.push_to_hub, config.private)}")
+    return 0
+
+
+def check_and_prepare_output(prepared: Prepared, output: Path, run_info: dict[str, Any]) -> Path | None:
+    """The data doctor's checks and the output folder (new, or the checkpoint a --resume goes on
+    from). Under a launcher the main process checks and prepares the folder; the others find the
+    checkpoint it chose once it has."""
+    config = prepared.config
+    if is_main():
+        run_doctor(prepared)
+        checkpoint = prepare_output(output, config.resume, run_info)
+    wait_for_everyone()
+    if not is_main():
+        checkpoint = last_complete_checkpoint(output) if config.resume else None
+    return checkpoint
+
+
+def write_reports(
+    run: Run,
+    prepared: Prepared,
+    model: torch.nn.Module,
+    run_info: dict[str, Any],
+    base_eval: float,
+    final_eval: float,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """The run's record with its voice evaluation, written as the summary, the loss plot and the
+    model card beside the saved adapter; the record."""
     from training import report
     from training.callbacks import peak_memory_gib
-    from training.hub import CARD_FILE, model_card, push_adapter
+    from training.hub import CARD_FILE, model_card
 
+    output = Path(prepared.config.output_dir)
     history = run.trainer.state.log_history
     result = report.run_record(
         prepared,
@@ -136,7 +171,7 @@ def train(config: TrainConfig) -> int:
         run.total,
         peak_memory_gib(),
         run.stats.tokens_per_second,
-        time.perf_counter() - started,
+        train_seconds,
     )
     evaluation_started = time.perf_counter()
     voice_evaluation(prepared, model, {"base": base_eval, "adapter": final_eval}, result)
@@ -144,18 +179,7 @@ def train(config: TrainConfig) -> int:
     report.write_summary(output, result)
     report.plot_losses(output, history, base_eval)
     model_card(result, prepared.persona.template).save(output / CARD_FILE)
-    # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
-    shutil.rmtree(output / CHECKPOINTS)
-    print(
-        f"done: trained in {result['wall_seconds'] / 60:.1f} min, "
-        f"evaluated in {result['evaluation_seconds'] / 60:.1f} min; "
-        f"held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} (adapter); "
-        f"{result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
-        f"adapter saved to {output}"
-    )
-    if config.push_to_hub:
-        print(f"pushed to {push_adapter(output, config.push_to_hub, config.private)}")
-    return 0
+    return result
 
 
 def run_doctor(prepared: Prepared) -> None:
