@@ -21,6 +21,15 @@ NO_ADAPTER_TEXT = (
     "No adapter is loaded, so there is no fine-tuned reply. Train one with `python -m training.run`, "
     "then start the app with `ADAPTER=outputs/adapter python app.py`."
 )
+# The decoding settings the Reply tab offers, in respond's order: (GenerationSettings field, step,
+# label, info); the ranges are inference.generate's LIMITS, the defaults GenerationSettings'.
+SLIDERS = (
+    ("max_new_tokens", 1, "Max new tokens", None),
+    ("temperature", 0.05, "Temperature", "0 = greedy: the same comment always gets the same replies"),
+    ("top_p", 0.05, "Top-p", "used when temperature > 0"),
+    ("repetition_penalty", 0.05, "Repetition penalty", "1 = off; > 1 makes tokens already in the reply less likely"),
+    ("no_repeat_ngram", 1, "No repeated phrase of N tokens", "0 = off; stops loops without touching single words"),
+)
 
 
 def clean_comment(comment: str | None) -> tuple[str, str]:
@@ -188,31 +197,7 @@ def _panes(
 
 
 def _settings_sliders() -> list[gr.Slider]:
-    """max new tokens, temperature, top-p, repetition penalty, no-repeat n-gram: respond's order."""
     return [
-        gr.Slider(*LIMITS["max_new_tokens"], value=GenerationSettings.max_new_tokens, step=1, label="Max new tokens"),
-        gr.Slider(
-            *LIMITS["temperature"],
-            value=GenerationSettings.temperature,
-            step=0.05,
-            label="Temperature",
-            info="0 = greedy: the same comment always gets the same replies",
-        ),
-        gr.Slider(
-            *LIMITS["top_p"], value=GenerationSettings.top_p, step=0.05, label="Top-p", info="used when temperature > 0"
-        ),
-        gr.Slider(
-            *LIMITS["repetition_penalty"],
-            value=GenerationSettings.repetition_penalty,
-            step=0.05,
-            label="Repetition penalty",
-            info="1 = off; > 1 makes tokens already in the reply less likely",
-        ),
-        gr.Slider(
-            *LIMITS["no_repeat_ngram"],
-            value=GenerationSettings.no_repeat_ngram,
-            step=1,
-            label="No repeated phrase of N tokens",
-            info="0 = off; stops loops without touching single words",
-        ),
+        gr.Slider(*LIMITS[name], value=getattr(GenerationSettings, name), step=step, label=label, info=info)
+        for name, step, label, info in SLIDERS
     ]
