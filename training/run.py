@@ -40,7 +40,6 @@ from training.examples import Prepared, prepare_examples
 if TYPE_CHECKING:
     import torch
 
-    from inference.generate import Replier, StreamingReplier
     from training.callbacks import BaseEvaluation, RunStats
     from training.footprint import Estimate
     from training.trainer import ReplyTrainer
@@ -157,6 +156,7 @@ def write_reports(
     model card beside the saved adapter; the record."""
     from training import report
     from training.callbacks import peak_memory_gib
+    from training.evaluate import voice_evaluation
     from training.hub import CARD_FILE, model_card
 
     output = Path(prepared.config.output_dir)
@@ -309,58 +309,6 @@ def fit(run: Run, checkpoint: Path | None) -> None:
         # A full disk can hit the TensorBoard log before any checkpoint; its writer thread raises
         # without a file name.
         raise write_failure(output, exc.filename or f"the training logs in {output / RUNS}", exc) from exc
-
-
-def voice_evaluation(
-    prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]
-) -> None:
-    """Replies to the held-out comments with and without the adapter, scored (training.evaluate)."""
-    from inference.adapter_files import HELD_OUT_FILE
-    from inference.generate import Replier
-    from inference.loading import fsdp_enabled
-    from training.evaluate import evaluate, held_out_losses, markdown_table
-    from training.model import ready_for_generation
-
-    config = prepared.config
-    if config.method != "lora" or prepared.seq2seq:
-        # The comparison generates base and fine-tuned replies from one model with and without the
-        # adapter, which needs LoRA on a causal LM; the held-out losses still compare the two.
-        print("voice fidelity: skipped (it needs a LoRA adapter on a causal LM)")
-        return
-    if fsdp_enabled():
-        # Each process holds a shard of the model: the main one cannot generate alone. The adapter
-        # folder carries its held-out pairs.
-        print(
-            "voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine "
-            f"that holds the whole model: python -m training.evaluate --adapter {config.output_dir} "
-            f"--base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
-        )
-        return
-    ready_for_generation(model)
-    from inference.retrieval import ExampleBank
-
-    examples = ExampleBank([(p.comment, p.response) for p in prepared.train_pairs])
-    trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True, examples=examples)
-    # The held-out losses of the table are the ones the run measured, with the adapter off (before
-    # training) and on: the same reply tokens of the same pairs.
-    replier = voice_replier(config, trained, Path(config.output_dir))
-    # The examples panes' losses are measured here: the run measured the persona-only prompt's.
-    losses = {
-        **losses,
-        **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples")),
-    }
-    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
-    print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
-
-
-def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> StreamingReplier:
-    """What writes the voice evaluation's replies: the saved adapter in llama.cpp on a CPU (seconds
-    instead of minutes), or the trained model itself."""
-    from inference.engines import engine_replier
-
-    return engine_replier(
-        config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained
-    )
 
 
 def save_adapter(
