@@ -375,10 +375,8 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
     save_correction(tmp_path, "Part 2?", "Soon! –Maya")
     line = waiting(tmp_path, "outputs/adapter")
     assert line.startswith(f"2 pick(s) and 1 correction(s) waiting in `{tmp_path}`.")
-    assert (
-        "`python -m training.prefer --adapter outputs/adapter --preferences "
-        f"{tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`" in line
-    )
+    command = f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE}"
+    assert f"{command} --output-dir outputs/preferred`" in line
     pairs = load_preferences(tmp_path / PREFERENCES_FILE)
     assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]
 
