@@ -56,7 +56,7 @@ def run_load(url: str, comments: list[str], clients: int, per_client: int, setti
             comment = comments[(index * per_client + k) % len(comments)]
             started = time.perf_counter()
             try:
-                notice, base, _, tuned, tuned_stats, _ = client.predict(comment, *settings, api_name="/reply")
+                _notice, base, _, tuned, _tuned_stats, _ = client.predict(comment, *settings, api_name="/reply")
             except Exception as exc:  # recorded and reported: the caller asserts there are none
                 with lock:
                     result.errors.append(f"{type(exc).__name__}: {exc}")
@@ -86,12 +86,11 @@ def run_load(url: str, comments: list[str], clients: int, per_client: int, setti
 
 def main() -> None:
     import app as app_module
-    from inference.default_model import DEFAULT_BASE_MODEL
     from inference.adapter_files import adapter_held_out
+    from inference.compare import pane_labels
+    from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL
     from inference.engines import load_replier
     from inference.generate import GenerationSettings
-    from inference.default_model import DEFAULT_ADAPTER
-    from inference.compare import pane_labels
     from training.report import environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +127,8 @@ def main() -> None:
     total = args.clients * args.comments
     print(json.dumps(environment(), indent=1))
     print(
-        f"| clients x comments | completed | errors | p50 | p95 | max | largest queue (limit {app_module.QUEUE_MAX_SIZE}) | wall | server RSS before -> after |"
+        "| clients x comments | completed | errors | p50 | p95 | max | largest queue "
+        f"(limit {app_module.QUEUE_MAX_SIZE}) | wall | server RSS before -> after |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print(
@@ -137,7 +137,8 @@ def main() -> None:
         f"{result.largest_queue} | {result.seconds:.0f} s | {before:.0f} -> {after:.0f} MiB |"
     )
     print(
-        f"mean service time per request: {result.seconds / max(1, len(result.latencies)):.2f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        f"mean service time per request: {result.seconds / max(1, len(result.latencies)):.2f} s; "
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
     if result.errors:
         print("errors:", *sorted(set(result.errors)), sep="\n  ")

@@ -72,7 +72,8 @@ def main() -> None:
         )
     env = environment()
     print(
-        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env['cpu_flags']}), {env['cores']} cores; {len(pairs)} held-out pairs, loss per reply token\n"
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env['cpu_flags']}), "
+        f"{env['cores']} cores; {len(pairs)} held-out pairs, loss per reply token\n"
     )
     print("| base | base + prompt | + adapter | time |\n|---|---|---|---|\n" + "\n".join(rows))
 

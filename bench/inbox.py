@@ -31,7 +31,9 @@ from tests.helpers import (
 )  # the tests' local API: the only fake, at the network edge
 from training.evaluate import EVAL_SETTINGS
 from training.report import environment
-from youtube import auth, inbox
+from youtube import auth
+from youtube.inbox import cli, review
+from youtube.inbox import state as inbox_state
 
 CHANNEL = "UCbench000000000000000"
 APP_START_TIMEOUT_S = 600
@@ -94,74 +96,95 @@ def main() -> None:
             recorded_pages(comments, args.threads), CHANNEL, "bench-key", "bench-refresh", "bench-secret"
         ) as api,
     ):
-        state, token_file = Path(tmp) / "inbox", Path(tmp) / "config" / "youtube-token.json"
-        from google.oauth2.credentials import Credentials
-
-        auth.save(
-            Credentials(
-                None,
-                refresh_token="bench-refresh",
-                token_uri=api.token_url,
-                client_id="bench",
-                client_secret="bench-secret",
-            ),
-            token_file,
-        )
-        env = {
-            **os.environ,
-            "YOUTUBE_API_KEY": "bench-key",
-            "YOUTUBE_API_URL": api.api_url,
-            "YOUTUBE_TOKEN_URL": api.token_url,
-            "YOUTUBE_TOKEN_FILE": str(token_file),
-        }
+        state = Path(tmp) / "inbox"
+        env = signed_in_env(api, Path(tmp) / "config" / "youtube-token.json")
         os.environ.update(env)
 
         started = time.perf_counter()
-        if inbox.main(["pull", "--state", str(state), "--channel", CHANNEL, "--since", "2026-01-01"]) != 0:
+        if cli.main(["pull", "--state", str(state), "--channel", CHANNEL, "--since", "2026-01-01"]) != 0:
             raise SystemExit("the pull failed")
-        notes.append(f"pull: {len(inbox.load(state))} threads in {time.perf_counter() - started:.2f} s")
+        notes.append(f"pull: {len(inbox_state.load(state))} threads in {time.perf_counter() - started:.2f} s")
 
         replier = load_replier(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER))
         replier.warm_up()
-        started = time.perf_counter()
-        evaluated = [r for replies in replier.replies(comments[:23], EVAL_SETTINGS, background=False) for r in replies]
-        seconds = time.perf_counter() - started
-        tokens = sum(len(r.token_ids) for r in evaluated)
-        notes.append(
-            f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, max {EVAL_SETTINGS.max_new_tokens} new tokens): "
-            f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s"
-        )
+        notes.append(voice_evaluation_note(replier, comments[:23]))
+        notes += drafting_notes(state, env, replier)
 
-        with app_polled(state, env) as latencies:
-            time.sleep(5)
-            idle = latencies[:]
-            run = inbox.draft(state, replier)
-            during = latencies[len(idle) :]
-        notes.append(
-            f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
-        )
-        notes.append(
-            f"app responsiveness: the inbox read in {statistics.median(idle):.2f} s idle (median of {len(idle)}), "
-            f"{statistics.median(during):.2f} s median / {max(during):.2f} s max over {len(during)} reads while drafting"
-        )
-
-        for item in inbox.to_answer(state)[: args.post]:
-            inbox.approve(state, item.id, item.final)
+        for item in inbox_state.to_answer(state)[: args.post]:
+            review.approve(state, item.id, item.final)
         started = time.perf_counter()
-        if inbox.main(["post", "--state", str(state)]) != 0:
+        if cli.main(["post", "--state", str(state)]) != 0:
             raise SystemExit("the post failed")
         posted = len(api.inserts)
         notes.append(
-            f"post: {posted} replies in {time.perf_counter() - started:.2f} s, {len({s['parentId'] for s in api.inserts})} distinct comments"
+            f"post: {posted} replies in {time.perf_counter() - started:.2f} s, "
+            f"{len({s['parentId'] for s in api.inserts})} distinct comments"
         )
 
     env_info = environment()
     libs = env_info["libraries"]
     print(
-        f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} ({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
+        f"{time.strftime('%Y-%m-%d')}, {env_info['cpu']} "
+        f"({env_info.get('cpu_flags', '?')}), {env_info['cores']} cores; "
         + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
     )
     print("\n".join(f"- {note}" for note in notes))
+
+
+def signed_in_env(api: FakeYouTube, token_file: Path) -> dict[str, str]:
+    """A sign-in saved to ``token_file``, and the environment that points every command at ``api``."""
+    from google.oauth2.credentials import Credentials
+
+    auth.save(
+        Credentials(
+            None,
+            refresh_token="bench-refresh",
+            token_uri=api.token_url,
+            client_id="bench",
+            client_secret="bench-secret",
+        ),
+        token_file,
+    )
+    return {
+        **os.environ,
+        "YOUTUBE_API_KEY": "bench-key",
+        "YOUTUBE_API_URL": api.api_url,
+        "YOUTUBE_TOKEN_URL": api.token_url,
+        "YOUTUBE_TOKEN_FILE": str(token_file),
+    }
+
+
+def voice_evaluation_note(replier, comments: list[str]) -> str:
+    """Both replies of the 23 held-out ``comments``, decoded the way the voice evaluation does."""
+    started = time.perf_counter()
+    evaluated = [r for replies in replier.replies(comments, EVAL_SETTINGS, background=False) for r in replies]
+    seconds = time.perf_counter() - started
+    tokens = sum(len(r.token_ids) for r in evaluated)
+    return (
+        f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, "
+        f"max {EVAL_SETTINGS.max_new_tokens} new tokens): "
+        f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s"
+    )
+
+
+def drafting_notes(state: Path, env: dict[str, str], replier) -> list[str]:
+    """Draft every waiting comment while the app, in its own process, is asked for the inbox every
+    second: the drafting rate, and the app's read latency idle and while drafting."""
+    with app_polled(state, env) as latencies:
+        time.sleep(5)
+        idle = latencies[:]
+        run = review.draft(state, replier)
+        during = latencies[len(idle) :]
+    rate = (
+        f"draft ({replier.backend}, fine-tuned pane, max {EVAL_SETTINGS.max_new_tokens} "
+        f"new tokens): {run}; {run.tokens / run.comments:.0f} tokens per draft"
+    )
+    responsiveness = (
+        f"app responsiveness: the inbox read in {statistics.median(idle):.2f} s idle (median of {len(idle)}), "
+        f"{statistics.median(during):.2f} s median / {max(during):.2f} s max "
+        f"over {len(during)} reads while drafting"
+    )
+    return [rate, responsiveness]
 
 
 if __name__ == "__main__":

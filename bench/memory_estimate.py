@@ -145,7 +145,8 @@ def main() -> None:
             else ("random T5 (t5-small shape, 6+6 layers)" if r["recipe"] == "flan-t5-lora" else "SmolLM2-135M")
         )
         print(
-            f"| {r['recipe']} | {model} | {r['estimate']:.2f} GiB | {r['measured']:.2f} GiB | {r['error']:+.0%} | {'yes' if abs(r['error']) <= 0.2 else 'NO'} |"
+            f"| {r['recipe']} | {model} | {r['estimate']:.2f} GiB | {r['measured']:.2f} GiB | "
+            f"{r['error']:+.0%} | {'yes' if abs(r['error']) <= 0.2 else 'NO'} |"
         )
 
 

@@ -83,13 +83,46 @@ def latency_table(
     for mode, r in results.items():
         ratio = statistics.median(t / a for t, a in zip(r["total"], alone))
         lines.append(
-            f"| {replier.backend} | {mode} | {statistics.median(r['first']):.2f} s | {percentile(r['first'], 0.9):.2f} s | "
-            f"{statistics.median(r['total']):.2f} s | {percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
+            f"| {replier.backend} | {mode} | {statistics.median(r['first']):.2f} s | "
+            f"{percentile(r['first'], 0.9):.2f} s | {statistics.median(r['total']):.2f} s | "
+            f"{percentile(r['total'], 0.9):.2f} s | {statistics.mean(r['tokens']):.0f} | {ratio:.2f} |"
         )
     return lines, statistics.median(longer_speed)
 
 
 def main() -> None:
+    args = _parser().parse_args()
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    comments = read_comments(args.comments)[: args.limit]
+    many = [c for path in args.many for c in read_comments(path)]
+    table = [
+        (
+            "| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment "
+            "| x the longer reply alone (median) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for backend in args.backends:
+        lines, backend_notes = measure_backend(backend, args, comments, many, settings)
+        table += lines
+        notes += backend_notes
+
+    env = environment()
+    libs = env["libraries"]
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; "
+        + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
+    )
+    print(
+        f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} "
+        f"new tokens; transformers on a {args.quantization} base\n"
+    )
+    print("\n".join(table) + "\n")
+    print("\n".join(f"- {note}" for note in notes))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comments", type=Path, default=ROOT / "data" / "heldout.jsonl")
     parser.add_argument(
@@ -107,53 +140,39 @@ def main() -> None:
     parser.add_argument(
         "--quantization", choices=("nf4", "none"), default="nf4", help="the transformers backend's base"
     )
-    args = parser.parse_args()
+    return parser
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    comments = read_comments(args.comments)[: args.limit]
-    many = [c for path in args.many for c in read_comments(path)]
-    table = [
-        "| backend | mode | first token p50 | p90 | total p50 | p90 | tokens/comment | x the longer reply alone (median) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    notes = []
-    for backend in args.backends:
+
+def measure_backend(
+    backend: str, args: argparse.Namespace, comments: list[str], many: list[str], settings: GenerationSettings
+) -> tuple[list[str], list[str]]:
+    """One backend's table rows, and its notes: load time, the longer reply's speed, many comments
+    at once, and (llama.cpp) the share of llama.cpp's own decoding speed."""
+    started = time.perf_counter()
+    replier = load_replier(args.base_model, args.adapter, args.quantization, backend=backend)
+    replier.warm_up()
+    notes = [f"{backend}: loaded in {time.perf_counter() - started:.1f} s"]
+    lines, speed = latency_table(replier, comments, settings)
+    notes.append(f"{backend}: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)")
+    for count in (23, 30):
         started = time.perf_counter()
-        replier = load_replier(args.base_model, args.adapter, args.quantization, backend=backend)
-        replier.warm_up()
-        notes.append(f"{backend}: loaded in {time.perf_counter() - started:.1f} s")
-        lines, speed = latency_table(replier, comments, settings)
-        table += lines
-        notes.append(f"{backend}: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)")
-        for count in (23, 30):
-            started = time.perf_counter()
-            done = list(
-                replier.replies(
-                    many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)
-                )
+        done = list(
+            replier.replies(
+                many[:count], GenerationSettings(max_new_tokens=120 if count == 23 else settings.max_new_tokens)
             )
-            notes.append(
-                f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max {120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s"
-            )
-        if isinstance(replier, LlamaCppReplier):  # the ceiling is llama.cpp's own decoding of the same file
-            ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
-            notes.append(
-                f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
-                f"the app's longer reply reaches {speed / ceiling:.0%} of it"
-            )
-        replier.close()
-
-    env = environment()
-    libs = env["libraries"]
-    print(
-        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; "
-        + ", ".join(f"{name} {libs[name]}" for name in sorted(libs))
-    )
-    print(
-        f"{len(comments)} held-out comments, greedy, max {args.max_new_tokens} new tokens; transformers on a {args.quantization} base\n"
-    )
-    print("\n".join(table) + "\n")
-    print("\n".join(f"- {note}" for note in notes))
+        )
+        notes.append(
+            f"{backend}: {len(done)} comments, every pane ({', '.join(replier.panes)}; max "
+            f"{120 if count == 23 else settings.max_new_tokens} new tokens): {time.perf_counter() - started:.1f} s"
+        )
+    if isinstance(replier, LlamaCppReplier):  # the ceiling is llama.cpp's own decoding of the same file
+        ceiling = raw_llama_decode(replier.model_path, replier.prompt(comments[0]).input_ids, args.max_new_tokens)
+        notes.append(
+            f"raw llama.cpp single-stream greedy decode of {replier.model_path.name}: {ceiling:.1f} tokens/s; "
+            f"the app's longer reply reaches {speed / ceiling:.0%} of it"
+        )
+    replier.close()
+    return lines, notes
 
 
 if __name__ == "__main__":

@@ -37,25 +37,7 @@ def decoding(text: str) -> GenerationSettings:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    parser.add_argument("--eval-data", type=Path, default=ROOT / "data" / "heldout.jsonl")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=ROOT / "data" / "train.jsonl",
-        help="the training pairs (for the memorization rate)",
-    )
-    parser.add_argument(
-        "--decoding", nargs="+", type=decoding, default=[EVAL_SETTINGS], help="PENALTY:NGRAM settings to compare"
-    )
-    parser.add_argument(
-        "--blind", type=int, default=20, help="held-out comments per pane and setting in the blind file"
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reply_quality")
-    args = parser.parse_args()
-
+    args = _parser().parse_args()
     held_out, trained = load_pairs(args.eval_data), load_pairs(args.data)
     scorer = load_replier(args.base_model, args.adapter, "none", backend="transformers")
     losses = held_out_losses(scorer, held_out, 512, PANES)
@@ -77,35 +59,65 @@ def main() -> None:
     started = time.perf_counter()
     list(compare(replier, comments, GenerationSettings(), replier.renderer.persona.signature))
     compare_s = time.perf_counter() - started
+    blind = write_blind_file(results, args.decoding, args.blind, args.out)
 
+    env = environment()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} "
+        "cores; llama.cpp replies, losses from transformers (full-precision base)\n"
+    )
+    for settings, result in zip(args.decoding, results):
+        print(
+            f"### repetition penalty {settings.repetition_penalty}, no-repeat "
+            f"n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n"
+        )
+        print(markdown_table(result))
+    print(
+        f"30 comments through inference.compare (panes {', '.join(replier.panes)}, "
+        f"max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s"
+    )
+    print(f"blind reading file: {args.out / 'blind.jsonl'} ({blind} replies); key: {args.out / 'blind_key.json'}")
+
+
+def write_blind_file(results: list[dict], decodings: list[GenerationSettings], per_pane: int, out: Path) -> int:
+    """out/blind.jsonl: ``per_pane`` replies of every pane and setting, shuffled, without their
+    source; out/blind_key.json says which is which. The number of replies written."""
     blind, key = [], {}
     rng = random.Random(0)
     for r, result in enumerate(results):
         for pane in PANES:
-            for i, row in enumerate(result["replies"][: args.blind]):
+            for i, row in enumerate(result["replies"][:per_pane]):
                 blind.append({"comment": row["comment"], "reply": row[pane]})
-                key_entry = {"pane": pane, "decoding": dataclasses.asdict(args.decoding[r]), "comment_index": i}
+                key_entry = {"pane": pane, "decoding": dataclasses.asdict(decodings[r]), "comment_index": i}
                 blind[-1]["_key"] = key_entry
     rng.shuffle(blind)
-    with (args.out / "blind.jsonl").open("w", encoding="utf-8") as f:
+    with (out / "blind.jsonl").open("w", encoding="utf-8") as f:
         for n, item in enumerate(blind):
             key[n] = item.pop("_key")
             f.write(json.dumps({"id": n, **item}, ensure_ascii=False) + "\n")
-    (args.out / "blind_key.json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+    (out / "blind_key.json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+    return len(blind)
 
-    env = environment()
-    print(
-        f"{time.strftime('%Y-%m-%d')}, {env['cpu']} ({env.get('cpu_flags', '?')}), {env['cores']} cores; llama.cpp replies, losses from transformers (full-precision base)\n"
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--eval-data", type=Path, default=ROOT / "data" / "heldout.jsonl")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / "data" / "train.jsonl",
+        help="the training pairs (for the memorization rate)",
     )
-    for settings, result in zip(args.decoding, results):
-        print(
-            f"### repetition penalty {settings.repetition_penalty}, no-repeat n-gram {settings.no_repeat_ngram} ({result['seconds']:.0f} s)\n"
-        )
-        print(markdown_table(result))
-    print(
-        f"30 comments through inference.compare (panes {', '.join(replier.panes)}, max {GenerationSettings().max_new_tokens} new tokens): {compare_s:.1f} s"
+    parser.add_argument(
+        "--decoding", nargs="+", type=decoding, default=[EVAL_SETTINGS], help="PENALTY:NGRAM settings to compare"
     )
-    print(f"blind reading file: {args.out / 'blind.jsonl'} ({len(blind)} replies); key: {args.out / 'blind_key.json'}")
+    parser.add_argument(
+        "--blind", type=int, default=20, help="held-out comments per pane and setting in the blind file"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reply_quality")
+    return parser
 
 
 if __name__ == "__main__":

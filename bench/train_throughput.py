@@ -8,12 +8,12 @@ and epochs, each in its own process, plus the machine's matmul ceiling in the dt
 past 600) and the short sample it grew from (data/short/, comments median ~30), each compared in
 the same run on the same machine.
 
-The reference is the article's recipe as written, on the embedded default with NF4: transformers
-``Trainer`` + ``DataCollatorForLanguageModeling`` (dynamic padding, loss on every token, pad = EOS),
-gradient checkpointing, LoRA r=8 alpha=32 on q_proj, batch 4, grad. acc. 4, lr 2e-4, computing in
-bfloat16 where the CPU has it natively and in float32 elsewhere (as the article's recipe would run
-there). Both runs are scored the same way afterwards: the held-out loss on reply tokens, with
-replytune's renderer.
+The reference is the article's recipe as written (bench/article_recipe.py), on the embedded default
+with NF4: transformers ``Trainer`` + ``DataCollatorForLanguageModeling`` (dynamic padding, loss on
+every token, pad = EOS), gradient checkpointing, LoRA r=8 alpha=32 on q_proj, batch 4, grad. acc. 4,
+lr 2e-4, computing in bfloat16 where the CPU has it natively and in float32 elsewhere (as the
+article's recipe would run there). Both runs are scored the same way afterwards: the held-out loss
+on reply tokens, with replytune's renderer.
 
 ``--mistral-7b`` runs the same comparison on Mistral-7B-Instruct-v0.2's architecture (its shipped
 config.json, random weights: memory and speed do not depend on the values, and nothing is
@@ -31,25 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from bench.article_recipe import LoraShape
 from inference.default_model import ROOT
 
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
 DATA_SETS = {"realistic": ROOT / "data", "short": ROOT / "data" / "short"}  # each holds train.jsonl and heldout.jsonl
-
-
-@dataclass
-class LoraShape:
-    """The adapter both sides of a comparison train."""
-
-    r: int = 8
-    alpha: int = 32
-    targets: list[str] = field(default_factory=lambda: ["q_proj"])
-
-    def flags(self) -> list[str]:
-        return ["--lora-r", str(self.r), "--lora-alpha", str(self.alpha), "--target-modules", *self.targets]
 
 
 def flop_per_token(model_config) -> float:
@@ -114,71 +103,6 @@ def random_mistral(folder: Path, tokenizer_path: str) -> Path:
     return folder
 
 
-def run_reference(out: Path, epochs: float, base_model: str, lora: LoraShape, train_file: Path) -> dict:
-    """The article's recipe (runs in a child process; see main)."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
-
-    from inference.loading import compute_dtype, load_base_model, load_tokenizer
-    from prompts.render import Persona
-    from training.data import load_pairs
-    from training.trainer import peak_memory_gib
-
-    set_seed(42)
-    dtype = compute_dtype()
-    tokenizer = load_tokenizer(base_model)
-    tokenizer.pad_token = tokenizer.eos_token  # as in the article
-    persona = Persona.from_file()
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": persona.fill(p.comment)}, {"role": "assistant", "content": p.response}],
-            tokenize=False,
-        )
-        for p in load_pairs(train_file)
-    ]
-    # The article truncates at 512 tokens; no example here is that long.
-    tokenize = lambda b: tokenizer(b["text"], add_special_tokens=False, truncation=True, max_length=512)  # noqa: E731
-    data = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
-    model = load_base_model(base_model, "nf4", dtype)
-    model = prepare_model_for_kbit_training(model)  # enables gradient checkpointing, as the article
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.05, target_modules=lora.targets, task_type="CAUSAL_LM"
-        ),
-    )
-    args = TrainingArguments(
-        output_dir=str(out / "ref-checkpoints"),
-        num_train_epochs=epochs,
-        learning_rate=2e-4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=4,
-        gradient_checkpointing=True,
-        warmup_steps=2,
-        weight_decay=0.01,
-        logging_strategy="epoch",
-        save_strategy="no",
-        eval_strategy="no",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        optim="adamw_torch",
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    )
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    model.save_pretrained(out / "reference")
-    real_tokens = sum(len(ids) for ids in data["input_ids"]) * epochs
-    return {"tokens_per_s": real_tokens / seconds, "seconds": seconds, "peak_gib": peak_memory_gib()}
-
-
 def held_out_loss(base_model: str, adapter: Path, heldout_file: Path) -> float:
     """Reply-token loss on a held-out file, measured the same way for every adapter."""
     from inference.engines import load_replier
@@ -203,14 +127,30 @@ def compare(
     each in its own process, so that peak memory is each run's own."""
     train_file, heldout_file = folder / "train.jsonl", folder / "heldout.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    rows = {}
+    rows = {"reference (article recipe)": reference_process(out, epochs, base_model, lora, train_file)}
+    print(rows["reference (article recipe)"], flush=True)
+    for name, flags in ours.items():
+        eval_flags = [] if "--eval-data" in common else ["--eval-data", str(heldout_file)]
+        rows[name] = training_run_process(
+            name,
+            [*flags, *common, "--data", str(train_file)],
+            eval_flags,
+            epochs,
+            out / name.replace(" ", "_").replace(",", ""),
+        )
+        print(rows[name], flush=True)
+    for r in rows.values():
+        r["loss"] = held_out_loss(base_model, r["adapter"], heldout_file) if score else None
+    return rows
+
+
+def reference_process(out: Path, epochs: float, base_model: str, lora: LoraShape, train_file: Path) -> dict:
+    """The article's recipe (bench.article_recipe) in a child process."""
     ref = subprocess.run(
         [
             sys.executable,
             "-m",
-            "bench.train_throughput",
-            "--child",
-            "reference",
+            "bench.article_recipe",
             "--out",
             str(out),
             "--epochs",
@@ -228,63 +168,55 @@ def compare(
     )
     if ref.returncode:
         raise SystemExit(f"the reference run failed:\n{ref.stderr[-3000:]}")
-    rows["reference (article recipe)"] = {
-        **json.loads(ref.stdout.strip().splitlines()[-1]),
-        "adapter": out / "reference",
+    return {**json.loads(ref.stdout.strip().splitlines()[-1]), "adapter": out / "reference"}
+
+
+def training_run_process(name: str, flags: list[str], eval_flags: list[str], epochs: float, run_dir: Path) -> dict:
+    """`python -m training.run FLAGS` in a child process: its speed, peak memory and memory plan."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.run",
+        *flags,
+        "--early-stopping-patience",
+        "0",
+        "--epochs",
+        str(epochs),
+        "--output-dir",
+        str(run_dir),
+        *eval_flags,
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    plan = [
+        line
+        for line in run.stdout.splitlines()
+        if line.startswith(("memory limit:", "gradient checkpointing:", "batches:"))
+    ]
+    return {
+        "tokens_per_s": summary["tokens_per_second"],
+        "seconds": summary["wall_seconds"],
+        "peak_gib": summary["peak_memory_gib"],
+        "adapter": run_dir,
+        "plan": plan,
     }
-    print(rows["reference (article recipe)"], flush=True)
-    for name, flags in ours.items():
-        run_dir = out / name.replace(" ", "_").replace(",", "")
-        cmd = [
-            sys.executable,
-            "-m",
-            "training.run",
-            *flags,
-            *common,
-            "--data",
-            str(train_file),
-            "--early-stopping-patience",
-            "0",
-            "--epochs",
-            str(epochs),
-            "--output-dir",
-            str(run_dir),
-        ]
-        if "--eval-data" not in common:
-            cmd += ["--eval-data", str(heldout_file)]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
-        summary = json.loads((run_dir / "training_summary.json").read_text())
-        plan = [
-            line
-            for line in run.stdout.splitlines()
-            if line.startswith(("memory limit:", "gradient checkpointing:", "batches:"))
-        ]
-        rows[name] = {
-            "tokens_per_s": summary["tokens_per_second"],
-            "seconds": summary["wall_seconds"],
-            "peak_gib": summary["peak_memory_gib"],
-            "adapter": run_dir,
-            "plan": plan,
-        }
-        print(rows[name], flush=True)
-    for r in rows.values():
-        r["loss"] = held_out_loss(base_model, r["adapter"], heldout_file) if score else None
-    return rows
 
 
 def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None:
     base = rows["reference (article recipe)"]["tokens_per_s"]
     print(
-        "| run | real tokens/s | x reference | share of the matmul ceiling | peak memory | held-out loss (reply tokens) |"
+        "| run | real tokens/s | x reference | share of the matmul "
+        "ceiling | peak memory | held-out loss (reply tokens) |"
     )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         share = r["tokens_per_s"] * per_token / (ceiling * 1e9)
         loss = "n/a (random weights)" if r["loss"] is None else f"{r['loss']:.4f}"
         print(
-            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |"
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} "
+            f"| {share:.0%} | {r['peak_gib']:.2f} GiB | {loss} |"
         )
     for name, r in rows.items():
         for line in r.get("plan", []):
@@ -292,70 +224,13 @@ def print_table(rows: dict[str, dict], per_token: float, ceiling: float) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        choices=tuple(DATA_SETS),
-        default=list(DATA_SETS),
-        help="the data sets to compare on (default: both)",
-    )
-    parser.add_argument(
-        "--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)"
-    )
-    parser.add_argument(
-        "--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)"
-    )
-    parser.add_argument("--child", choices=("reference",), help=argparse.SUPPRESS)
-    parser.add_argument("--base-model", help=argparse.SUPPRESS)
-    parser.add_argument("--lora", help=argparse.SUPPRESS)
-    parser.add_argument("--train-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child == "reference":
-        print(
-            json.dumps(
-                run_reference(
-                    args.out, args.epochs, args.base_model, LoraShape(**json.loads(args.lora)), args.train_file
-                )
-            )
-        )
-        return
-
+    args = _parser().parse_args()
     from inference.default_model import DEFAULT_BASE_MODEL
     from training.architecture import read_model_config
-    from training.report import cpu_flags, environment
 
     out = Path(tempfile.mkdtemp(prefix="replytune-bench-"))
     if args.mistral_7b:
-        base_model = str(random_mistral(out / "mistral-7b-random", args.tokenizer or DEFAULT_BASE_MODEL))
-        lora = LoraShape(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
-        # The voice evaluation after training generates replies: 4 held-out comments are enough for
-        # random weights, which never stop on their own.
-        eval_data = out / "heldout-4.jsonl"
-        eval_data.write_text("".join((ROOT / "data" / "heldout.jsonl").read_text().splitlines(keepends=True)[:4]))
-        ours = {
-            "training.run, same LoRA, default (limit: 90% of the GPU)": [],
-            "training.run, same LoRA, --memory-limit-gib 9": ["--memory-limit-gib", "9"],
-            "training.run, same LoRA, --gradient-checkpointing": ["--gradient-checkpointing"],
-        }
-        common = [
-            "--base-model",
-            base_model,
-            "--eval-data",
-            str(eval_data),
-            *lora.flags(),
-            "--batch-size",
-            "4",
-            "--grad-accum",
-            "4",
-            "--learning-rate",
-            "2e-4",
-            "--max-length",
-            "512",
-            "--no-doctor",
-        ]
+        base_model, lora, ours, common = mistral_runs(out, args.tokenizer or DEFAULT_BASE_MODEL)
     else:
         base_model, lora, common = DEFAULT_BASE_MODEL, LoraShape(), []
         ours = {
@@ -374,20 +249,79 @@ def main() -> None:
         )
         for name in args.data
     }
+    print_machine(args.epochs, ceiling, per_token)
+    for name, rows in results.items():
+        print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")
+        print_table(rows, per_token, ceiling)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=tuple(DATA_SETS),
+        default=list(DATA_SETS),
+        help="the data sets to compare on (default: both)",
+    )
+    parser.add_argument(
+        "--mistral-7b", action="store_true", help="compare on a random-weight Mistral-7B (needs a GPU with ~16 GB)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="with --mistral-7b: a tokenizer folder (default: the embedded SmolLM2's)"
+    )
+    return parser
+
+
+def mistral_runs(out: Path, tokenizer: str) -> tuple[str, LoraShape, dict[str, list[str]], list[str]]:
+    """--mistral-7b: the random-weight model, its LoRA, the training.run variants and their common flags."""
+    base_model = str(random_mistral(out / "mistral-7b-random", tokenizer))
+    lora = LoraShape(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    # The voice evaluation after training generates replies: 4 held-out comments are enough for
+    # random weights, which never stop on their own.
+    eval_data = out / "heldout-4.jsonl"
+    eval_data.write_text("".join((ROOT / "data" / "heldout.jsonl").read_text().splitlines(keepends=True)[:4]))
+    ours = {
+        "training.run, same LoRA, default (limit: 90% of the GPU)": [],
+        "training.run, same LoRA, --memory-limit-gib 9": ["--memory-limit-gib", "9"],
+        "training.run, same LoRA, --gradient-checkpointing": ["--gradient-checkpointing"],
+    }
+    common = [
+        "--base-model",
+        base_model,
+        "--eval-data",
+        str(eval_data),
+        *lora.flags(),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "4",
+        "--learning-rate",
+        "2e-4",
+        "--max-length",
+        "512",
+        "--no-doctor",
+    ]
+    return base_model, lora, ours, common
+
+
+def print_machine(epochs: float, ceiling: float, per_token: float) -> None:
+    """The date, the device, the libraries, and the compute the table's shares are of."""
+    from inference.loading import compute_dtype
+    from training.report import cpu_flags, environment
+
     env = environment()
     device = env["gpu"] or f"{env['cpu']}, {env['cores']} cores, CPU flags: {cpu_flags()}"
     print(
         f"{time.strftime('%Y-%m-%d')}, {device}, torch {env['libraries']['torch']}, "
-        f"transformers {env['libraries']['transformers']}, peft {env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}"
+        f"transformers {env['libraries']['transformers']}, peft "
+        f"{env['libraries']['peft']}, bitsandbytes {env['libraries']['bitsandbytes']}"
     )
-    from inference.loading import compute_dtype
-
     print(
-        f"{args.epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token"
+        f"{epochs:g} epochs; {str(compute_dtype()).removeprefix('torch.')} "
+        f"matmul ceiling {ceiling:.0f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per token"
     )
-    for name, rows in results.items():
-        print(f"\n{name} set ({DATA_SETS[name].relative_to(ROOT)}/train.jsonl):\n")
-        print_table(rows, per_token, ceiling)
 
 
 if __name__ == "__main__":

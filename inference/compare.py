@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from errors import exits_on_error
-from inference.default_model import DEFAULT_BASE_MODEL, ROOT, hub_id
-from inference.retrieval import K_EXAMPLES
+from inference.default_model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ROOT, hub_id
 from inference.generate import PANE_NAMES, GenerationSettings, Pane, Reply, StreamingReplier
 from inference.jsonl import Problem, jsonl_rows
 from inference.loading import BACKENDS, QUANTIZATIONS
 from inference.quality import flags
+from inference.retrieval import K_EXAMPLES
 from prompts.render import is_signed
 
 MAX_COMMENTS = 500
@@ -138,40 +138,9 @@ def to_html(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    from inference.default_model import DEFAULT_BASE_MODEL
     from inference.engines import load_replier
-    from inference.default_model import DEFAULT_ADAPTER
 
-    parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--comments",
-        type=Path,
-        required=True,
-        help="a text file (one comment per line) or a .jsonl file with a 'comment' field",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="write the table here (.md or .html); default: Markdown on stdout"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
-    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
-    parser.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default="nf4",
-        help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none",
-    )
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU"
-    )
-    parser.add_argument(
-        "--panes",
-        nargs="+",
-        choices=list(PANE_NAMES),
-        help="which panes to compare (default: every pane the adapter allows)",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         comments = read_comments(args.comments)
     except (OSError, ValueError) as exc:
@@ -203,6 +172,39 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"rows written to {args.json}")
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inference.compare", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--comments",
+        type=Path,
+        required=True,
+        help="a text file (one comment per line) or a .jsonl file with a 'comment' field",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the table here (.md or .html); default: Markdown on stdout"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="local folder or Hub id of the base model")
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter folder or Hub id ('none': base only)")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="nf4",
+        help="how the base is stored for the transformers backend: nf4 (4-bit), int8 or none",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="auto: llama.cpp on a CPU, transformers on a GPU"
+    )
+    parser.add_argument(
+        "--panes",
+        nargs="+",
+        choices=list(PANE_NAMES),
+        help="which panes to compare (default: every pane the adapter allows)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
+    return parser
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def export_merged(adapter: Path, base_model: str, out: Path) -> Path:
     base_dir = local_model_dir(base_model)
     if is_gptq(base_dir):
         raise ExportError(
-            f"{base_dir / 'config.json'}: a GPTQ base; LoRA weights cannot be merged into GPTQ's 4-bit integers. "
-            "Pass --base-model the full-precision model it was quantized from, or export only --targets gguf ollama from that base"
+            f"{base_dir / 'config.json'}: a GPTQ base; LoRA weights cannot be merged "
+            "into GPTQ's 4-bit integers. Pass --base-model the full-precision model it "
+            "was quantized from, or export only --targets gguf ollama from that base"
         )
     saved = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, saved.get("dtype") or saved.get("torch_dtype") or "float32")
@@ -113,7 +114,8 @@ def export(
     check_adapter_dir(adapter)
     if not (adapter / PERSONA_FILE).is_file():
         raise ExportError(
-            f"{adapter / PERSONA_FILE}: not found; an adapter folder written by `python -m training.run` carries the persona it was trained with"
+            f"{adapter / PERSONA_FILE}: not found; an adapter folder written by "
+            "`python -m training.run` carries the persona it was trained with"
         )
     base_model = base_model or base_model_of(adapter)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,13 @@
 :class:`Replier` is the transformers backend (GPUs, GPTQ, ``--backend transformers``), and
 inference.llamacpp the CPU one. inference.engines picks one for the machine and loads it.
 
-In the transformers backend the base reply and the fine-tuned reply are two rows of one batch: peft's per-row ``adapter_names``
-routes the ``"__base__"`` row around the LoRA weights and the other row through them, so there is
-one copy of the base weights and one decode loop. Like nanochat's engine, the loop yields one token
-per row per step, and a row that has ended leaves the batch (its KV cache rows are dropped): the
-fine-tuned reply is often a few words and the base reply a paragraph, and a step of two rows costs
-~1.3x a step of one on the CPU, so the longer reply should not pay for the shorter one's ghost.
+In the transformers backend the base reply and the fine-tuned reply are two rows of one batch:
+peft's per-row ``adapter_names`` routes the ``"__base__"`` row around the LoRA weights and the other
+row through them, so there is one copy of the base weights and one decode loop. Like nanochat's
+engine, the loop yields one token per row per step, and a row that has ended leaves the batch (its
+KV cache rows are dropped): the fine-tuned reply is often a few words and the base reply a
+paragraph, and a step of two rows costs ~1.3x a step of one on the CPU, so the longer reply should
+not pay for the shorter one's ghost.
 
 Streaming is the primitive: :meth:`Replier.stream` yields the replies as they grow, and
 :meth:`Replier.reply` just runs the stream to its end.
@@ -221,7 +222,8 @@ class StreamingReplier:
             return self.renderer.prompt(comment)
         if self.examples is None:
             raise ValueError(
-                f"the {pane!r} pane needs the creator's examples (examples.jsonl beside the adapter), and none are loaded"
+                f"the {pane!r} pane needs the creator's examples (examples.jsonl beside the adapter), "
+                "and none are loaded"
             )
         return self.renderer.prompt(comment, self.examples.similar(comment))
 
@@ -317,7 +319,7 @@ class StreamingReplier:
     ) -> list[Reply]:
         """The finished replies: the last state of :meth:`stream`."""
         final: list[Reply] = []
-        for final in self.stream(comment, settings, panes, background):
+        for final in self.stream(comment, settings, panes, background):  # noqa: B007 (the last value is the result)
             pass
         return final
 
@@ -357,7 +359,8 @@ class StreamingReplier:
     def _generate(
         self, jobs: list[Job], settings: GenerationSettings, out: queue.Queue, cancel: threading.Event
     ) -> None:
-        """Decode ``jobs``, putting ``{place: token}`` on ``out`` after every step (the class docstring has the protocol)."""
+        """Decode ``jobs``, putting ``{place: token}`` on ``out`` after every step (the class docstring
+        has the protocol)."""
         raise NotImplementedError
 
     def close(self) -> None:

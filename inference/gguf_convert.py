@@ -119,7 +119,8 @@ def check_adapter_dir(adapter: Path) -> dict:
         raise ExportError(f"{adapter}: no such folder; pass --adapter a folder written by `python -m training.run`")
     if not config_file.is_file():
         raise ExportError(
-            f"{config_file}: not found, so {adapter} is not an adapter folder; pass --adapter a folder written by `python -m training.run`"
+            f"{config_file}: not found, so {adapter} is not an adapter folder; "
+            "pass --adapter a folder written by `python -m training.run`"
         )
     if not (adapter / "adapter_model.safetensors").is_file():
         raise ExportError(
@@ -145,7 +146,8 @@ def base_gguf(base_model: str, outtype: OutType = "q8_0") -> Path:
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ExportError(
-            f"{folder}: no model weights (*.safetensors) to convert to GGUF; pass --base-model a complete model folder or Hub id"
+            f"{folder}: no model weights (*.safetensors) to convert to "
+            "GGUF; pass --base-model a complete model folder or Hub id"
         )
     target = cache_dir() / "gguf" / f"{folder.name}-{_digest(folder, contents=False)}-{outtype}.gguf"
     if not target.is_file():
@@ -166,11 +168,8 @@ def adapter_gguf(adapter: str | Path, base_model: str) -> Path:
     folder = Path(adapter) if Path(adapter).exists() else local_model_dir(str(adapter))
     check_adapter_dir(folder)
     base_dir = local_model_dir(base_model)
-    target = (
-        cache_dir()
-        / "gguf"
-        / f"lora-{folder.name}-{_digest(folder / 'adapter_config.json', folder / 'adapter_model.safetensors', base_dir / 'config.json')}.gguf"
-    )
+    digest = _digest(folder / "adapter_config.json", folder / "adapter_model.safetensors", base_dir / "config.json")
+    target = cache_dir() / "gguf" / f"lora-{folder.name}-{digest}.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")

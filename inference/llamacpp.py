@@ -218,7 +218,7 @@ class LlamaCppReplier(StreamingReplier):
             chunk = comments[start : start + chunk_size]
             jobs = [job for comment in chunk for job in self._jobs(comment, panes)]
             final: list[Reply] = []
-            for final in self._stream_jobs(jobs, panes * len(chunk), settings, background):
+            for final in self._stream_jobs(jobs, panes * len(chunk), settings, background):  # noqa: B007 (the last value is the result)
                 pass
             for i in range(len(chunk)):
                 yield final[i * len(panes) : (i + 1) * len(panes)]

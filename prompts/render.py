@@ -200,7 +200,8 @@ class PromptRenderer:
             text += comment + after_comment + reply + after_reply
         return ids, text, lead
 
-    @functools.lru_cache(maxsize=16)
+    # A renderer lives as long as the replier that owns it; 16 entries bound what the cache keeps alive.
+    @functools.lru_cache(maxsize=16)  # noqa: B019
     def _turn_parts(self, n: int) -> tuple[str, ...]:
         """The template's text around the slots of a conversation with ``n`` earlier turns:
         ``head, comment_0, parts[1], reply_0, parts[2], comment_1, ...`` (parts[0] is the head)."""
@@ -289,7 +290,8 @@ class Seq2SeqRenderer:
         labels = [*reply_ids, self.end_of_turn_id]
         if len(labels) > max_length:
             raise PromptError(
-                f"the reply takes {len(labels)} tokens, more than max_length={max_length}; raise max_length or shorten the reply"
+                f"the reply takes {len(labels)} tokens, more than "
+                f"max_length={max_length}; raise max_length or shorten the reply"
             )
         comment_ids = self._ids(comment)
         room = max(0, max_length - len(self._head) - len(self._tail))

@@ -34,6 +34,6 @@ if __name__ == "__main__":
     if separator != "--" or point not in ("before", "after"):
         raise SystemExit(__doc__)
     install(point)
-    from youtube.inbox import main
+    from youtube.inbox.cli import main
 
     sys.exit(main(arguments))

@@ -16,6 +16,7 @@ from inference.default_model import ROOT
 from inference.engines import load_replier
 from tests.helpers import free_port, start_app
 from training.data import load_pairs
+from ui.reply import MAX_COMMENT_CHARS
 
 SETTINGS = (
     24,
@@ -89,10 +90,10 @@ def test_empty_comment_is_refused_politely(client):
 
 
 def test_overlong_comment_is_cut_with_a_notice(client):
-    comment = "a" * (app_module.MAX_COMMENT_CHARS + 500)
+    comment = "a" * (MAX_COMMENT_CHARS + 500)
     notice, base, _, _, _, prompt = client.predict(comment, *SETTINGS, api_name="/reply")
-    assert f"only the first {app_module.MAX_COMMENT_CHARS:,} were used" in notice
-    assert "a" * app_module.MAX_COMMENT_CHARS in prompt and "a" * (app_module.MAX_COMMENT_CHARS + 1) not in prompt
+    assert f"only the first {MAX_COMMENT_CHARS:,} were used" in notice
+    assert "a" * MAX_COMMENT_CHARS in prompt and "a" * (MAX_COMMENT_CHARS + 1) not in prompt
     assert base
 
 
@@ -144,7 +145,7 @@ def test_app_without_adapter_says_so(tiny_model_dir):
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        _, base, _, tuned, tuned_stats, _ = Client(demo.local_url, verbose=False).predict(
+        _, base, _, tuned, _tuned_stats, _ = Client(demo.local_url, verbose=False).predict(
             "Hi", *SETTINGS[:-1], "base", api_name="/reply"
         )
         assert base and "No adapter is loaded" in tuned and "python -m training.run" in tuned
@@ -306,12 +307,9 @@ def test_malicious_comments_get_replies_or_a_clear_notice(client, comment):
         assert notice == "Please type a comment first." and base == ""
         return
     assert base and tuned
-    if len(comment) > app_module.MAX_COMMENT_CHARS:
-        assert f"only the first {app_module.MAX_COMMENT_CHARS:,} were used" in notice
-        assert (
-            comment[: app_module.MAX_COMMENT_CHARS] in prompt
-            and comment[: app_module.MAX_COMMENT_CHARS + 1] not in prompt
-        )
+    if len(comment) > MAX_COMMENT_CHARS:
+        assert f"only the first {MAX_COMMENT_CHARS:,} were used" in notice
+        assert comment[:MAX_COMMENT_CHARS] in prompt and comment[: MAX_COMMENT_CHARS + 1] not in prompt
     else:
         assert notice == "" and comment in prompt
 

@@ -11,7 +11,7 @@ from training.config import CONFIGS_DIR, ConfigError, TrainConfig, build_parser,
 
 @pytest.mark.parametrize("recipe", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_loads(recipe):
-    config, sources = load_config(["--config", str(recipe)])
+    _config, sources = load_config(["--config", str(recipe)])
     assert any(s == "config" for s in sources.values())
     assert recipe.read_text().startswith("# python -m training.run --config")
 

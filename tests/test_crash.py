@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 from inference.default_model import ROOT
 from tests.helpers import write_run_data
+from training.callbacks import RunStats
 from training.checkpoints import checkpoint_folders
 from training.config import TrainConfig
 from training.run import TrainingStopped, train
-from training.trainer import RunStats
 
 EPOCHS = 2  # 24 examples, batch 4: 6 steps per epoch, checkpoint-6 and checkpoint-12
 

@@ -104,13 +104,16 @@ def test_csv_row_with_too_few_fields_and_missing_header_column(write):
         load_pairs(write("k.csv", "comment,response\na,b\nlonely\n"))
     with pytest.raises(
         DataError,
-        match=r"l\.csv:1: header lacks column\(s\) response \(got comment, notes\); name the comment and reply columns with --comment-field",
+        match=(
+            r"l\.csv:1: header lacks column\(s\) response \(got comment, "
+            r"notes\); name the comment and reply columns with --comment-field"
+        ),
     ):
         load_pairs(write("l.csv", "comment,notes\na,b\n"))
 
 
 def test_unknown_file_type_and_missing_file(write, tmp_path):
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         load_pairs(write("m.txt", "x"))
     with pytest.raises(DataError, match="file not found"):
         load_pairs(tmp_path / "nope.jsonl")
@@ -260,7 +263,10 @@ def test_dolly_row_without_response_names_the_field(write):
 
 def test_guanaco_text_splits_into_turns_and_keeps_earlier_turns(write):
     single = "### Human: What is overfitting?### Assistant: Learning the noise instead of the signal."
-    multi = "### Human: Hi### Assistant: Hello!### Human: Explain dropout.### Assistant: It zeroes random units while training."
+    multi = (
+        "### Human: Hi### Assistant: Hello!### Human: Explain "
+        "dropout.### Assistant: It zeroes random units while training."
+    )
     path = write("guanaco.jsonl", json.dumps({"text": single}) + "\n" + json.dumps({"text": multi}) + "\n")
     pairs = load_pairs(path)
     assert (pairs[0].comment, pairs[0].response) == (

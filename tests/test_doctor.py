@@ -68,8 +68,8 @@ def test_pad_equals_eos_collator_is_caught(renderer, chatml_tokenizer):
         tokenizer.pad_token = original
     assert not findings["end of turn learned"].ok
     assert findings["end of turn learned"].detail.startswith(
-        f"8 example(s) do not learn the end-of-turn token (id {tokenizer.eos_token_id}), so the model never learns to stop; "
-        "is the pad token equal to EOS in the collator? data.jsonl:1, data.jsonl:2"
+        f"8 example(s) do not learn the end-of-turn token (id {tokenizer.eos_token_id}), so the model "
+        "never learns to stop; is the pad token equal to EOS in the collator? data.jsonl:1, data.jsonl:2"
     )
     assert not findings["loss on the reply only"].ok  # that collator learns the prompt too
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig
 from training.architecture import EstimateError, read_model_config
-from training.estimate import estimate, estimate_for_config, main
+from training.config import TrainConfig
+from training.estimate import estimate_for_config, main
+from training.footprint import estimate
 from training.memory import GiB
 
 
@@ -53,7 +54,7 @@ def test_full_fine_tune_trains_every_parameter(tiny_model_dir):
 
 
 def test_unknown_target_module_is_named(tiny_model_dir):
-    with pytest.raises(EstimateError, match="query_key_value.*its linear layers: .*q_proj"):
+    with pytest.raises(EstimateError, match=r"query_key_value.*its linear layers: .*q_proj"):
         estimate_for_config(TrainConfig(base_model=str(tiny_model_dir), target_modules=["query_key_value"]))
 
 
@@ -114,9 +115,9 @@ def test_on_a_cpu_the_memory_limit_is_half_of_what_the_machine_has_available(def
         )
     else:
         assert 0 < k < result.layers
-        assert (
-            plan
-            == f"gradient checkpointing: {k} of {result.layers} layers, the fewest that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
+        assert plan == (
+            f"gradient checkpointing: {k} of {result.layers} layers, the fewest "
+            f"that keep the estimate under the memory limit of {limit / GiB:.2f} GiB"
         )
     assert memory_limit(TrainConfig(memory_limit_gib=3.0)) == (3.0 * GiB, "--memory-limit-gib")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from inference.default_model import DEFAULT_BASE_MODEL
-from inference.export import export, main, modelfile
 from inference.engines import load_replier
+from inference.export import export, main, modelfile
 from inference.generate import GenerationSettings
 from inference.gguf_convert import ExportError
 from inference.llamacpp import LlamaCppReplier

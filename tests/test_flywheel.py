@@ -6,8 +6,8 @@ import json
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
-from training.flywheel import PAIRS_FILE, save_correction, save_preference
 from training.data import load_pairs
+from training.flywheel import PAIRS_FILE, save_correction, save_preference
 
 
 def _save_many(folder, worker: int, count: int) -> None:

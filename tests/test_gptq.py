@@ -21,7 +21,10 @@ pytestmark = [
     pytest.mark.gptq,
     pytest.mark.skipif(
         not PYTHON,
-        reason="GPTQ extra not installed: set REPLYTUNE_GPTQ_PYTHON to a Python with requirements-gptq.txt (.ci/run does when time allows)",
+        reason=(
+            "GPTQ extra not installed: set REPLYTUNE_GPTQ_PYTHON to a Python "
+            "with requirements-gptq.txt (.ci/run does when time allows)"
+        ),
     ),
 ]
 
@@ -35,7 +38,8 @@ base = load_base_model(sys.argv[1], "none")
 assert getattr(base.config, "quantization_config", None), "not a GPTQ model"
 model = PeftModel.from_pretrained(base, sys.argv[2])
 tokenizer = load_tokenizer(sys.argv[1])
-replier = Replier(model, tokenizer, PromptRenderer(tokenizer, Persona.from_file(sys.argv[2] + "/persona.txt")), has_adapter=True)
+renderer = PromptRenderer(tokenizer, Persona.from_file(sys.argv[2] + "/persona.txt"))
+replier = Replier(model, tokenizer, renderer, has_adapter=True)
 base_reply, tuned = replier.reply("Great video, thanks!", GenerationSettings(max_new_tokens=16))
 print("REPLIES", bool(base_reply.text), bool(tuned.text))
 """

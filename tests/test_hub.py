@@ -108,7 +108,7 @@ def test_an_adapter_with_nan_weights_is_never_pushed(trained_folder, tmp_path, m
     save_file(weights, folder / "adapter_model.safetensors")
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     api = RecordingApi()
-    with pytest.raises(ValueError, match="NaN or infinite values .* not pushed"):
+    with pytest.raises(ValueError, match=r"NaN or infinite values .* not pushed"):
         push_adapter(folder, "maya/replytune-voice", private=False, api=api)
     assert api.calls == []
 
@@ -141,9 +141,8 @@ def card_summary(method: str = "lora") -> dict:
         "base_model_hub_id": "org/b",
         "config": {
             "method": method,
-            **{
-                k: 1
-                for k in (
+            **dict.fromkeys(
+                (
                     "quantization",
                     "lora_r",
                     "lora_alpha",
@@ -155,8 +154,9 @@ def card_summary(method: str = "lora") -> dict:
                     "grad_accum",
                     "max_length",
                     "seed",
-                )
-            },
+                ),
+                1,
+            ),
         },
         "epochs": [{"epoch": 1, "train_loss": 2.0, "eval_loss": 1.5}],
         "base_eval_loss": 3.0,
@@ -228,6 +228,6 @@ def test_a_full_fine_tune_folder_is_pushed_with_its_model_and_a_card_that_loads_
 def test_a_folder_without_weights_is_never_pushed(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     api = RecordingApi()
-    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors or model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model\.safetensors or model\.safetensors"):
         push_adapter(tmp_path, "maya/x", private=False, api=api)
     assert api.calls == []

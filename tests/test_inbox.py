@@ -22,7 +22,9 @@ import pytest
 from inference.default_model import ROOT
 from inference.generate import GenerationSettings
 from tests.helpers import FakeYouTube, comment_thread, free_port, thread_page
-from youtube import auth, inbox
+from youtube import auth
+from youtube.inbox import cli, review
+from youtube.inbox import state as inbox_state
 
 # Made up at each run, so that no file of the repository can hold them unless this code wrote them there.
 KEY = f"AIzaSy{secrets.token_urlsafe(24)}"
@@ -97,7 +99,7 @@ def state(tmp_path):
 
 
 def run(state, command: str, *flags: str) -> int:
-    return inbox.main([command, "--state", str(state), *flags])
+    return cli.main([command, "--state", str(state), *flags])
 
 
 def pull(state) -> int:
@@ -107,17 +109,17 @@ def pull(state) -> int:
 @pytest.fixture
 def drafted(api, state, replier):
     assert pull(state) == 0
-    inbox.draft(state, replier, DRAFT_SETTINGS)
+    review.draft(state, replier, DRAFT_SETTINGS)
     return state
 
 
 def approve_all(state, ids: list[str]) -> None:
     for comment_id in ids:
-        inbox.approve(state, comment_id, inbox.load(state)[comment_id].final)
+        review.approve(state, comment_id, inbox_state.load(state)[comment_id].final)
 
 
 def statuses(state) -> Counter:
-    return Counter(item.status for item in inbox.load(state).values())
+    return Counter(item.status for item in inbox_state.load(state).values())
 
 
 def inserted(api: FakeYouTube) -> Counter:
@@ -143,24 +145,24 @@ def test_pull_keeps_the_unanswered_threads_back_to_since_and_adds_only_what_is_n
     }
     assert pull(state) == 0
     assert "1 new comment(s)" in capsys.readouterr().out
-    assert [item.id for item in inbox.to_answer(state)][:2] == ["thread99", "thread1"]  # newest first
-    assert len(inbox.load(state)) == 12
+    assert [item.id for item in inbox_state.to_answer(state)][:2] == ["thread99", "thread1"]  # newest first
+    assert len(inbox_state.load(state)) == 12
 
 
 def test_drafts_fill_every_waiting_comment_and_report_the_rate(drafted, replier):
-    items = inbox.load(drafted).values()
+    items = inbox_state.load(drafted).values()
     assert all(item.status == "drafted" and item.draft for item in items)
-    assert str(inbox.draft(drafted, replier, DRAFT_SETTINGS)).startswith("0 drafts in 0.0 s (nothing to draft)")
+    assert str(review.draft(drafted, replier, DRAFT_SETTINGS)).startswith("0 drafts in 0.0 s (nothing to draft)")
 
 
 def test_edits_and_approvals_feed_the_flywheel_with_handles_anonymised(drafted):
     first, second, third = UNANSWERED[:3]
-    draft = inbox.load(drafted)[first].draft
-    inbox.edit(drafted, first, "Start with part 1, @viewer1! –Maya")
-    inbox.approve(drafted, first, "Start with part 1, @viewer1! –Maya")  # the same text: no second preference
-    inbox.approve(drafted, first, "Start with part 1, @viewer1! –Maya")  # approved twice: one pair
-    inbox.approve(drafted, second, inbox.load(drafted)[second].draft)
-    inbox.skip(drafted, third)
+    draft = inbox_state.load(drafted)[first].draft
+    review.edit(drafted, first, "Start with part 1, @viewer1! –Maya")
+    review.approve(drafted, first, "Start with part 1, @viewer1! –Maya")  # the same text: no second preference
+    review.approve(drafted, first, "Start with part 1, @viewer1! –Maya")  # approved twice: one pair
+    review.approve(drafted, second, inbox_state.load(drafted)[second].draft)
+    review.skip(drafted, third)
     preferences = [json.loads(line) for line in (drafted / "preferences.jsonl").read_text().splitlines()]
     assert preferences == [
         {
@@ -170,14 +172,17 @@ def test_edits_and_approvals_feed_the_flywheel_with_handles_anonymised(drafted):
         }
     ]
     pairs = [json.loads(line) for line in (drafted / "pairs.jsonl").read_text().splitlines()]
-    assert [p["response"] for p in pairs] == ["Start with part 1, @user! –Maya", inbox.load(drafted)[second].draft]
-    assert inbox.load(drafted)[first].author == "@viewer1"  # only training data is anonymised
+    assert [p["response"] for p in pairs] == [
+        "Start with part 1, @user! –Maya",
+        inbox_state.load(drafted)[second].draft,
+    ]
+    assert inbox_state.load(drafted)[first].author == "@viewer1"  # only training data is anonymised
     assert statuses(drafted) == Counter(drafted=8, approved=2, skipped=1)
     from training.data import load_pairs
 
     assert len(load_pairs(drafted / "pairs.jsonl")) == 2  # training reads the file as it is
-    with pytest.raises(inbox.InboxError, match="empty"):
-        inbox.approve(drafted, second, "   ")
+    with pytest.raises(inbox_state.InboxError, match="empty"):
+        review.approve(drafted, second, "   ")
 
 
 def test_post_sends_each_approved_reply_once_and_a_dry_run_sends_nothing(api, drafted, capsys):
@@ -188,11 +193,15 @@ def test_post_sends_each_approved_reply_once_and_a_dry_run_sends_nothing(api, dr
     assert run(drafted, "post") == 0
     assert "4 posted" in capsys.readouterr().out
     assert inserted(api) == Counter(UNANSWERED[:4])
-    assert [s["textOriginal"] for s in api.inserts] == [inbox.load(drafted)[i].final for i in UNANSWERED[:4]]
-    posted = [inbox.load(drafted)[i] for i in UNANSWERED[:4]]
+    assert [s["textOriginal"] for s in api.inserts] == [inbox_state.load(drafted)[i].final for i in UNANSWERED[:4]]
+    posted = [inbox_state.load(drafted)[i] for i in UNANSWERED[:4]]
     assert all(item.status == "posted" and item.reply_id.startswith(item.id + ".reply") for item in posted)
     assert run(drafted, "post") == 0  # nothing left to post
-    assert len(api.inserts) == 4 and inbox.counts(inbox.load(drafted)) == {"waiting": 7, "approved": 0, "posted": 4}
+    assert len(api.inserts) == 4 and inbox_state.counts(inbox_state.load(drafted)) == {
+        "waiting": 7,
+        "approved": 0,
+        "posted": 4,
+    }
 
 
 @pytest.mark.parametrize("point", ["before", "after"])
@@ -205,7 +214,7 @@ def test_a_post_killed_around_the_insert_call_is_resolved_without_a_double_post(
     assert statuses(drafted)["posting"] == 1 and statuses(drafted)["approved"] == 2  # recorded before the call
     assert run(drafted, "post") == 0
     assert inserted(api) == Counter(UNANSWERED[:3])  # exactly one reply per comment
-    assert statuses(drafted)["posted"] == 3 and all(inbox.load(drafted)[i].reply_id for i in UNANSWERED[:3])
+    assert statuses(drafted)["posted"] == 3 and all(inbox_state.load(drafted)[i].reply_id for i in UNANSWERED[:3])
 
 
 def test_an_expired_access_token_is_refreshed_mid_batch(api, drafted):
@@ -260,7 +269,7 @@ def test_a_comment_deleted_before_posting_is_reported_gone_and_the_rest_are_post
     api.deleted = {UNANSWERED[1]}
     assert run(drafted, "post") == 0
     assert "2 posted, 1 gone (deleted before posting)" in capsys.readouterr().out
-    assert inbox.load(drafted)[UNANSWERED[1]].status == "gone" and inserted(api) == Counter(
+    assert inbox_state.load(drafted)[UNANSWERED[1]].status == "gone" and inserted(api) == Counter(
         [UNANSWERED[0], UNANSWERED[2]]
     )
 
@@ -333,10 +342,10 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
     comment, reply = client.predict(UNANSWERED[0], api_name="/inbox_pick")
     assert (
         comment == "@viewer1: How do I start with topic 1, @viewer1?"
-        and reply == inbox.load(drafted)[UNANSWERED[0]].draft
+        and reply == inbox_state.load(drafted)[UNANSWERED[0]].draft
     )
     client.predict(UNANSWERED[0], "My own answer, @viewer1. –Maya", api_name="/inbox_approve")
-    client.predict(UNANSWERED[1], inbox.load(drafted)[UNANSWERED[1]].draft, api_name="/inbox_approve")
+    client.predict(UNANSWERED[1], inbox_state.load(drafted)[UNANSWERED[1]].draft, api_name="/inbox_approve")
     client.predict(UNANSWERED[2], "", api_name="/inbox_skip")
     *_, regenerated, done = client.predict(UNANSWERED[3], "", api_name="/inbox_regenerate")
     assert regenerated and done.endswith("drafted.")
@@ -346,7 +355,7 @@ def test_the_app_inbox_tab_edits_approves_skips_regenerates_and_posts(api, draft
     assert shown.count("would reply to") == 2 and api.inserts == []
     counts, _, _, posted = client.predict(False, api_name="/inbox_post")
     assert counts == "8 waiting · 0 approved · 2 posted" and "2 posted" in posted
-    assert [s["textOriginal"] for s in api.inserts][0] == "My own answer, @viewer1. –Maya"
+    assert api.inserts[0]["textOriginal"] == "My own answer, @viewer1. –Maya"
     with pytest.raises(Exception, match="can no longer be changed"):
         client.predict(UNANSWERED[0], "again", api_name="/inbox_approve")
     assert (drafted / "preferences.jsonl").read_text().count("\n") == 1 and (drafted / "pairs.jsonl").read_text().count(
@@ -383,5 +392,5 @@ def test_approving_in_the_inbox_tab_of_a_real_browser(api, drafted, inbox_app):
         page.locator("#inbox-approve").click()
         expect(page.locator("#inbox-counts")).to_contain_text("10 waiting · 1 approved · 0 posted", timeout=30_000)
         browser.close()
-    item = inbox.load(drafted)[UNANSWERED[0]]
+    item = inbox_state.load(drafted)[UNANSWERED[0]]
     assert item.status == "approved" and item.final == "Thanks, @viewer1! Part 1 is the place to start. –Maya"

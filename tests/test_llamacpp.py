@@ -189,7 +189,7 @@ def test_a_model_llama_cpp_cannot_convert_falls_back_to_transformers_when_auto(m
         replier = load_replier(str(tmp_path), None, quantization="none")
     assert replier.backend == "transformers"
     assert "llama.cpp cannot run" in caplog.text and "pre-tokenizer" in caplog.text
-    with pytest.raises(ExportError, match="convert_hf_to_gguf.py could not convert"):
+    with pytest.raises(ExportError, match=r"convert_hf_to_gguf\.py could not convert"):
         load_replier(str(tmp_path), None, quantization="none", backend="llama.cpp")
 
 

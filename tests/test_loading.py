@@ -1,4 +1,5 @@
-"""Model loading: safetensors only, no code from a model folder runs without --trust-remote-code, bounded kernel cache."""
+"""Model loading: safetensors only, no code from a model folder runs without --trust-remote-code,
+bounded kernel cache."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from inference.loading import load_adapter, load_base_model
 from inference.default_model import ROOT
+from inference.loading import load_adapter, load_base_model
 
 
 def test_a_pickle_only_model_is_refused(tiny_model_dir, tmp_path):

@@ -156,7 +156,10 @@ def test_a_pair_the_renderer_cannot_render_is_an_error_naming_the_pair_and_side(
     ]
     with pytest.raises(
         DataError,
-        match=r"picks.jsonl:2: field 'rejected': the reply alone takes \d+ tokens with the prompt, more than max_length=512",
+        match=(
+            r"picks.jsonl:2: field 'rejected': the reply alone takes "
+            r"\d+ tokens with the prompt, more than max_length=512"
+        ),
     ):
         render_preferences(pairs, renderer, 512)
 
@@ -240,7 +243,7 @@ def test_the_reference_is_a_frozen_copy_of_the_starting_adapter_on_the_same_base
 
     config = prefer_config()
     examples = rendered(config)
-    model, trainer, *_ = set_up(config, trainer_tokenizer(config), examples)
+    _model, trainer, *_ = set_up(config, trainer_tokenizer(config), examples)
     assert trainer.ref_model is None  # no second model: the reference is an adapter on the policy's base
     assert set(trainer.model.peft_config) == {"default", "ref"}
     params = dict(trainer.model.named_parameters())
@@ -309,12 +312,12 @@ def interrupt_after_first_save(self, args, state, control, **kwargs):
 def test_a_killed_run_resumes_to_the_same_adapter(prefer_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from training.callbacks import QuietProgress
     from training.checkpoints import ResumeError
-    from training.trainer import _QuietProgress
 
     assert prefer(prefer_config(output_dir=str(tmp_path / "reference"))) == 0
     config = prefer_config()
-    monkeypatch.setattr(_QuietProgress, "on_save", interrupt_after_first_save, raising=False)
+    monkeypatch.setattr(QuietProgress, "on_save", interrupt_after_first_save, raising=False)
     with pytest.raises(Interrupted):
         prefer(config)
     monkeypatch.undo()
@@ -372,25 +375,23 @@ def test_the_apps_saved_picks_are_counted_and_read_by_the_preference_loader(tmp_
     save_correction(tmp_path, "Part 2?", "Soon! –Maya")
     line = waiting(tmp_path, "outputs/adapter")
     assert line.startswith(f"2 pick(s) and 1 correction(s) waiting in `{tmp_path}`.")
-    assert (
-        f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE} --output-dir outputs/preferred`"
-        in line
-    )
+    command = f"`python -m training.prefer --adapter outputs/adapter --preferences {tmp_path / PREFERENCES_FILE}"
+    assert f"{command} --output-dir outputs/preferred`" in line
     pairs = load_preferences(tmp_path / PREFERENCES_FILE)
     assert [(p.comment, p.chosen) for p in pairs] == [("Loved it @user", "Thanks! –Maya"), ("Part 2?", "Soon! –Maya")]
 
 
 def test_a_nan_loss_stops_the_run_within_a_step_and_saves_nothing(prefer_config, tmp_path, monkeypatch):
     """A weight of the trained adapter turned NaN after step 3 (as a diverging update would) stops the run at step 4."""
+    from training.callbacks import QuietProgress
     from training.run import TrainingStopped
-    from training.trainer import _QuietProgress
 
     def poison(self, args, state, control, model=None, **kwargs):
         if state.global_step == 3:
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if "lora_A.default" in n).fill_(float("nan"))
 
-    monkeypatch.setattr(_QuietProgress, "on_step_end", poison, raising=False)
+    monkeypatch.setattr(QuietProgress, "on_step_end", poison, raising=False)
     with pytest.raises(
         TrainingStopped, match=r"training loss became nan at step 4 .*Last good checkpoint: .*checkpoint-3"
     ):

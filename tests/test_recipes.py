@@ -49,7 +49,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def recipe(name: str, model: Path, data: Path, eval_data: Path, out: Path, *flags: str):
-    config, sources = load_config(
+    config, _sources = load_config(
         [
             "--config",
             name,
@@ -115,8 +115,8 @@ def test_seq2seq_recipe_trains_an_8bit_t5_on_input_target_pairs(mistral_tokenize
     from inference.loading import load_base_model, load_tokenizer
     from prompts.render import Persona, Seq2SeqRenderer
     from tests.helpers import pairs_jsonl
-    from training.data import load_pairs, tokenize_pairs
     from training.collate import ReplyCollator
+    from training.data import load_pairs, tokenize_pairs
 
     t5 = T5Config(
         vocab_size=len(mistral_tokenizer),
@@ -171,8 +171,8 @@ def guanaco(n: int, start: int, answer: str) -> list[dict]:
 def test_full_fine_tune_recipe_stops_early_when_it_overfits(chatml_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from training.callbacks import RunStats
     from training.checkpoints import checkpoint_folders
-    from training.trainer import RunStats
 
     model = build(Qwen2Config(**small(chatml_tokenizer), tie_word_embeddings=True), chatml_tokenizer, tmp_path / "qwen")
     # Training answers all read one way, held-out answers another: after the shared words are

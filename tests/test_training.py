@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.callbacks import RunStats
 from training.checkpoints import ResumeError
 from training.config import TrainConfig
-from training.run import train
 from training.model import count_parameters
-from training.trainer import RunStats
+from training.run import train
 
 
 def style_pairs(n: int, start: int = 0) -> str:
@@ -98,8 +98,8 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
 
     from inference.loading import load_base_model, load_tokenizer
     from prompts.render import Persona, PromptRenderer
-    from training.data import load_pairs, tokenize_pairs
     from training.collate import ReplyCollator
+    from training.data import load_pairs, tokenize_pairs
 
     base = load_base_model(config.base_model, "nf4")
     model = PeftModel.from_pretrained(base, str(folder)).eval()

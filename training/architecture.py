@@ -1,6 +1,6 @@
 """A model's architecture from its config alone: the config (shipped for the recipes' models, so it
 reads offline), the model built on PyTorch's ``meta`` device (shapes, no storage), and the widths
-and attention that decide what training keeps in memory (training.estimate) and how it packs
+and attention that decide what training keeps in memory (training.footprint) and how it packs
 batches (training.examples)."""
 
 from __future__ import annotations

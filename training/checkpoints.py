@@ -114,7 +114,10 @@ def check_disk_space(output_dir: Path, trainable_parameters: int, kept: int) -> 
     """
     need = checkpoint_bytes(trainable_parameters) * (kept + 1)
     free = shutil.disk_usage(output_dir).free
-    line = f"checkpoints: about {checkpoint_bytes(trainable_parameters) / 2**20:.1f} MB each, at most {kept} kept in {output_dir}"
+    line = (
+        f"checkpoints: about {checkpoint_bytes(trainable_parameters) / 2**20:.1f} "
+        f"MB each, at most {kept} kept in {output_dir}"
+    )
     if free < need:
         raise DiskSpaceError(
             f"{output_dir}: {free / 2**20:.0f} MB free, but this run needs about {need / 2**20:.0f} MB for its "
@@ -188,14 +191,16 @@ def prepare_output(output: Path, resume: bool, run_info: dict) -> Path | None:
             {"data_hash": "the data (or persona)", "config_hash": "the training settings"}[k] for k in changed
         )
         raise ResumeError(
-            f"--resume: {what} changed since the run in {checkpoints} started; restore them, or start over without --resume"
+            f"--resume: {what} changed since the run in {checkpoints} "
+            "started; restore them, or start over without --resume"
         )
     # Runs before processes were recorded had one. Each process takes its share of every batch, so
     # another count would train on other batches.
     if saved.get("processes", 1) != run_info["processes"]:
         raise ResumeError(
-            f"--resume: the run in {checkpoints} was started with {saved.get('processes', 1)} process(es), this one has {run_info['processes']}; "
-            "launch it with the same number (torchrun --nproc-per-node, accelerate launch --num-processes)"
+            f"--resume: the run in {checkpoints} was started with {saved.get('processes', 1)} "
+            f"process(es), this one has {run_info['processes']}; launch it with the "
+            "same number (torchrun --nproc-per-node, accelerate launch --num-processes)"
         )
     checkpoint = last_complete_checkpoint(output)
     remove_incomplete_after(output, checkpoint)

@@ -69,7 +69,7 @@ def shared_prefix_length(
     """
     if batch_size < 2 or not examples:
         return 0
-    prefix = len(os.path.commonprefix([e.input_ids for e in examples]))
+    prefix = len(os.path.commonprefix([e.input_ids for e in examples]))  # noqa: RUF071 (lists of token ids, not paths)
     first_learned = min(
         next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels)) for e in examples
     )

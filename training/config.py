@@ -34,7 +34,10 @@ class TrainConfig:
     data: list[str] = field(
         default_factory=lambda: [str(ROOT / "data" / "train.jsonl")],
         metadata={
-            "help": "training pairs: one or more .jsonl, .json or .csv files or globs (merged in order, duplicates across files removed), or a Hub dataset id"
+            "help": (
+                "training pairs: one or more .jsonl, .json or .csv files or globs "
+                "(merged in order, duplicates across files removed), or a Hub dataset id"
+            )
         },
     )
     eval_data: str | None = field(
@@ -67,7 +70,10 @@ class TrainConfig:
     signature: str | None = field(
         default=None,
         metadata={
-            "help": "append this sign-off (e.g. ' –Maya', as written in the persona) to every reply that does not already end with it"
+            "help": (
+                "append this sign-off (e.g. ' –Maya', as written in the "
+                "persona) to every reply that does not already end with it"
+            )
         },
     )
     # --- model
@@ -89,7 +95,10 @@ class TrainConfig:
     backend: Backend = field(
         default="auto",
         metadata={
-            "help": "what writes the replies of the voice evaluation: auto (llama.cpp on a CPU, transformers on a GPU), llama.cpp or transformers"
+            "help": (
+                "what writes the replies of the voice evaluation: auto (llama.cpp "
+                "on a CPU, transformers on a GPU), llama.cpp or transformers"
+            )
         },
     )
     # --- LoRA
@@ -109,7 +118,9 @@ class TrainConfig:
     grad_accum: int = field(
         default=1,
         metadata={
-            "help": "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"
+            "help": (
+                "forward passes whose gradients are summed into one update (effective batch = batch_size x grad_accum)"
+            )
         },
     )
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of updates spent warming up the learning rate"})
@@ -124,7 +135,10 @@ class TrainConfig:
     memory_limit_gib: float | None = field(
         default=None,
         metadata={
-            "help": "checkpoint only as many layers as keep the memory estimate under this many GiB (unset: 90% of the GPU; on a CPU half the memory available when the run starts)"
+            "help": (
+                "checkpoint only as many layers as keep the memory estimate under this many GiB "
+                "(unset: 90% of the GPU; on a CPU half the memory available when the run starts)"
+            )
         },
     )
     early_stopping_patience: int = field(
@@ -179,7 +193,8 @@ class TrainConfig:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.method == "full" and self.quantization != "none":
             problems.append(
-                f"method full and quantization {self.quantization}: a quantized base cannot be trained directly; use --quantization none, or --method lora"
+                f"method full and quantization {self.quantization}: a quantized base "
+                "cannot be trained directly; use --quantization none, or --method lora"
             )
         if self.memory_limit_gib is not None and self.memory_limit_gib <= 0:
             problems.append(f"memory_limit_gib: must be positive, got {self.memory_limit_gib}")
@@ -187,7 +202,8 @@ class TrainConfig:
             problems.append(f"max_rows: must be at least 1, got {self.max_rows}")
         if self.save_total_limit < 2:
             problems.append(
-                f"save_total_limit: must be at least 2 (the best and the latest checkpoint are both kept), got {self.save_total_limit}"
+                "save_total_limit: must be at least 2 (the best and the "
+                f"latest checkpoint are both kept), got {self.save_total_limit}"
             )
         if self.max_length < 32:
             problems.append(f"max_length: {self.max_length} leaves no room for the prompt; use at least 32")
@@ -264,9 +280,9 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, S
     sources: dict[str, Source] = {f.name: "default" for f in dataclasses.fields(TrainConfig)}
     if config_path:
         values.update(read_yaml(Path(config_path)))
-        sources.update({k: "config" for k in values})
+        sources.update(dict.fromkeys(values, "config"))
     values.update(args)  # argparse.SUPPRESS leaves only the flags that were given
-    sources.update({k: "flag" for k in args})
+    sources.update(dict.fromkeys(args, "flag"))
     return TrainConfig(**values), sources
 
 

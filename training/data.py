@@ -103,7 +103,10 @@ def column_mapping(
             return None
         found[role] = candidates[0]
     if found["comment"] == found["response"]:
-        return f"field {found['comment']!r} cannot be both the comment and the response; choose with --comment-field and --response-field"
+        return (
+            f"field {found['comment']!r} cannot be both the comment and the response; "
+            "choose with --comment-field and --response-field"
+        )
     return found
 
 
@@ -170,7 +173,8 @@ def _json_rows(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         return
     if not isinstance(data, list):
         raise DataError(
-            f"{path}: expected a JSON array of objects with fields {', '.join(FIELDS)}, or a YouTube Data API commentThreads export"
+            f"{path}: expected a JSON array of objects with fields "
+            f"{', '.join(FIELDS)}, or a YouTube Data API commentThreads export"
         )
     for number, row in enumerate(data, start=1):
         yield f"{path}: item {number}", row
@@ -218,8 +222,8 @@ def _csv_rows(
         missing = [] if mapping else [f for f in row_fields(header) if f not in header]
         if missing:
             raise DataError(
-                f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)}); name the comment and reply "
-                "columns with --comment-field and --response-field"
+                f"{path}:1: header lacks column(s) {', '.join(missing)} (got {', '.join(header)}); "
+                "name the comment and reply columns with --comment-field and --response-field"
             )
 
     return csv_records(path, text, check_header)
@@ -269,7 +273,7 @@ def row_fields(keys) -> tuple[str, ...]:
     """The required fields of a row (or CSV header) by its shape: comment/response, Dolly-style
     instruction/response (+ optional context), or Guanaco-style conversation text."""
     keys = set(keys)
-    if "comment" in keys or "instruction" not in keys and "text" not in keys:
+    if "comment" in keys or ("instruction" not in keys and "text" not in keys):
         return FIELDS
     return ("instruction", "response") if "instruction" in keys else ("text",)
 

@@ -87,7 +87,8 @@ def launch_plan(path: Path) -> tuple[int, bool]:
     fsdp = data.get("distributed_type") == "FSDP"
     if fsdp and (data.get("fsdp_config") or {}).get("fsdp_offload_params"):
         raise ConfigError(
-            f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the estimate does not count; estimate without offloading for an upper bound"
+            f"{path}: fsdp_offload_params keeps the shards in CPU memory, which the "
+            "estimate does not count; estimate without offloading for an upper bound"
         )
     return int(data["num_processes"]), fsdp
 

@@ -92,15 +92,15 @@ def check_end_of_turn(
 ) -> Finding:
     missing = [
         i
-        for i, (e, l) in enumerate(zip(examples, labels))
-        if not l or l[-1] != end_of_turn_id or e.input_ids[-1] != end_of_turn_id
+        for i, (example, learned) in enumerate(zip(examples, labels))
+        if not learned or learned[-1] != end_of_turn_id or example.input_ids[-1] != end_of_turn_id
     ]
     if missing:
         return Finding(
             "end of turn learned",
             False,
-            f"{len(missing)} example(s) do not learn the end-of-turn token (id {end_of_turn_id}), "
-            f"so the model never learns to stop; is the pad token equal to EOS in the collator? {_where(pairs, missing)}",
+            f"{len(missing)} example(s) do not learn the end-of-turn token (id {end_of_turn_id}), so the model "
+            f"never learns to stop; is the pad token equal to EOS in the collator? {_where(pairs, missing)}",
         )
     return Finding("end of turn learned", True, f"all {len(examples)} examples end on a learned end-of-turn token")
 
@@ -150,8 +150,8 @@ def check_app_prompt(pairs: Sequence[Pair], train: PromptRenderer, app: PromptRe
         return Finding(
             "training prompt = app prompt",
             False,
-            f"{len(differ)} comment(s) are rendered differently by the app "
-            f"(from character {at}: training {a[at : at + 40]!r} vs app {b[at : at + 40]!r}); train and serve with the same persona",
+            f"{len(differ)} comment(s) are rendered differently by the app (from character {at}: training "
+            f"{a[at : at + 40]!r} vs app {b[at : at + 40]!r}); train and serve with the same persona",
         )
     return Finding("training prompt = app prompt", True, "the app sends byte-identical prompts")
 

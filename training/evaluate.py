@@ -19,7 +19,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from errors import exits_on_error
 from inference.generate import (
@@ -32,10 +32,16 @@ from inference.generate import (
     Replier,
     StreamingReplier,
 )
-from inference.quality import content_stats, loops, talks_like_an_ai
 from inference.loading import BACKENDS, QUANTIZATIONS
+from inference.quality import content_stats, loops, talks_like_an_ai
 from prompts.render import IGNORE_INDEX, is_signed
 from training.data import Pair
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.config import TrainConfig
+    from training.examples import Prepared
 
 EVAL_SETTINGS = GenerationSettings(max_new_tokens=120)
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\U0001f1e6-\U0001f1ff]")
@@ -193,10 +199,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     backend = f", replies by {settings['backend']}" if "backend" in settings else ""
-    return (
-        "\n".join(lines)
-        + f"\n\n{result['comments']} held-out comments, {decoding_text(settings)}, at most {settings['max_new_tokens']} new tokens{backend}.\n"
+    footer = (
+        f"{result['comments']} held-out comments, {decoding_text(settings)}, "
+        f"at most {settings['max_new_tokens']} new tokens{backend}."
     )
+    return "\n".join(lines) + f"\n\n{footer}\n"
 
 
 VERDICT_MEASURES = [  # (key, what it is, higher is better)
@@ -243,6 +250,57 @@ def decoding_text(settings: dict[str, Any]) -> str:
     if settings.get("no_repeat_ngram"):
         parts.append(f"no {settings['no_repeat_ngram']}-token phrase twice")
     return ", ".join(parts)
+
+
+def voice_evaluation(
+    prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]
+) -> None:
+    """The voice evaluation at the end of a training run (training.run): replies to the held-out
+    comments with and without the just-trained adapter, scored by evaluate() into ``result``."""
+    from inference.adapter_files import HELD_OUT_FILE
+    from inference.loading import fsdp_enabled
+    from training.model import ready_for_generation
+
+    config = prepared.config
+    if config.method != "lora" or prepared.seq2seq:
+        # The comparison generates base and fine-tuned replies from one model with and without the
+        # adapter, which needs LoRA on a causal LM; the held-out losses still compare the two.
+        print("voice fidelity: skipped (it needs a LoRA adapter on a causal LM)")
+        return
+    if fsdp_enabled():
+        # Each process holds a shard of the model: the main one cannot generate alone. The adapter
+        # folder carries its held-out pairs.
+        print(
+            "voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine "
+            f"that holds the whole model: python -m training.evaluate --adapter {config.output_dir} "
+            f"--base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
+        )
+        return
+    ready_for_generation(model)
+    from inference.retrieval import ExampleBank
+
+    examples = ExampleBank([(p.comment, p.response) for p in prepared.train_pairs])
+    trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True, examples=examples)
+    # The held-out losses of the table are the ones the run measured, with the adapter off (before
+    # training) and on: the same reply tokens of the same pairs.
+    replier = voice_replier(config, trained, Path(config.output_dir))
+    # The examples panes' losses are measured here: the run measured the persona-only prompt's.
+    losses = {
+        **losses,
+        **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples")),
+    }
+    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
+    print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
+
+
+def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> StreamingReplier:
+    """What writes the voice evaluation's replies: the saved adapter in llama.cpp on a CPU (seconds
+    instead of minutes), or the trained model itself."""
+    from inference.engines import engine_replier
+
+    return engine_replier(
+        config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained
+    )
 
 
 @exits_on_error

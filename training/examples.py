@@ -12,7 +12,6 @@ from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_si
 from training.config import TrainConfig
 from training.data import DataError, Pair, check_no_overlap, comment_key, read_pairs, tokenize_pairs
 
-
 MIN_ROWS_TO_SPLIT = 10
 MIN_TRAIN_ROWS = 2  # fewer cannot train at all
 RECOMMENDED_TRAIN_ROWS = 50  # what the original article trained on; fewer is a warning
@@ -45,7 +44,8 @@ class DataSummary:
         out += [f"columns: {mapping}" for mapping in self.columns]
         if self.signature:
             out.append(
-                f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} appended (--signature); the others already ended with it"
+                f"signature: {self.signatures_added} repl(y/ies) got {self.signature!r} "
+                "appended (--signature); the others already ended with it"
             )
         out += [f"warning: {w}" for w in self.warnings]
         if self.subset:
@@ -101,7 +101,8 @@ def check_signature(signature: str, persona_signature: str | None, persona_sourc
 def check_enough_rows(train: list[Pair], source: str, summary: DataSummary) -> None:
     if len(train) < MIN_TRAIN_ROWS:
         raise DataError(
-            f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})"
+            f"{source}: {len(train)} training row(s); at least {MIN_TRAIN_ROWS} are "
+            f"needed to train (the original article trained on {RECOMMENDED_TRAIN_ROWS})"
         )
     if len(train) < RECOMMENDED_TRAIN_ROWS:
         summary.warnings.append(
@@ -209,8 +210,8 @@ class Prepared:
         import torch
 
         from inference.internals.transformers import attention_known
-        from training.collate import shared_prefix_length
         from training.architecture import linear_packing, model_widths, read_model_config
+        from training.collate import shared_prefix_length
 
         if self.seq2seq or not attention_known():
             return 0

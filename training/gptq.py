@@ -14,8 +14,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from inference.loading import resolve_base_model
 from inference.default_model import ROOT
+from inference.loading import resolve_base_model
 from training.data import load_pairs
 
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(
-        f"quantized model saved to {quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}"
+        "quantized model saved to "
+        f"{quantize(args.base_model, args.out, args.bits, args.group_size, calibration_texts(args.data, args.samples))}"
     )
     return 0
 

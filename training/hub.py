@@ -120,7 +120,8 @@ def model_card(summary: dict[str, Any], persona: str) -> ModelCard:
     }
     auto = "AutoModelForSeq2SeqLM" if summary.get("seq2seq") else "AutoModelForCausalLM"
     load = (
-        f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\nmodel = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
+        f'base = {auto}.from_pretrained("{summary["base_model_hub_id"]}")\n'
+        'model = PeftModel.from_pretrained(base, "THIS_REPO_OR_FOLDER")'
         if lora
         else f'model = {auto}.from_pretrained("THIS_REPO_OR_FOLDER")'
     )
@@ -166,9 +167,9 @@ def voice_section(summary: dict[str, Any]) -> str:
     from training.evaluate import markdown_table, verdict
 
     return (
-        "## Voice fidelity\n\nGenerated replies to the held-out comments from every pane (the base model with the persona "
-        "prompt, with the persona and the creator's most similar past replies as earlier turns, and fine-tuned), compared "
-        "with the creator's real replies:\n\n"
+        "## Voice fidelity\n\nGenerated replies to the held-out comments from every pane (the "
+        "base model with the persona prompt, with the persona and the creator's most similar past "
+        "replies as earlier turns, and fine-tuned), compared with the creator's real replies:\n\n"
         + markdown_table(summary["voice"])
         + "\n"
         + verdict(summary["voice"])
@@ -188,7 +189,8 @@ def weight_files(folder: Path) -> list[Path]:
     weights = sorted(folder / name for name in filter_repo_objects(files, allow_patterns=WEIGHT_PATTERNS))
     if not weights:
         raise FileNotFoundError(
-            f"{folder}: no adapter_model.safetensors or model.safetensors; pass a folder written by `python -m training.run`"
+            f"{folder}: no adapter_model.safetensors or model.safetensors; "
+            "pass a folder written by `python -m training.run`"
         )
     return weights
 

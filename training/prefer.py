@@ -28,11 +28,11 @@ from training.checkpoints import CHECKPOINTS, check_disk_space, prepare_output, 
 from training.config import ConfigError
 from training.data import DataError, Pair, file_hash, read_pairs
 from training.preferences import (
+    SELF_SOURCE,
     Draft,
     PreferenceExample,
     PreferencePair,
     PreferenceSummary,
-    SELF_SOURCE,
     load_preferences,
     remove_duplicate_preferences,
     render_preferences,
@@ -65,13 +65,19 @@ class PreferConfig:
     self_pairs: bool = field(
         default=False,
         metadata={
-            "help": "pair the creator's real replies (chosen) with the adapter's own greedy drafts that loop, talk like an AI or run to the cap (rejected)"
+            "help": (
+                "pair the creator's real replies (chosen) with the adapter's own "
+                "greedy drafts that loop, talk like an AI or run to the cap (rejected)"
+            )
         },
     )
     data: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "the comments and real replies of --self-pairs (default: the pairs the adapter was trained on, its examples.jsonl)"
+            "help": (
+                "the comments and real replies of --self-pairs (default: "
+                "the pairs the adapter was trained on, its examples.jsonl)"
+            )
         },
     )
     max_rows: int | None = field(
@@ -89,7 +95,10 @@ class PreferConfig:
     backend: Backend = field(
         default="auto",
         metadata={
-            "help": "what drafts the self-pairs and writes the voice replies: auto (llama.cpp on a CPU), llama.cpp or transformers"
+            "help": (
+                "what drafts the self-pairs and writes the voice replies: "
+                "auto (llama.cpp on a CPU), llama.cpp or transformers"
+            )
         },
     )
     # --- optimisation
@@ -97,7 +106,10 @@ class PreferConfig:
     learning_rate: float = field(
         default=1e-4,
         metadata={
-            "help": "peak learning rate (issue 29's trial: 1e-4 over 3 epochs moved the greedy replies, 2e-5 over 1 did not)"
+            "help": (
+                "peak learning rate (issue 29's trial: 1e-4 over 3 "
+                "epochs moved the greedy replies, 2e-5 over 1 did not)"
+            )
         },
     )
     beta: float = field(
@@ -290,7 +302,7 @@ def prefer(config: PreferConfig) -> int:
     model.peft_config["default"].base_model_name_or_path = hub_id(config.base_model)
     held_out, trained_on = adapter_pairs(adapter)
     save_adapter(model, tokenizer, persona, held_out, trained_on, output)
-    from training.trainer import peak_memory_gib
+    from training.callbacks import peak_memory_gib
 
     accuracy = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
@@ -302,7 +314,10 @@ def prefer(config: PreferConfig) -> int:
         "base_model": config.base_model,
         "base_model_hub_id": hub_id(config.base_model),
         "method": "preference",
-        "trainer": f"{TRAINER} (trl {trl.__version__}, sigmoid loss, beta {config.beta}; reference: the starting adapter, frozen)",
+        "trainer": (
+            f"{TRAINER} (trl {trl.__version__}, sigmoid loss, beta "
+            f"{config.beta}; reference: the starting adapter, frozen)"
+        ),
         "start_adapter": str(adapter),
         "pairs": len(pairs),
         "pairs_by_source": by_source,
@@ -328,7 +343,8 @@ def prefer(config: PreferConfig) -> int:
     shutil.rmtree(output / CHECKPOINTS)
     print(
         f"done: {len(pairs)} pairs ({', '.join(f'{n} {s}' for s, n in by_source.items())}), {result['steps']} steps in "
-        f"{result['wall_seconds'] / 60:.1f} min; reward accuracy {result['reward_accuracy']}, margin {result['reward_margin']}\n"
+        f"{result['wall_seconds'] / 60:.1f} min; reward accuracy {result['reward_accuracy']}, "
+        f"margin {result['reward_margin']}\n"
         f"adapter saved to {output}"
     )
     return 0
@@ -417,8 +433,8 @@ def run_doctor(
 ) -> None:
     """The data doctor's checks on preference pairs: the app's prompt, the end of turn learned on
     both sides, and the loss on the replies only."""
-    from training.doctor import DoctorError, Finding, app_renderer, check_app_prompt, format_report
     from training.config import TrainConfig
+    from training.doctor import DoctorError, Finding, app_renderer, check_app_prompt, format_report
 
     eot = renderer.end_of_turn_id
     no_end = [p.where for p, e in zip(pairs, examples) if e.chosen_ids[-1:] != [eot] or e.rejected_ids[-1:] != [eot]]
@@ -500,7 +516,8 @@ def set_up(config: PreferConfig, tokenizer, examples: list[PreferenceExample]):
     trainer = build_trainer(config, model, tokenizer, examples, dtype)
     trainable, total = count_parameters(trainer.model)
     print(
-        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (the adapter; its frozen copy is the reference), compute in {str(dtype).removeprefix('torch.')}"
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (the adapter; its frozen copy is the "
+        f"reference), compute in {str(dtype).removeprefix('torch.')}"
     )
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     return model, trainer, estimate, trainable, total
@@ -518,8 +535,9 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
 
     from inference.internals.transformers import checkpoint_errors_named
     from inference.internals.trl import takes_token_ids
+    from training.callbacks import QuietProgress
     from training.checkpoints import is_write_error, write_failure
-    from training.trainer import RUNS, StopOnNonFiniteLoss, _QuietProgress
+    from training.trainer import RUNS, StopOnNonFiniteLoss
 
     output = Path(config.output_dir)
 
@@ -581,11 +599,11 @@ def build_trainer(config: PreferConfig, model, tokenizer, examples: list[Prefere
     # TRL stores a quantized base's trainable LoRA weights in bfloat16 (the QLoRA paper's choice); a
     # supervised replytune run keeps them, and AdamW's state, in float32, where a step of 1e-4 is
     # not lost to rounding. Cast back before the optimizer is made (in train()).
-    for name, param in trainer.model.named_parameters():
+    for _name, param in trainer.model.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_QuietProgress)
+    trainer.add_callback(QuietProgress)
     return trainer
 
 
@@ -643,8 +661,10 @@ def model_card(result: dict[str, Any], persona: str) -> str:
         "",
         f"# {result['name']}",
         "",
-        f"A LoRA adapter that answers YouTube comments in a creator's voice: `{result['start_adapter']}` preference-tuned by replytune "
-        f"with {result['trainer']}.",
+        (
+            "A LoRA adapter that answers YouTube comments in a creator's voice: "
+            f"`{result['start_adapter']}` preference-tuned by replytune with {result['trainer']}."
+        ),
         "",
         "## Preference tuning",
         "",
@@ -656,11 +676,13 @@ def model_card(result: dict[str, Any], persona: str) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in selection["selected"].items()) or "none"
         lines.append(
             f"- self-pairs: {selection['drafted']} drafts; {selection['draft_equals_reply']} already the real reply; "
-            f"{selection['self_pairs']} rejected for {reasons}; {selection['merely_different']} merely different, skipped"
+            f"{selection['self_pairs']} rejected for {reasons}; "
+            f"{selection['merely_different']} merely different, skipped"
         )
     if selection["rows"]:
         lines.append(
-            f"- preference rows read: {selection['rows']}; {len(selection['same_skipped'])} skipped (chosen equals rejected)"
+            f"- preference rows read: {selection['rows']}; "
+            f"{len(selection['same_skipped'])} skipped (chosen equals rejected)"
         )
     lines += [f"- reward accuracy (last epoch): {result['reward_accuracy']}, margin {result['reward_margin']}", ""]
     if "voice_before" in result:

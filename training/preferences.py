@@ -85,7 +85,8 @@ class PreferenceSummary:
         out = []
         if self.files:
             out.append(
-                f"preferences: {self.rows} read from {', '.join(self.files)}; {len(self.same_skipped)} skipped (chosen equals rejected)"
+                f"preferences: {self.rows} read from {', '.join(self.files)}; "
+                f"{len(self.same_skipped)} skipped (chosen equals rejected)"
             )
             if self.same_skipped:
                 out.append("  skipped at: " + _listing(self.same_skipped))
@@ -93,7 +94,8 @@ class PreferenceSummary:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.selected.most_common()) or "none"
             out.append(
                 f"self-pairs: {self.drafted} drafted; {self.draft_equals_reply} already the real reply (skipped); "
-                f"{self.self_pairs} selected as rejected ({reasons}); {self.merely_different} merely different (skipped: a weak negative)"
+                f"{self.self_pairs} selected as rejected ({reasons}); "
+                f"{self.merely_different} merely different (skipped: a weak negative)"
             )
         if self.duplicates_removed:
             out.append(f"duplicates removed: {self.duplicates_removed}")

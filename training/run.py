@@ -40,9 +40,9 @@ from training.examples import Prepared, prepare_examples
 if TYPE_CHECKING:
     import torch
 
-    from inference.generate import Replier, StreamingReplier
-    from training.estimate import Estimate
-    from training.trainer import BaseEvaluation, ReplyTrainer, RunStats
+    from training.callbacks import BaseEvaluation, RunStats
+    from training.footprint import Estimate
+    from training.trainer import ReplyTrainer
 
 
 class TrainingStopped(ReplytuneError, RuntimeError):
@@ -95,14 +95,7 @@ def train(config: TrainConfig) -> int:
         "config_hash": config.training_hash(),
         "processes": world_size(),
     }
-    # Under a launcher the main process checks and prepares the output folder; the others find the
-    # checkpoint it chose once it has.
-    if is_main():
-        run_doctor(prepared)
-        checkpoint = prepare_output(output, config.resume, run_info)
-    wait_for_everyone()
-    if not is_main():
-        checkpoint = last_complete_checkpoint(output) if config.resume else None
+    checkpoint = check_and_prepare_output(prepared, output, run_info)
     base = base_evaluation(checkpoint, output / CHECKPOINTS / RUN_FILE, run_info)
     run = set_up(prepared, base)
     fit(run, checkpoint)
@@ -119,11 +112,54 @@ def train(config: TrainConfig) -> int:
     save_adapter(
         model, prepared.tokenizer, prepared.persona, prepared.eval_pairs, prepared.train_pairs, output, weights
     )
+    result = write_reports(run, prepared, model, run_info, base_eval, final_eval, time.perf_counter() - started)
+    # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
+    shutil.rmtree(output / CHECKPOINTS)
+    print(
+        f"done: trained in {result['wall_seconds'] / 60:.1f} min, "
+        f"evaluated in {result['evaluation_seconds'] / 60:.1f} min; "
+        f"held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} (adapter); "
+        f"{result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
+        f"adapter saved to {output}"
+    )
+    if config.push_to_hub:
+        from training.hub import push_adapter
 
+        print(f"pushed to {push_adapter(output, config.push_to_hub, config.private)}")
+    return 0
+
+
+def check_and_prepare_output(prepared: Prepared, output: Path, run_info: dict[str, Any]) -> Path | None:
+    """The data doctor's checks and the output folder (new, or the checkpoint a --resume goes on
+    from). Under a launcher the main process checks and prepares the folder; the others find the
+    checkpoint it chose once it has."""
+    config = prepared.config
+    if is_main():
+        run_doctor(prepared)
+        checkpoint = prepare_output(output, config.resume, run_info)
+    wait_for_everyone()
+    if not is_main():
+        checkpoint = last_complete_checkpoint(output) if config.resume else None
+    return checkpoint
+
+
+def write_reports(
+    run: Run,
+    prepared: Prepared,
+    model: torch.nn.Module,
+    run_info: dict[str, Any],
+    base_eval: float,
+    final_eval: float,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """The run's record with its voice evaluation, written as the summary, the loss plot and the
+    model card beside the saved adapter; the record."""
     from training import report
-    from training.hub import CARD_FILE, model_card, push_adapter
-    from training.trainer import peak_memory_gib
+    from training.callbacks import peak_memory_gib
+    from training.evaluate import voice_evaluation
+    from training.hub import CARD_FILE, model_card
 
+    output = Path(prepared.config.output_dir)
     history = run.trainer.state.log_history
     result = report.run_record(
         prepared,
@@ -135,7 +171,7 @@ def train(config: TrainConfig) -> int:
         run.total,
         peak_memory_gib(),
         run.stats.tokens_per_second,
-        time.perf_counter() - started,
+        train_seconds,
     )
     evaluation_started = time.perf_counter()
     voice_evaluation(prepared, model, {"base": base_eval, "adapter": final_eval}, result)
@@ -143,16 +179,7 @@ def train(config: TrainConfig) -> int:
     report.write_summary(output, result)
     report.plot_losses(output, history, base_eval)
     model_card(result, prepared.persona.template).save(output / CARD_FILE)
-    # The adapter is saved; the checkpoints (weights + optimizer state) only served a resume.
-    shutil.rmtree(output / CHECKPOINTS)
-    print(
-        f"done: trained in {result['wall_seconds'] / 60:.1f} min, evaluated in {result['evaluation_seconds'] / 60:.1f} min; held-out loss {base_eval:.4f} (base) -> {final_eval:.4f} "
-        f"(adapter); {result['tokens_per_second']:.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB\n"
-        f"adapter saved to {output}"
-    )
-    if config.push_to_hub:
-        print(f"pushed to {push_adapter(output, config.push_to_hub, config.private)}")
-    return 0
+    return result
 
 
 def run_doctor(prepared: Prepared) -> None:
@@ -215,13 +242,14 @@ def set_up(prepared: Prepared, base_eval: BaseEvaluation) -> Run:
     trainable, total = count_parameters(model)
     what = "LoRA" if config.method == "lora" else "full fine-tune"
     print(
-        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), compute in {str(dtype).removeprefix('torch.')}"
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
+        f"trainable ({what}), compute in {str(dtype).removeprefix('torch.')}"
     )
     print(check_disk_space(Path(config.output_dir) / CHECKPOINTS, trainable, config.save_total_limit))
     if prefix:
         print(
-            f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per batch: "
-            f"the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}"
+            f"batches: the {prefix} tokens every example starts with (chat template and persona) are computed once per "
+            f"batch: the longest batch is at most {packed} tokens instead of {config.batch_size} x {summary.longest}"
         )
     print(f"memory limit: {limit / GiB:.2f} GiB ({limit_source})")
     print(f"memory estimate (batches up to {summary.longest} tokens): {estimate.summary()}")
@@ -240,7 +268,7 @@ def base_evaluation(checkpoint: Path | None, run_file: Path, run_info: dict[str,
     evaluate() prepared is never wrapped in DDP afterwards (accelerate skips a model it has
     prepared), and each process would train on its own gradients.
     """
-    from training.trainer import BaseEvaluation
+    from training.callbacks import BaseEvaluation
 
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
@@ -266,9 +294,9 @@ def fit(run: Run, checkpoint: Path | None) -> None:
     except NonFiniteLoss as exc:
         good = last_complete_checkpoint(output)
         raise TrainingStopped(
-            f"{exc} (epoch {trainer.state.epoch or 0:.2f}); stopped before that update, and no adapter was saved. "
-            f"Last good checkpoint: {good or 'none yet'}. Lower --learning-rate (now {config.learning_rate:g}) and start over, "
-            "or look for broken rows in the data"
+            f"{exc} (epoch {trainer.state.epoch or 0:.2f}); stopped before that update, and no "
+            f"adapter was saved. Last good checkpoint: {good or 'none yet'}. Lower --learning-rate "
+            f"(now {config.learning_rate:g}) and start over, or look for broken rows in the data"
         ) from exc
     except (RuntimeError, MemoryError) as exc:
         # torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError or Python's MemoryError.
@@ -281,57 +309,6 @@ def fit(run: Run, checkpoint: Path | None) -> None:
         # A full disk can hit the TensorBoard log before any checkpoint; its writer thread raises
         # without a file name.
         raise write_failure(output, exc.filename or f"the training logs in {output / RUNS}", exc) from exc
-
-
-def voice_evaluation(
-    prepared: Prepared, model: torch.nn.Module, losses: dict[str, float], result: dict[str, Any]
-) -> None:
-    """Replies to the held-out comments with and without the adapter, scored (training.evaluate)."""
-    from inference.adapter_files import HELD_OUT_FILE
-    from inference.generate import Replier
-    from inference.loading import fsdp_enabled
-    from training.evaluate import evaluate, held_out_losses, markdown_table
-    from training.model import ready_for_generation
-
-    config = prepared.config
-    if config.method != "lora" or prepared.seq2seq:
-        # The comparison generates base and fine-tuned replies from one model with and without the
-        # adapter, which needs LoRA on a causal LM; the held-out losses still compare the two.
-        print("voice fidelity: skipped (it needs a LoRA adapter on a causal LM)")
-        return
-    if fsdp_enabled():
-        # Each process holds a shard of the model: the main one cannot generate alone. The adapter
-        # folder carries its held-out pairs.
-        print(
-            f"voice fidelity: skipped under FSDP (each GPU holds a shard of the model); on a machine that holds the whole model: "
-            f"python -m training.evaluate --adapter {config.output_dir} --base-model {config.base_model} --eval-data {Path(config.output_dir) / HELD_OUT_FILE}"
-        )
-        return
-    ready_for_generation(model)
-    from inference.retrieval import ExampleBank
-
-    examples = ExampleBank([(p.comment, p.response) for p in prepared.train_pairs])
-    trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True, examples=examples)
-    # The held-out losses of the table are the ones the run measured, with the adapter off (before
-    # training) and on: the same reply tokens of the same pairs.
-    replier = voice_replier(config, trained, Path(config.output_dir))
-    # The examples panes' losses are measured here: the run measured the persona-only prompt's.
-    losses = {
-        **losses,
-        **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples")),
-    }
-    result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
-    print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))
-
-
-def voice_replier(config: TrainConfig, trained: Replier, output: Path) -> StreamingReplier:
-    """What writes the voice evaluation's replies: the saved adapter in llama.cpp on a CPU (seconds
-    instead of minutes), or the trained model itself."""
-    from inference.engines import engine_replier
-
-    return engine_replier(
-        config.backend, config.base_model, str(output), trained.renderer, trained.examples, lambda: trained
-    )
 
 
 def save_adapter(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +22,9 @@ from transformers.trainer_callback import ProgressCallback
 from errors import ReplytuneError
 from inference.internals.transformers import attention_implementation, checkpoint_errors_named, trainer_hooks
 from prompts.render import IGNORE_INDEX, Example
-from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.attention import GROUPED
+from training.callbacks import BaseEvaluation, QuietProgress, RunStats
+from training.checkpoints import CHECKPOINTS, is_write_error, write_failure
 from training.collate import ReplyCollator, TrainingCollator, segment_attention_mask, shared_prefix_mask
 from training.config import TrainConfig
 from training.distributed import is_main, world_size
@@ -258,74 +257,6 @@ def to_dataset(examples: list[Example]):
     )
 
 
-class RunStats(TrainerCallback):
-    """Tracks wall time, real (non-padding) tokens/s and peak memory, and prints one line per epoch."""
-
-    def __init__(self, tokens_per_epoch: int, steps_per_epoch: int) -> None:
-        self.tokens_per_epoch = tokens_per_epoch
-        self.steps_per_epoch = steps_per_epoch
-        self.train_seconds = 0.0
-        self.tokens_seen = 0
-        self._epoch_start = 0.0
-        self._reported_epoch = 0
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._epoch_start = time.perf_counter()
-        self._step_at_start = state.global_step
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        seconds = time.perf_counter() - self._epoch_start
-        self.train_seconds += seconds
-        done = (state.global_step - self._step_at_start) / max(1, self.steps_per_epoch)
-        self.tokens_seen += round(self.tokens_per_epoch * done)
-        self._last_epoch_tokens_per_s = self.tokens_per_epoch * done / max(seconds, 1e-9)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics is None or state.epoch is None or round(state.epoch) <= self._reported_epoch:
-            return  # the evaluation before training, or the final one repeating the last epoch
-        epoch = self._reported_epoch = round(state.epoch)
-        losses = [h["loss"] for h in state.log_history if "loss" in h and epoch - 1 < h["epoch"] <= epoch]
-        train = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
-        print(
-            f"epoch {epoch}/{math.ceil(args.num_train_epochs)}: train loss {train}, "
-            f"eval loss {metrics['eval_loss']:.4f}, {self._last_epoch_tokens_per_s:.0f} tokens/s, "
-            f"peak memory {peak_memory_gib():.2f} GiB",
-            flush=True,
-        )
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_seen / self.train_seconds if self.train_seconds else 0.0
-
-
-class BaseEvaluation(TrainerCallback):
-    """The base model's held-out loss: from the evaluation the Trainer runs before its first step
-    (eval_on_start), handed to ``record`` then, before any checkpoint exists; or, on a resumed
-    run, the ``loss`` measured when it started."""
-
-    def __init__(self, record=None, loss: float | None = None) -> None:
-        self.record = record
-        self.loss = loss
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.global_step == 0 and self.loss is None:
-            self.loss = metrics["eval_loss"]
-            self.record(self.loss)
-
-
-class _QuietProgress(ProgressCallback):
-    """The Trainer's progress bar without its raw log dicts; RunStats prints one line per epoch."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def build_trainer(
     config: TrainConfig,
     model: PreTrainedModel,
@@ -345,40 +276,7 @@ def build_trainer(
     # Each process of a launched run takes batch_size examples of every forward pass.
     steps_per_epoch = math.ceil(len(train) / config.batch_size / config.grad_accum / world_size())
     measure_base = base is not None and base.loss is None
-    args = TrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
-        num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type="cosine",
-        eval_strategy="epoch",
-        eval_on_start=measure_base,
-        save_strategy="epoch",
-        logging_strategy="steps",
-        logging_steps=1,
-        # The default filter replaces NaN/inf losses in the logs and hides a diverging run.
-        logging_nan_inf_filter=False,
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        optim=config.optim,
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length",
-        report_to="none",  # TensorBoard is attached below, with its folder in the output
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # evaluation needs the loss only; gathering logits costs GBs of memory
-        save_only_model=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    args = training_arguments(config, compute_dtype, eval_on_start=measure_base)
     stats = RunStats(sum(len(e.input_ids) for e in train), steps_per_epoch)
     callbacks: list[TrainerCallback] = [stats]
     if is_main():  # one log of the run, in the main process (the others' writer would leave empty files)
@@ -399,5 +297,44 @@ def build_trainer(
         callbacks=callbacks,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_QuietProgress)
+    trainer.add_callback(QuietProgress)
     return trainer, stats
+
+
+def training_arguments(config: TrainConfig, compute_dtype: torch.dtype, eval_on_start: bool) -> TrainingArguments:
+    """The Trainer's settings for a run: one evaluation and one checkpoint per epoch, the best kept
+    by held-out loss, every step logged; ``eval_on_start``: measure the base model first."""
+    return TrainingArguments(
+        output_dir=str(Path(config.output_dir) / CHECKPOINTS),
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="cosine",
+        eval_strategy="epoch",
+        eval_on_start=eval_on_start,
+        save_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=1,
+        # The default filter replaces NaN/inf losses in the logs and hides a diverging run.
+        logging_nan_inf_filter=False,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        optim=config.optim,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length",
+        report_to="none",  # TensorBoard is attached in build_trainer, with its folder in the output
+        remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss only; gathering logits costs GBs of memory
+        save_only_model=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )

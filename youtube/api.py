@@ -54,11 +54,14 @@ def default_api_url() -> str:
 def explain(status: int, reason: str, message: str) -> str:
     """One line for an API error, from its reason."""
     if reason in QUOTA_REASONS:
-        return "the daily YouTube quota of your Google Cloud project is used up (10,000 units: 1 per page read, 50 per reply posted): run the same command tomorrow"
+        return (
+            "the daily YouTube quota of your Google Cloud project is used up "
+            "(10,000 units: 1 per page read, 50 per reply posted): run the same command tomorrow"
+        )
     if reason in ("keyInvalid", "keyExpired") or "API key not valid" in message:
         return (
-            f"YouTube refused the API key ({reason or message}): create one under APIs & Services > Credentials in the Google Cloud "
-            f"console, enable the YouTube Data API v3 for its project, and set {KEY_ENV}"
+            f"YouTube refused the API key ({reason or message}): create one under APIs & Services > Credentials "
+            f"in the Google Cloud console, enable the YouTube Data API v3 for its project, and set {KEY_ENV}"
         )
     if reason in ("accessNotConfigured", "SERVICE_DISABLED"):
         return "the YouTube Data API v3 is not enabled for the project: enable it in the Google Cloud console"

@@ -45,7 +45,8 @@ def check_outside_repository(token_file: Path) -> None:
     """A token inside the checkout is one `git add .` away from being published."""
     if token_file.resolve().is_relative_to(REPO_ROOT):
         raise AuthError(
-            f"{token_file} is inside the repository {REPO_ROOT}: keep the sign-in outside it (the default is ~/.config/replytune/)"
+            f"{token_file} is inside the repository {REPO_ROOT}: keep "
+            "the sign-in outside it (the default is ~/.config/replytune/)"
         )
 
 
@@ -56,7 +57,8 @@ def login(client_secrets: Path, token_file: Path) -> Path:
     check_outside_repository(token_file)
     if not client_secrets.is_file():
         raise AuthError(
-            f"{client_secrets}: no such file; download the OAuth client (type Desktop app) from APIs & Services > Credentials in the Google Cloud console"
+            f"{client_secrets}: no such file; download the OAuth client (type Desktop "
+            "app) from APIs & Services > Credentials in the Google Cloud console"
         )
     flow = InstalledAppFlow.from_client_secrets_file(str(client_secrets), scopes=SCOPES)
     credentials = flow.run_local_server(port=0)
@@ -113,7 +115,8 @@ class SignIn:
             ) from None
         except TransportError as exc:
             raise AuthError(
-                f"could not reach the sign-in server {credentials.token_uri} ({type(exc).__name__}): check the connection and run the same command again"
+                f"could not reach the sign-in server {credentials.token_uri} "
+                f"({type(exc).__name__}): check the connection and run the same command again"
             ) from None
         if credentials.refresh_token != before:
             save(credentials, self.token_file)  # the endpoint rotated the refresh token: keep the new one
@@ -139,6 +142,7 @@ def load(token_file: Path, token_url: str) -> SignIn:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise AuthError(
-            f"{token_file}: not a saved sign-in (field {exc} missing or unreadable): delete it and run `{LOGIN_COMMAND}`"
+            f"{token_file}: not a saved sign-in (field {exc} missing "
+            f"or unreadable): delete it and run `{LOGIN_COMMAND}`"
         ) from None
     return SignIn(credentials, token_file)

@@ -54,7 +54,8 @@ def fetch_channel(channel: str, out: Path, client: Client, max_pages: int | None
         saved = json.loads(partial.read_text(encoding="utf-8"))
         if saved.get("channel") != channel:
             raise YouTubeError(
-                f"{partial} holds a fetch of another channel ({saved.get('channel')}); remove it or pass --out another file"
+                f"{partial} holds a fetch of another channel "
+                f"({saved.get('channel')}); remove it or pass --out another file"
             )
         state = saved
     threads = sum(len(p.get("items") or []) for p in state["pages"])
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     key = args.api_key or os.environ.get(KEY_ENV)
     if not key:
         print(
-            f"error: no API key: set {KEY_ENV} (or pass --api-key); a key comes from the Google Cloud console with the YouTube Data API v3 enabled",
+            f"error: no API key: set {KEY_ENV} (or pass --api-key); a key comes "
+            "from the Google Cloud console with the YouTube Data API v3 enabled",
             file=sys.stderr,
         )
         return 2
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         except DataError:  # the loader's "no rows": no thread has a reply of the channel
             pairs = 0
         print(
-            f"{threads} threads in {pages} page(s) written to {args.out}: {pairs} with your reply, the pairs to train on"
+            f"{threads} threads in {pages} page(s) written to "
+            f"{args.out}: {pairs} with your reply, the pairs to train on"
         )
         if pairs:
             print(f"train: python -m training.run --data {args.out} --eval-data none")

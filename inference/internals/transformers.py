@@ -47,7 +47,8 @@ def attention_implementation(config: Any) -> str:
     """The attention a loaded model runs (``config._attn_implementation``); only where attention_known."""
     if not attention_known():
         raise RuntimeError(
-            "the attention implementation of a model is unknown on this transformers version; batches must not be packed"
+            "the attention implementation of a model is unknown on "
+            "this transformers version; batches must not be packed"
         )
     return config._attn_implementation
 
