@@ -18,10 +18,12 @@ from inference.quality import chrf, content_stats, flags, loops, talks_like_an_a
         ("k-means, k-means and more k-means: the elbow method helps with k-means. –Maya", False),
         # A loop that mutates (what the no-repeat n-gram rule leaves): no phrase three times.
         (
-            "You should ask questions about the data, the data science, the data scientist, and the data. You should "
-            "also ask about the data scientist's experience, their experience with data science, and their experience "
-            "with machine learning. You should ask about the experience with pandas, about the experience of the team, "
-            "and about the experience you'll have. –Maya",
+            (
+                "You should ask questions about the data, the data science, the data scientist, and the data. You "
+                "should also ask about the data scientist's experience, their experience with data science, and their "
+                "experience with machine learning. You should ask about the experience with pandas, about the "
+                "experience of the team, and about the experience you'll have. –Maya"
+            ),
             True,
         ),
     ],
