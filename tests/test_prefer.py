@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from training.data import DataError, Pair
-from training.prefer import PreferConfig, main, prefer
+from training.prefer import main, prefer
+from training.prefer_config import PreferConfig
 from training.preferences import (
     Draft,
     PreferencePair,
@@ -239,7 +240,7 @@ def rendered(config: PreferConfig):
 
 
 def test_the_reference_is_a_frozen_copy_of_the_starting_adapter_on_the_same_base(prefer_config):
-    from training.prefer import set_up
+    from training.prefer_trainer import set_up
 
     config = prefer_config()
     examples = rendered(config)
