@@ -2,7 +2,7 @@
 
 Two engines implement :class:`inference.generate.StreamingReplier`: llama.cpp
 (:class:`inference.llamacpp.LlamaCppReplier`, the CPU default) and transformers
-(:class:`inference.generate.Replier`: GPUs, GPTQ bases, ``--backend transformers``).
+(:class:`inference.transformers_engine.Replier`: GPUs, GPTQ bases, ``--backend transformers``).
 :func:`engine_replier` is the one rule between them, used by the app's loader and by training's
 voice evaluation alike.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from inference.adapter_files import adapter_examples, adapter_persona
-from inference.generate import Replier, StreamingReplier
+from inference.generate import StreamingReplier
 from inference.gguf_convert import gguf_files
 from inference.llamacpp import LlamaCppReplier
 from inference.loading import (
@@ -27,6 +27,7 @@ from inference.loading import (
     local_model_dir,
 )
 from inference.retrieval import ExampleBank
+from inference.transformers_engine import Replier
 from prompts.render import Persona, PromptRenderer
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from inference.engines import load_replier
-from inference.generate import GenerationSettings, Replier
+from inference.generate import GenerationSettings
+from inference.transformers_engine import Replier
 from prompts.render import Persona, PromptRenderer
 
 GREEDY = GenerationSettings(max_new_tokens=24)

@@ -32,7 +32,8 @@ LOAD_BACK = """
 import sys, torch
 from peft import PeftModel
 from inference.loading import load_base_model, load_tokenizer
-from inference.generate import GenerationSettings, Replier
+from inference.generate import GenerationSettings
+from inference.transformers_engine import Replier
 from prompts.render import Persona, PromptRenderer
 base = load_base_model(sys.argv[1], "none")
 assert getattr(base.config, "quantization_config", None), "not a GPTQ model"

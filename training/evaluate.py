@@ -29,11 +29,11 @@ from inference.generate import (
     WITH_EXAMPLES,
     GenerationSettings,
     Pane,
-    Replier,
     StreamingReplier,
 )
 from inference.loading import BACKENDS, QUANTIZATIONS
 from inference.quality import content_stats, loops, talks_like_an_ai
+from inference.transformers_engine import Replier
 from prompts.render import IGNORE_INDEX, is_signed
 from training.data import Pair
 
