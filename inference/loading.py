@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from inference.default_model import DEFAULT_BASE_MODEL, default_model_dir
 from inference.internals.bitsandbytes import use_cpu_inference_layout
@@ -131,42 +131,15 @@ def load_base_model(
     # set wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_KERNEL_CACHE))
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_base_model(name)
     dtype = dtype or (torch.float32 if quantization == "none" else compute_dtype())
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    alone: str | dict[str, int] | None = (
-        None  # where a GPU puts it in a run of one process (None: transformers' default)
-    )
-    if getattr(config, "quantization_config", None):
-        method = config.quantization_config.get("quant_method", "?")
-        logger.info("%s is already quantized (%s); keeping its quantization", name, method)
-        if for_training and method == "gptq":
-            from transformers import GPTQConfig
-
-            # gptqmodel's default CPU kernel is inference-only (it refuses .train()); ask for one that trains.
-            kwargs["quantization_config"] = GPTQConfig.from_dict(
-                {**config.quantization_config, "backend": "auto_trainable"}
-            )
-        alone = "auto"
-    elif quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # FSDP shards parameters of one dtype into flat buffers: the packed 4-bit weights are
-            # stored as that dtype too (the transformers/peft FSDP-QLoRA recipe).
-            **({"bnb_4bit_quant_storage": dtype} if fsdp_enabled() else {}),
-        )
-        alone = {"": 0}
-    elif quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        alone = {"": 0}
-    elif quantization != "none":
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    quantization_config, alone = quantization_settings(name, config, quantization, dtype, for_training)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if torch.cuda.is_available() and alone is not None and (placement := device_map(alone)) is not None:
         kwargs["device_map"] = placement
     if attn_implementation:
@@ -178,6 +151,39 @@ def load_base_model(
     if for_training:
         keep_gptq_layers_trainable(model)
     return model
+
+
+def quantization_settings(
+    name: str, config, quantization: Quantization, dtype: torch.dtype, for_training: bool
+) -> tuple[Any, str | dict[str, int] | None]:
+    """The ``quantization_config`` for from_pretrained (None: full precision), and where a GPU puts
+    the model in a run of one process (None: transformers' default)."""
+    from transformers import BitsAndBytesConfig
+
+    if getattr(config, "quantization_config", None):
+        method = config.quantization_config.get("quant_method", "?")
+        logger.info("%s is already quantized (%s); keeping its quantization", name, method)
+        if for_training and method == "gptq":
+            from transformers import GPTQConfig
+
+            # gptqmodel's default CPU kernel is inference-only (it refuses .train()); ask for one that trains.
+            return GPTQConfig.from_dict({**config.quantization_config, "backend": "auto_trainable"}), "auto"
+        return None, "auto"
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP shards parameters of one dtype into flat buffers: the packed 4-bit weights are
+            # stored as that dtype too (the transformers/peft FSDP-QLoRA recipe).
+            **({"bnb_4bit_quant_storage": dtype} if fsdp_enabled() else {}),
+        ), {"": 0}
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True), {"": 0}
+    if quantization != "none":
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return None, None
 
 
 def fsdp_enabled() -> bool:
