@@ -161,7 +161,7 @@ def voice_evaluation_note(replier, comments: list[str]) -> str:
     seconds = time.perf_counter() - started
     tokens = sum(len(r.token_ids) for r in evaluated)
     return (
-        f"voice evaluation path ({replier.backend}, both replies of the 23 held-out comments, "
+        f"voice evaluation path ({replier.backend}, every pane of the 23 held-out comments, "
         f"max {EVAL_SETTINGS.max_new_tokens} new tokens): "
         f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s, {23 / seconds:.2f} comments/s"
     )
