@@ -25,13 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from inference.adapter_files import SUMMARY_FILE
 from inference.default_model import DEFAULT_BASE_MODEL, ROOT
 from inference.engines import load_replier
-from training.data import load_pairs
-from training.evaluate import EVAL_SETTINGS, evaluate, held_out_losses, markdown_table
+from training.data import Pair, load_pairs
+from training.evaluate import EVAL_SETTINGS, evaluate, held_out_losses, markdown_table, reply_log_probs
 from training.prefer import draft
 from training.preferences import PreferenceSummary, select_self_pairs
 from training.report import environment
@@ -46,20 +44,6 @@ def timed(command: list[str], log: Path) -> float:
     with log.open("w", encoding="utf-8") as out:
         subprocess.run([sys.executable, "-m", *command], stdout=out, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - started
-
-
-def reply_logps(replier, pairs: list[tuple[str, str]]) -> list[float]:
-    """The summed log-probability of each reply (with its end of turn) after its comment's prompt."""
-    from prompts.render import IGNORE_INDEX
-    from training.collate import ReplyCollator
-
-    collate, scores = ReplyCollator(replier.tokenizer.pad_token_id), []
-    with torch.inference_mode():
-        for comment, reply in pairs:
-            e = replier.renderer.example(comment, reply, 512)
-            n = sum(label != IGNORE_INDEX for label in e.labels)
-            scores.append(-replier.model(**collate([{"input_ids": e.input_ids, "labels": e.labels}])).loss.item() * n)
-    return scores
 
 
 def main() -> None:
@@ -95,7 +79,10 @@ def main() -> None:
     for name, folder in (("supervised", supervised), ("preferred", preferred)):
         scorer = load_replier(DEFAULT_BASE_MODEL, str(folder), "none", backend="transformers")
         losses = held_out_losses(scorer, held_out, 512, ("adapter",))
-        logps[name] = [reply_logps(scorer, [(p.comment, side) for p in pairs]) for side in ("chosen", "rejected")]
+        logps[name] = [
+            [lp for lp, _ in reply_log_probs(scorer, [Pair(p.comment, getattr(p, side), p.where) for p in pairs], 512)]
+            for side in ("chosen", "rejected")
+        ]
         del scorer
         replier = load_replier(DEFAULT_BASE_MODEL, str(folder))
         result[name] = evaluate(replier, held_out, trained, losses, panes=("adapter",), settings=GREEDY)

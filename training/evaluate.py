@@ -80,11 +80,11 @@ def reply_stats(
     }
 
 
-def held_out_losses(
-    replier: Replier, pairs: Sequence[Pair], max_length: int, panes: Sequence[Pane] = ("base", "adapter")
-) -> dict[str, float]:
-    """Loss on the reply tokens of the held-out pairs for each pane: with the adapter off or on, and
-    with the creator's retrieved examples as earlier turns where the pane shows them."""
+def reply_log_probs(
+    replier: Replier, pairs: Sequence[Pair], max_length: int, pane: Pane = "adapter"
+) -> list[tuple[float, int]]:
+    """Each pair's reply (with its end of turn) scored after its prompt: the summed log-probability
+    of its tokens and their count. The pane's examples go in as earlier turns where it shows them."""
     import torch
 
     from training.collate import ReplyCollator
@@ -92,24 +92,27 @@ def held_out_losses(
     collate = ReplyCollator(replier.tokenizer.pad_token_id)
     model = replier.model
     device = next(model.parameters()).device
+    scores = []
+    with torch.inference_mode(), model.disable_adapter() if PANE_ROW[pane] == "base" else contextlib.nullcontext():
+        for pair in pairs:
+            shown = replier.examples.similar(pair.comment) if pane in WITH_EXAMPLES and replier.examples else ()
+            # Room for the examples as well, so that they never cut the comment itself.
+            e = replier.renderer.example(pair.comment, pair.response, max_length * (1 + len(shown)), shown)
+            n = sum(label != IGNORE_INDEX for label in e.labels)
+            batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
+            scores.append((-model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n, n))
+    return scores
 
-    def loss(pane: Pane) -> float:
-        total = count = 0
-        with torch.inference_mode():
-            for pair in pairs:
-                shown = replier.examples.similar(pair.comment) if pane in WITH_EXAMPLES and replier.examples else ()
-                # Room for the examples as well, so that they never cut the comment itself.
-                e = replier.renderer.example(pair.comment, pair.response, max_length * (1 + len(shown)), shown)
-                n = sum(label != IGNORE_INDEX for label in e.labels)
-                batch = collate([{"input_ids": e.input_ids, "labels": e.labels}])
-                total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
-                count += n
-        return total / count
 
+def held_out_losses(
+    replier: Replier, pairs: Sequence[Pair], max_length: int, panes: Sequence[Pane] = ("base", "adapter")
+) -> dict[str, float]:
+    """Loss on the reply tokens of the held-out pairs for each pane: with the adapter off or on, and
+    with the creator's retrieved examples as earlier turns where the pane shows them."""
     losses = {}
     for pane in panes:
-        with model.disable_adapter() if PANE_ROW[pane] == "base" else contextlib.nullcontext():
-            losses[pane] = loss(pane)
+        scores = reply_log_probs(replier, pairs, max_length, pane)
+        losses[pane] = -sum(lp for lp, _ in scores) / sum(n for _, n in scores)
     return losses
 
 
