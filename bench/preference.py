@@ -7,9 +7,10 @@ self-pairs (the supervised adapter's flagged drafts of the held-out comments as 
 replies as chosen: the share where the tuned adapter moved the pair's log-odds the right way
 against the supervised one, DPO's implicit reward).
 
-    python -m bench.preference [--out bench/out/preference] [--supervised DIR]
+    python -m bench.preference [--out bench/out/preference] [--supervised DIR] [training.prefer flags]
 
-``--supervised DIR`` reuses a finished supervised run (its time is then not measured). Writes
+``--supervised DIR`` reuses a finished supervised run (its time is then not measured); any other
+flag goes to ``training.prefer`` (e.g. ``--sft-weight 1``). Writes
 ``OUT/result.json`` and ``OUT/blind.jsonl`` / ``OUT/blind_key.json`` (20 held-out replies of each
 adapter, shuffled, sources hidden) and prints Markdown for bench/RESULTS.md with the CPU's flags.
 """
@@ -50,14 +51,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "preference")
     parser.add_argument("--supervised", type=Path, help="a finished training.run output folder to start from")
-    args = parser.parse_args()
+    args, prefer_flags = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     supervised, preferred = args.supervised or args.out / "supervised", args.out / "preferred"
     times: dict[str, float] = {}
     if args.supervised is None:
         times["supervised"] = timed(["training.run", "--output-dir", str(supervised)], args.out / "supervised.log")
     times["preference"] = timed(
-        ["training.prefer", "--adapter", str(supervised), "--self-pairs", "--output-dir", str(preferred)],
+        [
+            "training.prefer",
+            "--adapter",
+            str(supervised),
+            "--self-pairs",
+            "--output-dir",
+            str(preferred),
+            *prefer_flags,
+        ],
         args.out / "preference.log",
     )
     # Each run's own clock, before its evaluation (the supervised run's voice evaluation scores every
@@ -74,7 +83,12 @@ def main() -> None:
     pairs = select_self_pairs(held_out, draft(replier, [p.comment for p in held_out], SELF_PAIR_TOKENS), summary)
     del replier
 
-    result: dict = {"times_s": times, "held_out_self_pairs": len(pairs), "selected": dict(summary.selected)}
+    result: dict = {
+        "prefer_flags": prefer_flags,
+        "times_s": times,
+        "held_out_self_pairs": len(pairs),
+        "selected": dict(summary.selected),
+    }
     logps: dict[str, list[list[float]]] = {}
     for name, folder in (("supervised", supervised), ("preferred", preferred)):
         scorer = load_replier(DEFAULT_BASE_MODEL, str(folder), "none", backend="transformers")

@@ -302,6 +302,36 @@ def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_a
         llama.close()
 
 
+def chosen_log_prob(base: Path, adapter: Path, examples) -> float:
+    """Mean over pairs of log p(chosen) under base + adapter, per reply token."""
+    from inference.loading import load_adapter, load_base_model
+
+    model = load_adapter(load_base_model(str(base), "none"), adapter).eval()
+    total = 0.0
+    for e in examples:
+        ids = torch.tensor([e.prompt_ids + e.chosen_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float()
+        total += torch.log_softmax(logits, -1).gather(1, torch.tensor(e.chosen_ids)[:, None]).mean().item()
+    return total / len(examples)
+
+
+def test_an_sft_weight_keeps_the_chosen_replies_likely_where_plain_dpo_lets_them_fall(prefer_config, tmp_path):
+    plain, anchored = (
+        prefer_config(output_dir=str(tmp_path / "plain")),
+        prefer_config(output_dir=str(tmp_path / "anchored"), sft_weight=1.0),
+    )
+    assert prefer(plain) == 0 and prefer(anchored) == 0
+    summary = json.loads((tmp_path / "anchored" / "training_summary.json").read_text())
+    assert "+ 1 x NLL of the chosen reply (RPO)" in summary["trainer"]
+    examples = rendered(plain)
+    start, after_plain, after_anchored = (
+        chosen_log_prob(plain.base_model, Path(folder), examples)
+        for folder in (plain.adapter, plain.output_dir, anchored.output_dir)
+    )
+    assert after_anchored > max(start, after_plain) + 0.1, (start, after_plain, after_anchored)
+
+
 class Interrupted(Exception):
     pass
 

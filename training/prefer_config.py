@@ -80,6 +80,15 @@ class PreferConfig:
     beta: float = field(
         default=0.1, metadata={"help": "DPO's beta: how far the adapter may move from the reference (lower: further)"}
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "weight of a supervised loss on the chosen reply added to DPO's (RPO): keeps the creator's "
+                "real replies likely while the drafts are pushed down; 0 is plain DPO"
+            )
+        },
+    )
     batch_size: int = field(
         default=4, metadata={"help": "pairs per forward pass (each is two rows: chosen and rejected)"}
     )
@@ -115,7 +124,7 @@ class PreferConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "learning_rate", "beta"):
+        for name in ("epochs", "learning_rate", "beta", "sft_weight"):
             if isinstance(getattr(self, name), int):
                 setattr(self, name, float(getattr(self, name)))
         problems = []
@@ -142,6 +151,8 @@ class PreferConfig:
             problems.append(f"learning_rate: must be in (0, 1), got {self.learning_rate}")
         if self.beta <= 0:
             problems.append(f"beta: must be positive, got {self.beta}")
+        if self.sft_weight < 0:
+            problems.append(f"sft_weight: must be 0 (plain DPO) or positive, got {self.sft_weight}")
         if self.max_rows is not None and self.max_rows < 1:
             problems.append(f"max_rows: must be at least 1, got {self.max_rows}")
         if self.save_total_limit < 1:

@@ -9,7 +9,13 @@ from training.data import Pair
 from training.prefer_config import PreferConfig
 from training.preferences import PreferencePair
 
-TRAINER = "DPO"  # TRL's DPOTrainer, sigmoid loss; the run's summary and card say so
+TRAINER = "DPO"  # TRL's DPOTrainer; the run's summary and card say so, with its loss (loss_name)
+
+
+def loss_name(config: PreferConfig) -> str:
+    if config.sft_weight:
+        return f"sigmoid loss + {config.sft_weight:g} x NLL of the chosen reply (RPO)"
+    return "sigmoid loss"
 
 
 def run_record(
@@ -39,7 +45,7 @@ def run_record(
         "base_model_hub_id": hub_id(config.base_model),
         "method": "preference",
         "trainer": (
-            f"{TRAINER} (trl {trl.__version__}, sigmoid loss, beta "
+            f"{TRAINER} (trl {trl.__version__}, {loss_name(config)}, beta "
             f"{config.beta}; reference: the starting adapter, frozen)"
         ),
         "start_adapter": str(config.adapter),
