@@ -62,7 +62,7 @@ class GenerationSettings:
     top_p: float = 1.0
     # Repetition control over the reply written so far (never the prompt: repeating the comment's
     # words is fine). The defaults were chosen on the held-out set (bench/reply_quality.py).
-    repetition_penalty: float = 1.0  # transformers' and llama.cpp's meaning: a seen token's logit / p (x p if negative)
+    repetition_penalty: float = 1.1  # transformers' and llama.cpp's meaning: a seen token's logit / p (x p if negative)
     no_repeat_ngram: int = 4  # no n-gram of this many tokens twice in a reply; 0 = off
 
     def __post_init__(self) -> None:

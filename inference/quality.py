@@ -27,7 +27,7 @@ AI_TALK = re.compile(
     r"\b(?:as an? (?:\w+ ){0,3}(?:ai|assistant|language model|chatbot|bot)\b"
     r"|i(?:'m| am) (?:just |only )?an? (?:\w+ ){0,3}(?:ai|assistant|language model|chatbot|bot)\b"
     r"|i(?:'m| am| was) (?:designed|programmed|trained) to"
-    r"|i don'?t have (?:personal|feelings|emotions|opinions|a body|access)"
+    r"|i don'?t have (?:personal|feelings|emotions|opinions|a body|access|the ability|the capability)"
     r"|i (?:can'?t|cannot) (?:browse|access the internet)"
     r"|smollm)",
     re.IGNORECASE,

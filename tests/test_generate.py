@@ -12,7 +12,7 @@ from inference.generate import GenerationSettings
 from inference.transformers_engine import Replier
 from prompts.render import Persona, PromptRenderer
 
-GREEDY = GenerationSettings(max_new_tokens=24)
+GREEDY = GenerationSettings(max_new_tokens=24, repetition_penalty=1.0, no_repeat_ngram=0)  # generate()'s greedy
 TWO = ("base", "adapter")  # the persona-only pane and the fine-tuned one: one prompt, two rows of a batch
 
 

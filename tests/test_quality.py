@@ -32,8 +32,7 @@ def test_loops(reply, expected):
     assert loops(reply) is expected
 
 
-def test_no_real_reply_loops():
-    """The measure must not mark the creator's own replies: every one in data/, long ones included."""
+def creator_replies() -> list[str]:
     from training.data import load_pairs
 
     replies = [
@@ -42,7 +41,14 @@ def test_no_real_reply_loops():
         for p in load_pairs(ROOT / "data" / f"{name}.jsonl")
     ]
     assert len(replies) > 400
+    return replies
+
+
+def test_no_real_reply_loops_or_talks_like_an_ai():
+    """The measures must not mark the creator's own replies: every one in data/, long ones included."""
+    replies = creator_replies()
     assert [r for r in replies if loops(r)] == []
+    assert [r for r in replies if talks_like_an_ai(r)] == []
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,8 @@ def test_no_real_reply_loops():
         ("I'm just an AI assistant, but here's what I think", True),
         ("As a language model I don't have personal opinions", True),
         ("I don't have personal experience with that laptop", True),
+        # An assistant's refusal, read blind as AI talk (prompt pane, penalty 1.1; bench/RESULTS.md)
+        ("I'm sorry, but I don't have the ability to create a custom template.", True),
         ("Language models like GPT learn from next-token prediction. –Maya", False),
         ("I built a chatbot with LangChain in the last video. –Maya", False),
         ("AI is moving fast, I agree! –Maya", False),

@@ -144,7 +144,7 @@ def dpo_arguments(config: PreferConfig, dtype):
         logging_steps=1,
         logging_nan_inf_filter=False,  # the default filter hides a diverging run
         report_to="none",  # TensorBoard is attached below, with its folder in the output
-        gradient_checkpointing=False,  # replytune checkpoints the layers the memory plan chose (set_up)
+        activation_checkpointing=False,  # replytune checkpoints the layers the memory plan chose (set_up)
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
