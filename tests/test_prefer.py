@@ -178,19 +178,25 @@ def test_a_long_comment_is_cut_to_fit_the_longer_reply_and_both_share_that_promp
 # --- real runs
 
 
-def reply_margin(base: Path, adapter: Path, examples) -> float:
-    """Mean over pairs of log p(chosen) - log p(rejected) under base + adapter (float32)."""
+def reply_log_probs(base: Path, adapter: Path, examples) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each pair's (chosen, rejected) reply-token log-probabilities under base + adapter (float32)."""
     from inference.loading import load_adapter, load_base_model
 
     model = load_adapter(load_base_model(str(base), "none"), adapter).eval()
 
-    def logp(prompt: list[int], reply: list[int]) -> float:
+    def logp(prompt: list[int], reply: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt + reply])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        return torch.log_softmax(logits, -1).gather(1, torch.tensor(reply)[:, None]).sum().item()
+        return torch.log_softmax(logits, -1).gather(1, torch.tensor(reply)[:, None])[:, 0]
 
-    return sum(logp(e.prompt_ids, e.chosen_ids) - logp(e.prompt_ids, e.rejected_ids) for e in examples) / len(examples)
+    return [(logp(e.prompt_ids, e.chosen_ids), logp(e.prompt_ids, e.rejected_ids)) for e in examples]
+
+
+def reply_margin(base: Path, adapter: Path, examples) -> float:
+    """Mean over pairs of log p(chosen) - log p(rejected)."""
+    pairs = reply_log_probs(base, adapter, examples)
+    return sum(chosen.sum().item() - rejected.sum().item() for chosen, rejected in pairs) / len(pairs)
 
 
 SHORT_PERSONA = 'Reply to this comment as Maya, and sign with "–Maya": {comment}'
@@ -303,17 +309,9 @@ def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_a
 
 
 def chosen_log_prob(base: Path, adapter: Path, examples) -> float:
-    """Mean over pairs of log p(chosen) under base + adapter, per reply token."""
-    from inference.loading import load_adapter, load_base_model
-
-    model = load_adapter(load_base_model(str(base), "none"), adapter).eval()
-    total = 0.0
-    for e in examples:
-        ids = torch.tensor([e.prompt_ids + e.chosen_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float()
-        total += torch.log_softmax(logits, -1).gather(1, torch.tensor(e.chosen_ids)[:, None]).mean().item()
-    return total / len(examples)
+    """Mean over pairs of log p(chosen), per reply token."""
+    pairs = reply_log_probs(base, adapter, examples)
+    return sum(chosen.mean().item() for chosen, _ in pairs) / len(pairs)
 
 
 def test_an_sft_weight_keeps_the_chosen_replies_likely_where_plain_dpo_lets_them_fall(prefer_config, tmp_path):
