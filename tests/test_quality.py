@@ -32,7 +32,8 @@ def test_loops(reply, expected):
     assert loops(reply) is expected
 
 
-def creator_replies() -> list[str]:
+def test_no_real_reply_loops_or_talks_like_an_ai():
+    """The measures must not mark the creator's own replies: every one in data/, long ones included."""
     from training.data import load_pairs
 
     replies = [
@@ -41,12 +42,6 @@ def creator_replies() -> list[str]:
         for p in load_pairs(ROOT / "data" / f"{name}.jsonl")
     ]
     assert len(replies) > 400
-    return replies
-
-
-def test_no_real_reply_loops_or_talks_like_an_ai():
-    """The measures must not mark the creator's own replies: every one in data/, long ones included."""
-    replies = creator_replies()
     assert [r for r in replies if loops(r)] == []
     assert [r for r in replies if talks_like_an_ai(r)] == []
 
