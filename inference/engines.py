@@ -69,7 +69,7 @@ def load_replier(
     """Load the base once, attach the adapter if one is given, and use the prompt that travelled with it.
 
     With llama.cpp (the CPU default) the base is a GGUF file and ``quantization`` does not apply:
-    the GGUF file carries its own (the embedded default's is Q4_1). The loading runs on a thread of
+    the GGUF file carries its own (the embedded default is re-encoded as Q8_0). The loading runs on a thread of
     its own that ends with it. Replies are generated on short-lived threads (see
     StreamingReplier.stream); a thread that has run torch keeps its OpenMP worker threads, and when
     they outnumber the cores libgomp stops spin-waiting between parallel regions, which made every

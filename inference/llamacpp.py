@@ -49,7 +49,8 @@ def _silence(level: int, text: bytes, data: ctypes.c_void_p) -> None:
 _LOG_CALLBACK = None  # kept alive: llama.cpp holds a raw pointer to it
 
 
-def _llama():
+def llama_library():
+    """llama-cpp-python's bindings, initialised once with llama.cpp's logging silenced."""
     import llama_cpp
 
     global _LOG_CALLBACK
@@ -79,7 +80,7 @@ class _Context:
     """One llama.cpp context (KV cache, compute buffers), with or without the adapter."""
 
     def __init__(self, model, adapter, n_threads: int) -> None:
-        ll = _llama()
+        ll = llama_library()
         self.ll = ll
         params = ll.llama_context_default_params()
         params.n_ctx = CONTEXT_TOKENS
@@ -183,7 +184,7 @@ class LlamaCppReplier(StreamingReplier):
         n_threads: int | None = None,
     ) -> None:
         super().__init__(tokenizer, renderer, has_adapter=adapter_path is not None, examples=examples)
-        ll = _llama()
+        ll = llama_library()
         self.ll = ll
         self.model_path, self.adapter_path = model_path, adapter_path
         self._model = ll.llama_model_load_from_file(str(model_path).encode(), ll.llama_model_default_params())

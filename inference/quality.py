@@ -22,13 +22,15 @@ LOOP_REPEATS = 3
 # longest, 770 characters, compress best); the rambling loops of the shipped voice table, 2.0-2.3x.
 LOOP_COMPRESSION = 2.0
 # Talk about being an AI, an assistant or a language model: the base model's own identity leaking
-# into the creator's voice (SmolLM2's chat template tells it it is "a helpful AI assistant").
+# into the creator's voice (SmolLM2's chat template tells it it is "a helpful AI assistant"), and
+# an assistant's stock refusal ("I can't help with that"), read blind as AI talk. Not "sorry for
+# the confusion": a creator says it too, to a viewer stuck on an install.
 AI_TALK = re.compile(
     r"\b(?:as an? (?:\w+ ){0,3}(?:ai|assistant|language model|chatbot|bot)\b"
     r"|i(?:'m| am) (?:just |only )?an? (?:\w+ ){0,3}(?:ai|assistant|language model|chatbot|bot)\b"
     r"|i(?:'m| am| was) (?:designed|programmed|trained) to"
     r"|i don'?t have (?:personal|feelings|emotions|opinions|a body|access|the ability|the capability)"
-    r"|i (?:can'?t|cannot) (?:browse|access the internet)"
+    r"|i (?:can'?t|cannot) (?:browse|access the internet|help with that|assist with that)"
     r"|smollm)",
     re.IGNORECASE,
 )

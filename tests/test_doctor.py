@@ -169,3 +169,28 @@ def test_training_stops_on_a_failed_check(tiny_model_dir, tmp_path, capsys):
     assert "[FAIL] signature" in err and "--no-doctor" in err
     assert not (tmp_path / "out").exists()
     assert TrainConfig(doctor=False).training_hash() == TrainConfig().training_hash()
+
+
+def test_earlier_turns_in_training_prompts_pass_only_when_the_doctor_knows_them(renderer):
+    """With the creator's other pairs as earlier turns (--examples_in_prompt), only the reply is
+    learned and the app sends the same prompt; a doctor that assumed the bare prompt would see the
+    earlier turns' replies as learned prompt tokens."""
+    from inference.retrieval import ExampleBank
+
+    train = [
+        Pair(f"How do I pick k, take {i}?", f"Try the elbow method, take {i}. –Maya", f"d.jsonl:{i + 1}")
+        for i in range(8)
+    ]
+    bank = ExampleBank([(p.comment, p.response) for p in train])
+
+    def earlier(comment):
+        return bank.similar(comment, 2)
+
+    examples, _ = tokenize_pairs(train, renderer, 512, earlier)
+    text = renderer.tokenizer.decode(examples[0].input_ids)
+    assert text.count("Try the elbow method") == 3 and text.count("take 0") == 2  # two others' replies, then its own
+    evals = pairs(3, start=100)
+    findings, _ = diagnose(train, examples, evals, renderer, renderer, packed(renderer, train), earlier)
+    assert all(f.ok for f in findings), [f.line() for f in findings if not f.ok]
+    findings, _ = diagnose(train, examples, evals, renderer, renderer, packed(renderer, train))
+    assert not {f.check: f for f in findings}["loss on the reply only"].ok

@@ -189,7 +189,7 @@ def test_pad_equal_to_eos_still_stops(tiny_model_dir, chatml_tokenizer):
 @pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
 def test_default_model_and_shipped_adapter_answer_in_the_creators_voice(default_model_dir, backend):
     """Through transformers on the NF4 base, and through llama.cpp: the shipped adapter converted by
-    llama.cpp's own converter, applied to the wheel's Q4_1 GGUF file."""
+    llama.cpp's own converter, applied to the wheel's GGUF file re-encoded as Q8_0."""
     from inference.default_model import DEFAULT_ADAPTER
 
     if not (DEFAULT_ADAPTER / "adapter_model.safetensors").is_file():

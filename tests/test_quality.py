@@ -55,6 +55,9 @@ def test_no_real_reply_loops_or_talks_like_an_ai():
         ("I don't have personal experience with that laptop", True),
         # An assistant's refusal, read blind as AI talk (prompt pane, penalty 1.1; bench/RESULTS.md)
         ("I'm sorry, but I don't have the ability to create a custom template.", True),
+        ("I'm sorry for the misunderstanding, but I can't help with that. –Maya", True),
+        ("I'm sorry for the confusion, but yes, there is a Colab link in the description now. –Maya", False),
+        ("Sorry, I can't help with your homework, but the elbow method is a start. –Maya", False),
         ("Language models like GPT learn from next-token prediction. –Maya", False),
         ("I built a chatbot with LangChain in the last video. –Maya", False),
         ("AI is moving fast, I agree! –Maya", False),

@@ -113,6 +113,36 @@ def test_qlora_training_lowers_held_out_loss_and_writes_a_loadable_adapter(tiny_
     assert loss == pytest.approx(summary["eval_loss"], abs=0.05)
 
 
+def test_examples_in_prompt_show_other_training_pairs_to_every_comment(tiny_config):
+    """Each training and held-out prompt carries the k training pairs most like its comment as
+    earlier turns, never its own pair and never a held-out one (the app retrieves from the training
+    pairs the adapter folder carries)."""
+    from training.examples import prepare_examples
+
+    prepared = prepare_examples(tiny_config(examples_in_prompt=2))
+    decode = prepared.tokenizer.decode
+    for pair, example in zip(
+        prepared.train_pairs + prepared.eval_pairs, prepared.train_examples + prepared.eval_examples
+    ):
+        turns = prepared.earlier(pair.comment)
+        assert len(turns) == 2 and pair.comment not in [c for c, _ in turns]
+        assert all(c in [p.comment for p in prepared.train_pairs] for c, _ in turns)
+        assert decode(example.input_ids).index(turns[0][0]) < decode(example.input_ids).index(pair.comment)
+
+
+def test_a_run_trained_with_examples_reports_each_panes_own_held_out_loss(tiny_config):
+    """Its own evaluation loss is measured on prompts with examples: the voice table's examples pane
+    carries it, and the persona-only panes are measured without them."""
+    config = tiny_config(examples_in_prompt=4, epochs=1)
+    assert train(config) == 0
+    summary = json.loads((Path(config.output_dir) / "training_summary.json").read_text())
+    table = summary["voice"]["table"]
+    assert summary["config"]["examples_in_prompt"] == 4
+    assert table["adapter+examples"]["held_out_loss"] == pytest.approx(summary["eval_loss"], rel=1e-3)
+    assert table["adapter"]["held_out_loss"] != pytest.approx(table["adapter+examples"]["held_out_loss"], rel=1e-3)
+    assert table["base"]["held_out_loss"] != pytest.approx(table["examples"]["held_out_loss"], rel=1e-3)
+
+
 def test_an_article_style_csv_with_unsigned_replies_trains_with_signature(tiny_config, tmp_path, capsys):
     """The original article kept `Comment,Response` columns and signed every reply in code."""
     rows = "".join(

@@ -58,6 +58,13 @@ class TrainConfig:
         default=512,
         metadata={"help": "longest example in tokens; longer comments are cut (and counted), replies never"},
     )
+    examples_in_prompt: int = field(
+        default=0,
+        metadata={
+            "help": "put this many of the creator's other training pairs (the most similar, BM25, as the app's "
+            "examples panes retrieve them) before each comment as earlier turns; 0: the comment alone"
+        },
+    )
     comment_field: str | None = field(
         default=None,
         metadata={
@@ -205,6 +212,8 @@ class TrainConfig:
                 "save_total_limit: must be at least 2 (the best and the "
                 f"latest checkpoint are both kept), got {self.save_total_limit}"
             )
+        if self.examples_in_prompt < 0:
+            problems.append(f"examples_in_prompt: must be 0 (off) or more, got {self.examples_in_prompt}")
         if self.max_length < 32:
             problems.append(f"max_length: {self.max_length} leaves no room for the prompt; use at least 32")
         if self.epochs <= 0:
@@ -260,6 +269,7 @@ class TrainConfig:
 # Settings added after adapters were trained and shipped: hashed only when they differ from these
 # defaults, so the hash recorded by an older run still matches the same settings today.
 ADDED_LATER: dict[str, Any] = {
+    "examples_in_prompt": 0,
     "method": "lora",
     "max_rows": None,
     "optim": "adamw_torch",

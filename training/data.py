@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,12 +135,24 @@ def check_no_overlap(train: list[Pair], evals: list[Pair]) -> None:
         )
 
 
-def tokenize_pairs(pairs: Iterable[Pair], renderer: PromptRenderer, max_length: int) -> tuple[list[Example], int]:
-    """Render every pair once; returns the examples and how many had their comment cut."""
+# The creator's pairs a prompt shows before a comment, as earlier turns.
+Earlier = Callable[[str], Sequence[tuple[str, str]]]
+
+
+def no_turns(comment: str) -> Sequence[tuple[str, str]]:
+    """The default :data:`Earlier`: the comment alone."""
+    return ()
+
+
+def tokenize_pairs(
+    pairs: Iterable[Pair], renderer: PromptRenderer, max_length: int, earlier: Earlier = no_turns
+) -> tuple[list[Example], int]:
+    """Render every pair once, after ``earlier(comment)``'s pairs as earlier turns; returns the
+    examples and how many had their comment cut."""
     examples, truncated = [], 0
     for pair in pairs:
         try:
-            example = renderer.example(pair.comment, pair.response, max_length)
+            example = renderer.example(pair.comment, pair.response, max_length, earlier(pair.comment))
         except PromptError as exc:
             raise DataError(f"{pair.where}: field 'response': {exc}") from exc
         truncated += example.comment_tokens_cut > 0

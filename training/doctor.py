@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from errors import ReplytuneError, exits_on_error
 from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_signed
-from training.data import Pair
+from training.data import Earlier, Pair, no_turns
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -120,11 +120,15 @@ def check_bos(pairs: Sequence[Pair], examples: Sequence[Example], bos_id: int | 
 
 
 def check_label_mask(
-    pairs: Sequence[Pair], examples: Sequence[Example], labels: list[list[int]], renderer: PromptRenderer
+    pairs: Sequence[Pair],
+    examples: Sequence[Example],
+    labels: list[list[int]],
+    renderer: PromptRenderer,
+    earlier: Earlier,
 ) -> Finding:
     leaks, learned, total = [], 0, 0
     for i, (pair, example, label) in enumerate(zip(pairs, examples, labels)):
-        prompt_len = len(renderer.prompt(pair.comment).input_ids) - example.comment_tokens_cut
+        prompt_len = len(renderer.prompt(pair.comment, earlier(pair.comment)).input_ids) - example.comment_tokens_cut
         expected = [IGNORE_INDEX] * prompt_len + example.input_ids[prompt_len:]
         if label != expected:
             leaks.append(i)
@@ -141,11 +145,19 @@ def check_label_mask(
     return Finding("loss on the reply only", True, ratio)
 
 
-def check_app_prompt(pairs: Sequence[Pair], train: PromptRenderer, app: PromptRenderer) -> Finding:
-    differ = [i for i, p in enumerate(pairs) if train.prompt(p.comment).input_ids != app.prompt(p.comment).input_ids]
+def check_app_prompt(
+    pairs: Sequence[Pair], train: PromptRenderer, app: PromptRenderer, earlier: Earlier = no_turns
+) -> Finding:
+    """The app retrieves its earlier turns from the pairs the adapter folder carries, the training
+    pairs: the same turns as ``earlier`` gives."""
+    differ = [
+        i
+        for i, p in enumerate(pairs)
+        if train.prompt(p.comment, earlier(p.comment)).input_ids != app.prompt(p.comment, earlier(p.comment)).input_ids
+    ]
     if differ:
         sample = pairs[differ[0]].comment
-        a, b = train.prompt(sample).text, app.prompt(sample).text
+        a, b = train.prompt(sample, earlier(sample)).text, app.prompt(sample, earlier(sample)).text
         at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return Finding(
             "training prompt = app prompt",
@@ -201,14 +213,16 @@ def diagnose(
     renderer: PromptRenderer,
     app_renderer: PromptRenderer,
     collate: Callable[[list[dict[str, Any]]], dict],
+    earlier: Earlier = no_turns,
 ) -> tuple[list[Finding], str]:
-    """All checks, and one example shown token by token."""
+    """All checks, and one example shown token by token (``earlier``: the pairs each prompt shows
+    before its comment, as tokenize_pairs was given them)."""
     labels = collated_labels(train_examples, collate)
     findings = [
         check_end_of_turn(train_pairs, train_examples, labels, renderer.end_of_turn_id),
         check_bos(train_pairs, train_examples, renderer.tokenizer.bos_token_id),
-        check_label_mask(train_pairs, train_examples, labels, renderer),
-        check_app_prompt(list(train_pairs) + list(eval_pairs), renderer, app_renderer),
+        check_label_mask(train_pairs, train_examples, labels, renderer, earlier),
+        check_app_prompt(list(train_pairs) + list(eval_pairs), renderer, app_renderer, earlier),
         check_signature(list(train_pairs) + list(eval_pairs), renderer.persona.signature),
     ]
     shortest = min(range(len(train_examples)), key=lambda i: len(train_examples[i].input_ids))
@@ -243,7 +257,15 @@ def diagnose_prepared(prepared: Prepared) -> tuple[list[Finding], str]:
 
     collate = TrainingCollator(prepared.tokenizer.pad_token_id, prepared.shared_prefix())
     app = app_renderer(prepared.config, prepared.persona)
-    return diagnose(prepared.train_pairs, prepared.train_examples, prepared.eval_pairs, prepared.renderer, app, collate)
+    return diagnose(
+        prepared.train_pairs,
+        prepared.train_examples,
+        prepared.eval_pairs,
+        prepared.renderer,
+        app,
+        collate,
+        prepared.earlier,
+    )
 
 
 @exits_on_error

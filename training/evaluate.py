@@ -287,10 +287,14 @@ def voice_evaluation(
     # The held-out losses of the table are the ones the run measured, with the adapter off (before
     # training) and on: the same reply tokens of the same pairs.
     replier = voice_replier(config, trained, Path(config.output_dir))
-    # The examples panes' losses are measured here: the run measured the persona-only prompt's.
+    # The examples panes' losses are measured here: the run measured the persona-only prompt's,
+    # unless it trained with examples in its prompts, and then it measured none of the table's.
+    measured = ("base", "adapter") if not config.examples_in_prompt else ()
     losses = {
-        **losses,
-        **held_out_losses(trained, prepared.eval_pairs, config.max_length, panes=("examples", "adapter+examples")),
+        **{pane: losses[pane] for pane in measured},
+        **held_out_losses(
+            trained, prepared.eval_pairs, config.max_length, [pane for pane in PANE_ROW if pane not in measured]
+        ),
     }
     result["voice"] = evaluate(replier, prepared.eval_pairs, prepared.train_pairs, losses)
     print("voice fidelity on the held-out comments:\n" + markdown_table(result["voice"]))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference.retrieval import ExampleBank
 from prompts.render import IGNORE_INDEX, Example, Persona, PromptRenderer, is_signed, renderer_for
 from training.config import TrainConfig
 from training.data import DataError, Pair, check_no_overlap, comment_key, read_pairs, tokenize_pairs
@@ -204,6 +205,11 @@ class Prepared:
     summary: DataSummary
 
     seq2seq: bool
+    turns: ExampleBank | None = None  # the pairs shown as earlier turns (config.examples_in_prompt)
+
+    def earlier(self, comment: str) -> list[tuple[str, str]]:
+        """The creator's pairs a training prompt shows before ``comment``: the most similar others."""
+        return self.turns.similar(comment, self.config.examples_in_prompt) if self.turns is not None else []
 
     def shared_prefix(self) -> int:
         """The tokens a training batch computes once for all its rows (training.collate.shared_prefix_length)."""
@@ -244,10 +250,12 @@ def prepare_examples(config: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
     seq2seq = is_seq2seq(config.base_model, config.trust_remote_code)
     renderer = renderer_for(tokenizer, persona, seq2seq)
-    train_examples, cut = tokenize_pairs(train_pairs, renderer, config.max_length)
-    summarize_tokens(summary, train_examples, cut)
-    eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length)
-    summarize_tokens(summary, eval_examples, cut)
-    return Prepared(
-        config, persona, tokenizer, renderer, train_pairs, eval_pairs, train_examples, eval_examples, summary, seq2seq
-    )
+    # Earlier turns come from the training pairs only, for the held-out comments too: what the
+    # adapter folder's examples.jsonl holds and the app retrieves from.
+    turns = ExampleBank([(p.comment, p.response) for p in train_pairs]) if config.examples_in_prompt else None
+    prepared = Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, [], [], summary, seq2seq, turns)
+    prepared.train_examples, cut = tokenize_pairs(train_pairs, renderer, config.max_length, prepared.earlier)
+    summarize_tokens(summary, prepared.train_examples, cut)
+    prepared.eval_examples, cut = tokenize_pairs(eval_pairs, renderer, config.max_length, prepared.earlier)
+    summarize_tokens(summary, prepared.eval_examples, cut)
+    return prepared
