@@ -263,6 +263,9 @@ class PromptRenderer:
         return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
 
+NO_TURNS_IN_SEQ2SEQ = "an encoder-decoder model has no earlier turns to show the creator's examples in"
+
+
 class Seq2SeqRenderer:
     """The renderer for encoder-decoder models (FLAN-T5): the persona-filled comment is the encoder's
     input and the reply the decoder's target; there is no chat template, and the tokenizer's own EOS
@@ -280,13 +283,13 @@ class Seq2SeqRenderer:
 
     def prompt(self, comment: str, examples: Sequence[tuple[str, str]] = ()) -> Prompt:
         if examples:
-            raise PromptError("an encoder-decoder model has no earlier turns to show the creator's examples in")
+            raise PromptError(NO_TURNS_IN_SEQ2SEQ)
         return Prompt([*self._head, *self._ids(comment), *self._tail], self.persona.fill(comment))
 
     def example(self, comment: str, reply: str, max_length: int, examples: Sequence[tuple[str, str]] = ()) -> Example:
         """Encoder input (the comment cut to fit ``max_length``) and decoder labels (reply + EOS, all learned)."""
         if examples:
-            raise PromptError("an encoder-decoder model has no earlier turns to show the creator's examples in")
+            raise PromptError(NO_TURNS_IN_SEQ2SEQ)
         reply_ids = self._ids(reply)
         if not reply_ids:
             raise PromptError(f"the reply {reply[:40]!r} has no tokens for this tokenizer; write it out in plain text")
