@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.config import ConfigError
 from training.data import DataError, Pair
 from training.prefer import main, prefer
 from training.prefer_config import PreferConfig
@@ -267,7 +268,7 @@ def trainer_tokenizer(config: PreferConfig):
     return load_tokenizer(config.base_model)
 
 
-def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(
+def test_a_few_ipo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_an_ordinary_adapter(
     prefer_config, tiny_model_dir, capsys
 ):
     from inference.engines import load_replier
@@ -279,7 +280,8 @@ def test_a_few_dpo_steps_raise_the_chosen_reply_over_the_rejected_one_and_save_a
     printed = capsys.readouterr().out
     assert "data doctor: all checks passed" in printed and "pairs by source: 12 preferences" in printed
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["trainer"].startswith("DPO (trl 1.16") and summary["pairs_by_source"] == {"preferences": 12}
+    assert summary["trainer"].startswith("DPOTrainer (trl 1.16.0, ipo loss, beta 0.5;")
+    assert summary["pairs_by_source"] == {"preferences": 12}
     assert summary["reward_accuracy"] is not None and summary["steps"] == 6
     assert "## Preference tuning" in (out / "README.md").read_text()
     # An ordinary adapter folder: the tuned adapter alone (no "ref" copy), its persona and pairs.
@@ -316,8 +318,8 @@ def chosen_log_prob(base: Path, adapter: Path, examples) -> float:
 
 def test_an_sft_weight_keeps_the_chosen_replies_likely_where_plain_dpo_lets_them_fall(prefer_config, tmp_path):
     plain, anchored = (
-        prefer_config(output_dir=str(tmp_path / "plain")),
-        prefer_config(output_dir=str(tmp_path / "anchored"), sft_weight=1.0),
+        prefer_config(output_dir=str(tmp_path / "plain"), loss="sigmoid"),
+        prefer_config(output_dir=str(tmp_path / "anchored"), loss="sigmoid", sft_weight=1.0),
     )
     assert prefer(plain) == 0 and prefer(anchored) == 0
     summary = json.loads((tmp_path / "anchored" / "training_summary.json").read_text())
@@ -328,6 +330,26 @@ def test_an_sft_weight_keeps_the_chosen_replies_likely_where_plain_dpo_lets_them
         for folder in (plain.adapter, plain.output_dir, anchored.output_dir)
     )
     assert after_anchored > max(start, after_plain) + 0.1, (start, after_plain, after_anchored)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "apo_zero"])
+def test_the_other_losses_also_raise_the_chosen_reply_over_the_rejected_one(prefer_config, tmp_path, loss):
+    config = prefer_config(loss=loss)
+    assert config.beta == 0.1
+    assert prefer(config) == 0
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert f"{loss} loss" in summary["trainer"]
+    examples = rendered(config)
+    before, after = (
+        reply_margin(config.base_model, Path(config.adapter), examples),
+        reply_margin(config.base_model, Path(config.output_dir), examples),
+    )
+    assert after > before + 1.0, (before, after)
+
+
+def test_an_unknown_loss_is_named_with_the_choices(prefer_config):
+    with pytest.raises(ConfigError, match=r"loss: must be one of ipo, sigmoid, apo_zero, got 'kto'"):
+        prefer_config(loss="kto")
 
 
 class Interrupted(Exception):

@@ -1,7 +1,8 @@
 """`python -m training.prefer`: the creator's picks train the model (preference tuning of an adapter).
 
 parse config -> read preferences / draft self-pairs and select -> render + doctor -> load base +
-adapter -> DPO (TRL) with the starting adapter as the reference -> save -> voice before/after.
+adapter -> TRL's DPOTrainer (IPO loss by default) with the starting adapter as the reference -> save
+-> voice before/after.
 
 The starting adapter is the reference: TRL's DPOTrainer, given a PeftModel and no reference model,
 copies the adapter into a frozen second adapter named "ref" on the same base (trl 1.16

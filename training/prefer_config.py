@@ -13,6 +13,10 @@ from inference.default_model import ROOT
 from inference.loading import BACKENDS, QUANTIZATIONS, Backend, Quantization
 from training.config import ConfigError
 
+# TRL DPOTrainer's loss types offered by --loss, each with the beta it was measured at (bench/RESULTS.md,
+# "Preference tuning"): IPO's 0.5 asks for a 1-nat gap per token, DPO's 0.1 is TRL's own default.
+DEFAULT_BETA = {"ipo": 0.5, "sigmoid": 0.1, "apo_zero": 0.1}
+
 
 @dataclass
 class PreferConfig:
@@ -77,15 +81,31 @@ class PreferConfig:
             )
         },
     )
-    beta: float = field(
-        default=0.1, metadata={"help": "DPO's beta: how far the adapter may move from the reference (lower: further)"}
+    loss: str = field(
+        default="ipo",
+        metadata={
+            "help": (
+                "TRL's preference loss: ipo (IPO: the per-token log-ratio gap regressed to 1/(2 beta); "
+                "replies without loops, and the most postable to a blind reader), sigmoid (DPO) or apo_zero "
+                "(APO-zero: the chosen replies' log-ratio up and the drafts' down, each on its own)"
+            )
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "how far the adapter may move from the reference, lower: further "
+                "(default: 0.5 for ipo, 0.1 for sigmoid and apo_zero)"
+            )
+        },
     )
     sft_weight: float = field(
         default=0.0,
         metadata={
             "help": (
-                "weight of a supervised loss on the chosen reply added to DPO's (RPO): keeps the creator's "
-                "real replies likely while the drafts are pushed down; 0 is plain DPO"
+                "weight of a supervised loss on the chosen reply added to the preference loss (RPO): keeps the "
+                "creator's real replies likely while the drafts are pushed down; 0 is the preference loss alone"
             )
         },
     )
@@ -149,10 +169,14 @@ class PreferConfig:
             problems.append(f"epochs: must be positive, got {self.epochs}")
         if not 0 < self.learning_rate < 1:
             problems.append(f"learning_rate: must be in (0, 1), got {self.learning_rate}")
-        if self.beta <= 0:
+        if self.loss not in DEFAULT_BETA:
+            problems.append(f"loss: must be one of {', '.join(DEFAULT_BETA)}, got {self.loss!r}")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss)
+        elif self.beta <= 0:
             problems.append(f"beta: must be positive, got {self.beta}")
         if self.sft_weight < 0:
-            problems.append(f"sft_weight: must be 0 (plain DPO) or positive, got {self.sft_weight}")
+            problems.append(f"sft_weight: must be 0 (the preference loss alone) or positive, got {self.sft_weight}")
         if self.max_rows is not None and self.max_rows < 1:
             problems.append(f"max_rows: must be at least 1, got {self.max_rows}")
         if self.save_total_limit < 1:
@@ -190,7 +214,7 @@ def parse_config(argv: list[str] | None) -> tuple[PreferConfig, set[str]]:
     parser = HfArgumentParser(
         PreferConfig,
         prog="python -m training.prefer",
-        description="Preference-tune an adapter on the creator's picks (DPO).",
+        description="Preference-tune an adapter on the creator's picks (TRL's DPOTrainer, IPO loss by default).",
     )
     for action in parser._actions:
         if action.dest in PreferConfig.__dataclass_fields__ and action.default is not argparse.SUPPRESS:

@@ -9,13 +9,13 @@ from training.data import Pair
 from training.prefer_config import PreferConfig
 from training.preferences import PreferencePair
 
-TRAINER = "DPO"  # TRL's DPOTrainer; the run's summary and card say so, with its loss (loss_name)
+TRAINER = "DPOTrainer"  # TRL's, whichever loss it runs; the summary and card name the loss (loss_name)
 
 
 def loss_name(config: PreferConfig) -> str:
     if config.sft_weight:
-        return f"sigmoid loss + {config.sft_weight:g} x NLL of the chosen reply (RPO)"
-    return "sigmoid loss"
+        return f"{config.loss} loss + {config.sft_weight:g} x NLL of the chosen reply (RPO)"
+    return f"{config.loss} loss"
 
 
 def run_record(

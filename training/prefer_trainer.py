@@ -125,9 +125,9 @@ def dpo_arguments(config: PreferConfig, dtype):
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         beta=config.beta,
-        # RPO (Pang et al. 2024): DPO plus the chosen reply's per-token NLL, so the real replies stay
+        # --sft-weight: RPO (Pang et al. 2024), the chosen reply's per-token NLL added, so the real replies stay
         # likely while the drafts are pushed down (plain DPO lowered both and learned "shorter").
-        loss_type=["sigmoid", "sft"] if config.sft_weight else ["sigmoid"],
+        loss_type=[config.loss, "sft"] if config.sft_weight else [config.loss],
         loss_weights=[1.0, config.sft_weight] if config.sft_weight else None,
         max_length=None,  # the renderer cut each pair to --max-length, the comment and never a reply
         # The reference (the starting adapter, frozen) scores every pair once before the first step,
