@@ -81,24 +81,6 @@ def content_stats(replies: Sequence[str], stopped: Sequence[bool], references: S
     }
 
 
-def clean_prefix(text: str, signature: str | None = None) -> str:
-    """The whole sentences a reply opens with before it loops, talks like an AI or is cut off: what
-    a reader keeps of a flawed draft ("" when its first sentence is already flawed). A signature the
-    draft ends with is set aside first; a last sentence without its closing . ! or ? is dropped."""
-    body = text.strip()
-    if signature and body.endswith(signature.strip()):
-        body = body[: -len(signature.strip())].rstrip()
-    kept: list[str] = []
-    for sentence in re.split(r"(?<=[.!?])\s+", body):
-        candidate = " ".join([*kept, sentence])
-        if not sentence.endswith((".", "!", "?")) or loops(candidate) or talks_like_an_ai(candidate):
-            break
-        if " ".join(_words(sentence)) in {" ".join(_words(k)) for k in kept}:
-            break  # a sentence said twice: the loop has begun, even where twice is not yet a loop
-        kept.append(sentence)
-    return " ".join(kept)
-
-
 def flags(text: str, stopped: bool) -> list[str]:
     """What a reader would reject at a glance, for one reply (the app's and compare's markers)."""
     found = []

@@ -133,32 +133,6 @@ def test_only_drafts_a_reader_rejects_become_self_pairs_and_every_draft_is_count
     assert "5 drafted; 1 already the real reply (skipped); 3 selected as rejected" in "\n".join(summary.lines())
 
 
-def test_repair_chooses_the_drafts_own_opening_signed_so_both_sides_share_it():
-    pairs = [Pair(f"comment {i}", "Real reply. –Maya", f"data.jsonl:{i + 1}") for i in range(3)]
-    drafts = [
-        Draft("Sure. Use the elbow. Use the elbow. Use the elbow. Use the elbow.", False),  # loops, cut
-        Draft("As an AI, I cannot watch videos.", True),  # flawed from its first sentence
-        Draft("Glad you liked it! –Maya", True),  # merely different
-    ]
-    summary = PreferenceSummary()
-    selected = select_self_pairs(pairs, drafts, summary, chosen="repair", signature="–Maya")
-    assert [(p.chosen, p.rejected) for p in selected] == [
-        ("Sure. Use the elbow. –Maya", drafts[0].text),
-        ("Real reply. –Maya", drafts[1].text),  # no opening to keep: the real reply, counted
-    ]
-    assert selected[0].rejected.startswith(selected[0].chosen.removesuffix(" –Maya"))
-    assert (summary.repaired, summary.unrepairable, summary.merely_different) == (1, 1, 1)
-    assert (
-        "chosen: 1 the draft cut before its flaw and signed; 1 the real reply (the draft's first sentence "
-        "already flawed)" in "\n".join(summary.lines())
-    )
-
-
-def test_an_unknown_self_chosen_is_named_with_the_choices(prefer_config):
-    with pytest.raises(ConfigError, match="self_chosen: must be one of reply, repair, got 'best'"):
-        prefer_config(self_pairs=True, self_chosen="best")
-
-
 # --- rendering
 
 

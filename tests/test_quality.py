@@ -67,29 +67,6 @@ def test_talks_like_an_ai(reply, expected):
     assert talks_like_an_ai(reply) is expected
 
 
-@pytest.mark.parametrize(
-    ("draft", "expected"),
-    [
-        # the loop begins at the second "It helps." (a sentence said twice): keep what came before
-        ("Great question. It helps. It helps. It helps. –Maya", "Great question. It helps."),
-        # cut at the token cap mid-sentence: the whole sentences only
-        ("Thanks! The elbow method works well when the clusters are", "Thanks!"),
-        # AI talk in the second sentence
-        ("Good point. As an AI, I cannot watch videos.", "Good point."),
-        # flawed from the first sentence: nothing to keep
-        ("As an AI, I cannot say. Sorry.", ""),
-        ("so good so good so good so good so good", ""),
-        # a clean reply comes back whole, without its signature
-        ("Try k-means first. Then plot the elbow! –Maya", "Try k-means first. Then plot the elbow!"),
-    ],
-)
-def test_clean_prefix_keeps_the_whole_sentences_before_the_flaw(draft, expected):
-    from inference.quality import clean_prefix
-
-    assert clean_prefix(draft, "–Maya") == expected
-    assert not loops(expected) and not talks_like_an_ai(expected)
-
-
 def test_chrf_rewards_the_closer_reply():
     real = ["Try the elbow method first. –Maya", "You're welcome! –Maya"]
     assert chrf(real, real) == pytest.approx(100.0)

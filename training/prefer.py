@@ -174,8 +174,6 @@ def self_pair_counts(summary: PreferenceSummary) -> dict[str, Any]:
         "selected": dict(summary.selected),
         "self_pairs": summary.self_pairs,
         "merely_different": summary.merely_different,
-        "repaired": summary.repaired,
-        "unrepairable": summary.unrepairable,
         "same_skipped": summary.same_skipped,
         "rows": summary.rows,
         "files": summary.files,
@@ -185,8 +183,9 @@ def self_pair_counts(summary: PreferenceSummary) -> dict[str, Any]:
 def restore_self_pair_counts(summary: PreferenceSummary, counts: dict[str, Any]) -> None:
     from collections import Counter
 
-    for name in ("drafted", "draft_equals_reply", "self_pairs", "merely_different", "repaired", "unrepairable"):
-        setattr(summary, name, counts[name])
+    summary.drafted, summary.draft_equals_reply, summary.self_pairs, summary.merely_different = (
+        counts[k] for k in ("drafted", "draft_equals_reply", "self_pairs", "merely_different")
+    )
     summary.selected = Counter(counts["selected"])
 
 
@@ -216,7 +215,7 @@ def draft_self_pairs(config: PreferConfig, summary: PreferenceSummary) -> list[P
     started = time.perf_counter()
     drafts = draft(replier, [p.comment for p in pairs], config.max_new_tokens)
     print(f"self-pairs: {len(drafts)} drafts by {replier.backend} in {time.perf_counter() - started:.0f} s")
-    return select_self_pairs(pairs, drafts, summary, config.self_chosen, replier.renderer.persona.signature)
+    return select_self_pairs(pairs, drafts, summary)
 
 
 def draft(replier: StreamingReplier, comments: list[str], max_new_tokens: int) -> list[Draft]:

@@ -16,7 +16,6 @@ from training.config import ConfigError
 # TRL DPOTrainer's loss types offered by --loss, each with the beta it was measured at (bench/RESULTS.md,
 # "Preference tuning"): IPO's 0.5 asks for a 1-nat gap per token, DPO's 0.1 is TRL's own default.
 DEFAULT_BETA = {"ipo": 0.5, "sigmoid": 0.1, "apo_zero": 0.1}
-SELF_CHOSEN = ("reply", "repair")
 
 
 @dataclass
@@ -47,15 +46,6 @@ class PreferConfig:
             "help": (
                 "the comments and real replies of --self-pairs (default: "
                 "the pairs the adapter was trained on, its examples.jsonl)"
-            )
-        },
-    )
-    self_chosen: str = field(
-        default="reply",
-        metadata={
-            "help": (
-                "what a self-pair prefers to the flawed draft: reply (the creator's real reply) or repair "
-                "(the draft's own whole sentences before its flaw, signed: the pair teaches where to stop)"
             )
         },
     )
@@ -187,8 +177,6 @@ class PreferConfig:
             problems.append(f"beta: must be positive, got {self.beta}")
         if self.sft_weight < 0:
             problems.append(f"sft_weight: must be 0 (the preference loss alone) or positive, got {self.sft_weight}")
-        if self.self_chosen not in SELF_CHOSEN:
-            problems.append(f"self_chosen: must be one of {', '.join(SELF_CHOSEN)}, got {self.self_chosen!r}")
         if self.max_rows is not None and self.max_rows < 1:
             problems.append(f"max_rows: must be at least 1, got {self.max_rows}")
         if self.save_total_limit < 1:

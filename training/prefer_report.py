@@ -156,11 +156,6 @@ def preference_lines(result: dict[str, Any]) -> list[str]:
             f"{selection['self_pairs']} rejected for {reasons}; "
             f"{selection['merely_different']} merely different, skipped"
         )
-        if selection["repaired"] or selection["unrepairable"]:
-            lines.append(
-                f"- chosen over a flawed draft: {selection['repaired']} times the draft's own opening, cut before "
-                f"the flaw and signed; {selection['unrepairable']} times the real reply (first sentence flawed)"
-            )
     if selection["rows"]:
         lines.append(
             f"- preference rows read: {selection['rows']}; "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.jsonl import Problem, jsonl_rows
-from inference.quality import clean_prefix, flags
+from inference.quality import flags
 from prompts.render import IGNORE_INDEX, PromptError, PromptRenderer
 from training.data import (
     COMMENT_ALIASES,
@@ -67,8 +67,6 @@ class PreferenceSummary:
     selected: Counter = field(default_factory=Counter)  # self-pairs kept, by each content flag they carry
     self_pairs: int = 0
     merely_different: int = 0  # drafts with no content flag: a weak negative, skipped
-    repaired: int = 0  # --self-chosen repair: self-pairs whose chosen side is the draft cut before its flaw
-    unrepairable: int = 0  # ... and those whose first sentence was already flawed: the real reply is chosen
 
     def counts(self) -> dict[str, Any]:
         return {
@@ -81,8 +79,6 @@ class PreferenceSummary:
             "self_pairs_selected": self.self_pairs,
             "self_pairs_selected_by_reason": dict(self.selected),
             "self_pairs_merely_different_skipped": self.merely_different,
-            "self_pairs_chosen_repaired": self.repaired,
-            "self_pairs_chosen_real_reply_unrepairable": self.unrepairable,
         }
 
     def lines(self) -> list[str]:
@@ -101,11 +97,6 @@ class PreferenceSummary:
                 f"{self.self_pairs} selected as rejected ({reasons}); "
                 f"{self.merely_different} merely different (skipped: a weak negative)"
             )
-            if self.repaired or self.unrepairable:
-                out.append(
-                    f"  chosen: {self.repaired} the draft cut before its flaw and signed; {self.unrepairable} "
-                    "the real reply (the draft's first sentence already flawed)"
-                )
         if self.duplicates_removed:
             out.append(f"duplicates removed: {self.duplicates_removed}")
         return out
@@ -197,22 +188,13 @@ class Draft:
 
 
 def select_self_pairs(
-    pairs: Sequence[Pair],
-    drafts: Sequence[Draft],
-    summary: PreferenceSummary,
-    chosen: str = "reply",
-    signature: str | None = None,
+    pairs: Sequence[Pair], drafts: Sequence[Draft], summary: PreferenceSummary
 ) -> list[PreferencePair]:
-    """Self-pairs whose rejected side is worth learning from: a draft is rejected only where it has
-    what a reader rejects at a glance (inference.quality's flags: a loop, AI talk, a reply cut at
-    the token cap). In a first trial, all 225 self-pairs moved the greedy replies hardly at all; the
-    78 flagged ones took loops from 6 to 0 (issue 29). A draft that is merely different from the
-    real reply is a weak negative, skipped and counted.
-
-    The chosen side is the creator's real reply, or with ``chosen="repair"`` the draft's own clean
-    opening (its whole sentences before the flaw) signed off: the two sides then share that opening,
-    so the pair teaches where to stop, not to say less. A draft whose first sentence is already
-    flawed has no opening to keep; its real reply is chosen, and counted."""
+    """Self-pairs whose rejected side is worth learning from: the real reply is chosen over the
+    adapter's draft only where the draft has what a reader rejects at a glance (inference.quality's
+    flags: a loop, AI talk, a reply cut at the token cap). In a first trial, all 225 self-pairs moved
+    the greedy replies hardly at all; the 78 flagged ones took loops from 6 to 0 (issue 29). A draft
+    that is merely different from the real reply is a weak negative, skipped and counted."""
     if len(pairs) != len(drafts):
         raise ValueError(f"{len(pairs)} pairs but {len(drafts)} drafts")
     selected = []
@@ -226,18 +208,10 @@ def select_self_pairs(
             summary.merely_different += 1
             continue
         summary.selected.update(found)
-        better = pair.response
-        if chosen == "repair":
-            opening = clean_prefix(draft.text, signature)
-            if opening:
-                better = f"{opening} {signature.strip()}" if signature else opening
-                summary.repaired += 1
-            else:
-                summary.unrepairable += 1
         selected.append(
             PreferencePair(
                 pair.comment,
-                anonymize(better),
+                pair.response,
                 anonymize(draft.text),
                 f"self-pair of {pair.where}",
                 SELF_SOURCE,
