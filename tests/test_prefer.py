@@ -347,6 +347,14 @@ def test_the_other_losses_also_raise_the_chosen_reply_over_the_rejected_one(pref
     assert after > before + 1.0, (before, after)
 
 
+def test_the_summary_names_the_loss_and_calls_only_dpo_with_the_nll_rpo(prefer_config):
+    from training.prefer_report import loss_name
+
+    assert loss_name(prefer_config()) == "ipo loss"
+    assert loss_name(prefer_config(sft_weight=0.5)) == "ipo loss + 0.5 x NLL of the chosen reply"
+    assert loss_name(prefer_config(loss="sigmoid", sft_weight=1)) == "sigmoid loss + 1 x NLL of the chosen reply (RPO)"
+
+
 def test_an_unknown_loss_is_named_with_the_choices(prefer_config):
     with pytest.raises(ConfigError, match=r"loss: must be one of ipo, sigmoid, apo_zero, got 'kto'"):
         prefer_config(loss="kto")

@@ -104,8 +104,9 @@ class PreferConfig:
         default=0.0,
         metadata={
             "help": (
-                "weight of a supervised loss on the chosen reply added to the preference loss (RPO): keeps the "
-                "creator's real replies likely while the drafts are pushed down; 0 is the preference loss alone"
+                "weight of a supervised loss on the chosen reply added to the preference loss (RPO with "
+                "sigmoid): keeps the creator's real replies likely while the drafts are pushed down; 0 is the "
+                "preference loss alone"
             )
         },
     )

@@ -13,9 +13,11 @@ TRAINER = "DPOTrainer"  # TRL's, whichever loss it runs; the summary and card na
 
 
 def loss_name(config: PreferConfig) -> str:
+    name = f"{config.loss} loss"
     if config.sft_weight:
-        return f"{config.loss} loss + {config.sft_weight:g} x NLL of the chosen reply (RPO)"
-    return f"{config.loss} loss"
+        # RPO (Pang et al. 2024) names DPO's sigmoid loss with the NLL; with another loss it is just the sum.
+        name += f" + {config.sft_weight:g} x NLL of the chosen reply" + (" (RPO)" if config.loss == "sigmoid" else "")
+    return name
 
 
 def run_record(
