@@ -3,6 +3,7 @@ voice evaluation and `inference.compare`), and raw llama.cpp single-stream decod
 file as the ceiling, all in one run on one machine.
 
     python -m bench.reply_latency [--backends llama.cpp transformers] [--limit 8] [--max-new-tokens 160]
+        [--examples 2 4]
 
 Prints Markdown tables to paste into bench/RESULTS.md, with the machine, its CPU flags and the
 library versions.
@@ -21,6 +22,7 @@ from inference.engines import load_replier
 from inference.generate import GenerationSettings, StreamingReplier
 from inference.llamacpp import LlamaCppReplier
 from inference.loading import ENGINES
+from inference.retrieval import K_EXAMPLES
 from training.report import environment
 
 MODES = {
@@ -140,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantization", choices=("nf4", "none"), default="nf4", help="the transformers backend's base"
     )
+    parser.add_argument(
+        "--examples",
+        nargs="+",
+        type=int,
+        default=[K_EXAMPLES],
+        help="how many of the creator's pairs the examples panes show (a table each)",
+    )
     return parser
 
 
@@ -152,8 +161,15 @@ def measure_backend(
     replier = load_replier(args.base_model, args.adapter, args.quantization, backend=backend)
     replier.warm_up()
     notes = [f"{backend}: loaded in {time.perf_counter() - started:.1f} s"]
-    lines, speed = latency_table(replier, comments, settings)
-    notes.append(f"{backend}: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)")
+    lines = []
+    for k in args.examples:  # the last one stays for the many-at-once rows
+        if replier.examples is not None:
+            replier.examples.k = k
+        rows, speed = latency_table(replier, comments, settings)
+        lines += [row.replace("+ examples", f"+ {k} examples") for row in rows]
+        notes.append(
+            f"{backend}, {k} examples: the longer reply of the app's pair decodes at {speed:.1f} tokens/s (median)"
+        )
     for count in (23, 30):
         started = time.perf_counter()
         done = list(

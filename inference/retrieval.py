@@ -27,12 +27,13 @@ def _key(text: str) -> str:
 class ExampleBank:
     """The pairs a prompt may show, and the BM25 index over their comments."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, pairs: Sequence[tuple[str, str]], k: int = K_EXAMPLES) -> None:
         import bm25s
 
         if not pairs:
             raise ValueError("no pairs to retrieve examples from")
         self.pairs = list(pairs)
+        self.k = k  # how many a prompt shows (the benchmarks compare others)
         self._bm25s = bm25s
         self._index = bm25s.BM25()
         self._index.index(self._tokens([comment for comment, _ in self.pairs]), show_progress=False)
@@ -40,10 +41,11 @@ class ExampleBank:
     def _tokens(self, texts: list[str]):
         return self._bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
-    def similar(self, comment: str, k: int = K_EXAMPLES) -> list[tuple[str, str]]:
-        """The ``k`` pairs whose comments are most like ``comment``, the most similar last (nearest
-        the comment in the prompt). A pair with the same comment is never its own example, so a
+    def similar(self, comment: str, k: int | None = None) -> list[tuple[str, str]]:
+        """The ``k`` (by default the bank's) pairs whose comments are most like ``comment``, the most
+        similar last (nearest the comment in the prompt). A pair with the same comment is never its own example, so a
         held-out or training comment is not answered by its own reply."""
+        k = self.k if k is None else k
         own = _key(comment)
         wanted = min(len(self.pairs), k + sum(_key(c) == own for c, _ in self.pairs))
         # A comment with no word in common with any pair (or only stopwords) still gets k pairs:
