@@ -56,7 +56,6 @@ def main() -> None:
             started = time.perf_counter()
             result = evaluate(replier, held_out, trained, losses, panes=PANES, settings=settings)
             result["seconds"] = time.perf_counter() - started
-            result["examples_shown"] = k
             results.append(result)
             # Written after every setting: a long grid stopped early keeps what it measured.
             (args.out / "result.json").write_text(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-K_EXAMPLES = 4  # earlier turns in a prompt: what the reply-quality measurements used (bench/RESULTS.md)
+K_EXAMPLES = 2  # earlier turns in a prompt: half the first token of 4, replies as good (bench/RESULTS.md)
 
 
 def _key(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference.engines import load_replier
+from inference.retrieval import K_EXAMPLES
 from training.data import Pair
 from training.evaluate import evaluate, held_out_losses, language, markdown_table, reply_stats, verdict
 
@@ -47,6 +48,7 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
         k: first["table"][k]["held_out_loss"] for k in ("base", "examples", "adapter", "adapter+examples")
     } == losses
     assert first["settings"]["backend"] == backend
+    assert first["settings"]["examples_shown"] == replier.examples.k == K_EXAMPLES
     assert first == second
     assert set(first["table"]) == {"base", "examples", "adapter", "adapter+examples", "real"}
     assert set(first["table"]["examples"]) >= {"loop_rate", "ai_talk_rate", "cut_rate", "chrf", "held_out_loss"}
@@ -55,6 +57,7 @@ def test_evaluation_is_deterministic_and_compares_three_sources(tiny_model_dir, 
     assert len(first["replies"]) == 3 and first["replies"][0]["real"] == HELD[0].response
     table = markdown_table(first)
     assert "| ends with the signature |" in table and "creator's real replies" in table
+    assert f"the examples panes show the creator's {K_EXAMPLES} most similar past pairs" in table
 
 
 def test_the_verdict_says_plainly_where_fine_tuning_wins_and_where_it_loses():

@@ -161,9 +161,10 @@ def evaluate(
         "loop_rate": sum(map(loops, real)) / len(real),
         "ai_talk_rate": sum(map(talks_like_an_ai, real)) / len(real),
     }
+    shown = replier.examples.k if replier.examples and any(p in WITH_EXAMPLES for p in panes) else None
     return {
         "comments": len(held_out),
-        "settings": {**dataclasses.asdict(settings), "backend": replier.backend},
+        "settings": {**dataclasses.asdict(settings), "backend": replier.backend, "examples_shown": shown},
         "panes": list(panes),
         "table": table,
         "replies": [
@@ -202,9 +203,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     backend = f", replies by {settings['backend']}" if "backend" in settings else ""
+    shown = (
+        f"; the examples panes show the creator's {settings['examples_shown']} most similar past pairs"
+        if settings.get("examples_shown")
+        else ""
+    )
     footer = (
         f"{result['comments']} held-out comments, {decoding_text(settings)}, "
-        f"at most {settings['max_new_tokens']} new tokens{backend}."
+        f"at most {settings['max_new_tokens']} new tokens{backend}{shown}."
     )
     return "\n".join(lines) + f"\n\n{footer}\n"
 
