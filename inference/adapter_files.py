@@ -67,16 +67,25 @@ def adapter_persona(adapter: str) -> Persona | None:
     return Persona.from_file(path) if path else None
 
 
+def _summary(adapter: str | None) -> dict:
+    """The summary the adapter's training run saved; {} without one."""
+    path = adapter_file(adapter, SUMMARY_FILE) if adapter else None
+    return json.loads(path.read_text(encoding="utf-8")) if path else {}
+
+
 def adapter_verdict(adapter: str | None) -> str:
     """What the adapter's voice evaluation found against the strongest prompt, from the summary its
     training run saved (training.evaluate.verdict); '' without one."""
-    path = adapter_file(adapter, SUMMARY_FILE) if adapter else None
-    if path is None:
-        return ""
     from training.evaluate import verdict
 
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = _summary(adapter)
     return verdict(summary["voice"]) if "voice" in summary else ""
+
+
+def adapter_examples_shown(adapter: str | None) -> int | None:
+    """How many examples the adapter saw in every training prompt (``--examples_in_prompt``), which
+    is how many its prompts show; None for one trained without them."""
+    return _summary(adapter).get("config", {}).get("examples_in_prompt") or None
 
 
 def adapter_held_out(adapter: str | None) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from inference.adapter_files import adapter_examples, adapter_persona
+from inference.adapter_files import adapter_examples, adapter_examples_shown, adapter_persona
 from inference.generate import StreamingReplier
 from inference.gguf_convert import gguf_files
 from inference.llamacpp import LlamaCppReplier
@@ -26,7 +26,7 @@ from inference.loading import (
     load_tokenizer,
     local_model_dir,
 )
-from inference.retrieval import ExampleBank
+from inference.retrieval import K_EXAMPLES, ExampleBank
 from inference.transformers_engine import Replier
 from prompts.render import Persona, PromptRenderer
 
@@ -86,7 +86,8 @@ def _load_replier(
     tokenizer = load_tokenizer(base_model, trust_remote_code)
     persona = (adapter_persona(adapter) if adapter else None) or Persona.from_file()
     renderer = PromptRenderer(tokenizer, persona)
-    examples = ExampleBank(pairs) if (pairs := adapter_examples(adapter)) else None
+    pairs = adapter_examples(adapter)
+    examples = ExampleBank(pairs, adapter_examples_shown(adapter) or K_EXAMPLES) if pairs else None
 
     def transformers_replier() -> Replier:
         model = load_base_model(base_model, quantization, trust_remote_code=trust_remote_code)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from inference.engines import load_replier
+from inference.retrieval import K_EXAMPLES
 from training.callbacks import RunStats
 from training.checkpoints import ResumeError
 from training.config import TrainConfig
@@ -141,6 +143,10 @@ def test_a_run_trained_with_examples_reports_each_panes_own_held_out_loss(tiny_c
     assert table["adapter+examples"]["held_out_loss"] == pytest.approx(summary["eval_loss"], rel=1e-3)
     assert table["adapter"]["held_out_loss"] != pytest.approx(table["adapter+examples"]["held_out_loss"], rel=1e-3)
     assert table["base"]["held_out_loss"] != pytest.approx(table["examples"]["held_out_loss"], rel=1e-3)
+    # The app shows such an adapter as many examples as it trained with (the default shows fewer).
+    assert summary["voice"]["settings"]["examples_shown"] == 4 != K_EXAMPLES
+    served = load_replier(config.base_model, config.output_dir, "none", backend="transformers")
+    assert served.examples.k == 4
 
 
 def test_an_article_style_csv_with_unsigned_replies_trains_with_signature(tiny_config, tmp_path, capsys):

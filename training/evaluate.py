@@ -286,18 +286,26 @@ def voice_evaluation(
         )
         return
     ready_for_generation(model)
-    from inference.retrieval import ExampleBank
+    from inference.retrieval import K_EXAMPLES, ExampleBank
 
-    examples = ExampleBank([(p.comment, p.response) for p in prepared.train_pairs])
+    # An adapter trained with N examples in its prompts is shown N, as the app will show it.
+    examples = ExampleBank(
+        [(p.comment, p.response) for p in prepared.train_pairs], config.examples_in_prompt or K_EXAMPLES
+    )
     trained = Replier(model, prepared.tokenizer, prepared.renderer, has_adapter=True, examples=examples)
     # The held-out losses of the table are the ones the run measured, with the adapter off (before
     # training) and on: the same reply tokens of the same pairs.
     replier = voice_replier(config, trained, Path(config.output_dir))
-    # The examples panes' losses are measured here: the run measured the persona-only prompt's,
-    # unless it trained with examples in its prompts, and then it measured none of the table's.
-    measured = ("base", "adapter") if not config.examples_in_prompt else ()
+    # The run measured the losses of its own prompts, before training and after: the persona-only
+    # panes', or, where it trained with examples in its prompts (as many as the panes show), the
+    # examples panes'. The other two are measured here.
+    measured = (
+        {"examples": "base", "adapter+examples": "adapter"}
+        if config.examples_in_prompt
+        else {"base": "base", "adapter": "adapter"}
+    )
     losses = {
-        **{pane: losses[pane] for pane in measured},
+        **{pane: losses[run] for pane, run in measured.items()},
         **held_out_losses(
             trained, prepared.eval_pairs, config.max_length, [pane for pane in PANE_ROW if pane not in measured]
         ),
