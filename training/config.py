@@ -62,7 +62,8 @@ class TrainConfig:
         default=0,
         metadata={
             "help": "put this many of the creator's other training pairs (the most similar, BM25, as the app's "
-            "examples panes retrieve them) before each comment as earlier turns; 0: the comment alone"
+            "examples panes retrieve them) before each comment as earlier turns, and show as many in the "
+            "adapter's examples panes; 0: the comment alone"
         },
     )
     comment_field: str | None = field(
