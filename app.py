@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.adapter_files import adapter_held_out, adapter_verdict
 
     held_out = adapter_held_out(settings.adapter)
-    labels = pane_labels(settings.base_model, settings.adapter, replier.backend, replier.panes)
+    labels = pane_labels(settings.base_model, settings.adapter, replier)
     demo = build_demo(
         replier, labels, settings.flywheel_dir, held_out, adapter_verdict(settings.adapter), settings.inbox_dir
     )

@@ -105,7 +105,7 @@ def main() -> None:
     replier.warm_up()
     demo = app_module.build_demo(
         replier,
-        pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier.backend, replier.panes),
+        pane_labels(DEFAULT_BASE_MODEL, str(DEFAULT_ADAPTER), replier),
         None,
         adapter_held_out(str(DEFAULT_ADAPTER)),
     )

@@ -14,7 +14,7 @@ import argparse
 import html
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from inference.generate import PANE_NAMES, GenerationSettings, Pane, Reply, Stre
 from inference.jsonl import Problem, jsonl_rows
 from inference.loading import BACKENDS, QUANTIZATIONS
 from inference.quality import flags
-from inference.retrieval import K_EXAMPLES
 from prompts.render import is_signed
 
 MAX_COMMENTS = 500
@@ -50,9 +49,13 @@ def read_comments(path: Path) -> list[str]:
     return comments
 
 
-def pane_labels(base_model: str, adapter: str | None, backend: str, panes: tuple[Pane, ...]) -> dict[str, str]:
-    """Names for the panes that say which model each one is, what its prompt holds, and which
-    engine runs it."""
+def pane_labels(
+    base_model: str, adapter: str | None, replier: StreamingReplier, panes: Sequence[Pane] | None = None
+) -> dict[str, str]:
+    """Names for ``replier``'s panes (or ``panes``) that say which model each one is, what its
+    prompt holds, and which engine runs it."""
+    backend = replier.backend
+    shown = replier.examples.k if replier.examples else 0
     base = f"{hub_id(base_model)} (embedded)" if base_model == DEFAULT_BASE_MODEL else base_model
     name = adapter or ""
     if adapter and Path(adapter).exists():
@@ -60,11 +63,11 @@ def pane_labels(base_model: str, adapter: str | None, backend: str, panes: tuple
         name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     labels = {
         "base": f"{base} · persona prompt · {backend}",
-        "examples": f"{base} · persona + {K_EXAMPLES} of your most similar replies · {backend}",
+        "examples": f"{base} · persona + {shown} of your most similar replies · {backend}",
         "adapter": f"{name} · fine-tuned · {backend}",
-        "adapter+examples": f"{name} · fine-tuned + {K_EXAMPLES} of your most similar replies · {backend}",
+        "adapter+examples": f"{name} · fine-tuned + {shown} of your most similar replies · {backend}",
     }
-    return {pane: labels[pane] for pane in panes}
+    return {pane: labels[pane] for pane in panes or replier.panes}
 
 
 def reply_record(reply: Reply, signature: str | None) -> dict[str, Any]:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         desc="comparing",
     ):
         rows.append(row)
-    labels = pane_labels(args.base_model, adapter, replier.backend, panes)
+    labels = pane_labels(args.base_model, adapter, replier, panes)
     table = to_html(rows, labels) if args.out and args.out.suffix.lower() == ".html" else to_markdown(rows, labels)
     if args.out:
         args.out.write_text(table, encoding="utf-8")

@@ -34,7 +34,7 @@ def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     flywheel = tmp_path_factory.mktemp("flywheel")
     demo = app_module.build_demo(
         replier,
-        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes),
+        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier),
         flywheel,
         adapter_held_out(str(tiny_adapter_dir)),
     )
@@ -139,9 +139,7 @@ def test_settings_default_to_embedded_model_and_shipped_adapter(monkeypatch):
 
 def test_app_without_adapter_says_so(tiny_model_dir):
     replier = load_replier(str(tiny_model_dir), None, quantization="none")
-    demo = app_module.build_demo(
-        replier, pane_labels(str(tiny_model_dir), None, replier.backend, replier.panes), None, []
-    )
+    demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), None, replier), None, [])
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
@@ -356,9 +354,7 @@ def test_the_blind_test_uses_the_held_out_pairs_that_travelled_with_the_adapter(
     for adapter, expected in ((other, pairs), (bare, [])):
         held = adapter_held_out(str(adapter))
         assert held == expected
-        demo = app_module.build_demo(
-            replier, pane_labels(str(tiny_model_dir), str(adapter), replier.backend, replier.panes), None, held
-        )
+        demo = app_module.build_demo(replier, pane_labels(str(tiny_model_dir), str(adapter), replier), None, held)
         app_module.launch(demo, "127.0.0.1", free_port(), block=False)
         try:
             client = Client(demo.local_url, verbose=False)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from inference.compare import main, read_comments
+from inference.retrieval import K_EXAMPLES
 
 
 def test_compare_cli_writes_html_table_and_json_rows(tiny_model_dir, tiny_adapter_dir, tmp_path):
@@ -40,6 +41,7 @@ def test_compare_cli_writes_html_table_and_json_rows(tiny_model_dir, tiny_adapte
             assert 0 < row[pane]["tokens"] <= 12
     table = out.read_text()
     assert table.count("<tr>") == 3 and "&lt;b&gt;bold&lt;/b&gt;" in table and "<b>bold" not in table
+    assert f"persona + {K_EXAMPLES} of your most similar replies" in table  # the header says what each pane reads
 
 
 def test_jsonl_comments_and_bad_lines(tmp_path):

@@ -322,7 +322,7 @@ def inbox_app(api, drafted, replier, tiny_model_dir, tiny_adapter_dir):
 
     demo = app_module.build_demo(
         replier,
-        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier.backend, replier.panes),
+        pane_labels(str(tiny_model_dir), str(tiny_adapter_dir), replier),
         None,
         [],
         inbox_dir=drafted,

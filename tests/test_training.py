@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from inference.compare import pane_labels
 from inference.engines import load_replier
 from inference.retrieval import K_EXAMPLES
 from training.callbacks import RunStats
@@ -147,6 +148,10 @@ def test_a_run_trained_with_examples_reports_each_panes_own_held_out_loss(tiny_c
     assert summary["voice"]["settings"]["examples_shown"] == 4 != K_EXAMPLES
     served = load_replier(config.base_model, config.output_dir, "none", backend="transformers")
     assert served.examples.k == 4
+    assert (
+        "fine-tuned + 4 of your most similar replies"
+        in pane_labels(config.base_model, config.output_dir, served)["adapter+examples"]
+    )
 
 
 def test_an_article_style_csv_with_unsigned_replies_trains_with_signature(tiny_config, tmp_path, capsys):
