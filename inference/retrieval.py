@@ -33,7 +33,7 @@ class ExampleBank:
         if not pairs:
             raise ValueError("no pairs to retrieve examples from")
         self.pairs = list(pairs)
-        self.k = k  # how many a prompt shows (the benchmarks compare others)
+        self.k = k  # how many a prompt shows
         self._bm25s = bm25s
         self._index = bm25s.BM25()
         self._index.index(self._tokens([comment for comment, _ in self.pairs]), show_progress=False)
@@ -43,8 +43,8 @@ class ExampleBank:
 
     def similar(self, comment: str, k: int | None = None) -> list[tuple[str, str]]:
         """The ``k`` (by default the bank's) pairs whose comments are most like ``comment``, the most
-        similar last (nearest the comment in the prompt). A pair with the same comment is never its own example, so a
-        held-out or training comment is not answered by its own reply."""
+        similar last (nearest the comment in the prompt). A pair with the same comment is never its
+        own example, so a held-out or training comment is not answered by its own reply."""
         k = self.k if k is None else k
         own = _key(comment)
         wanted = min(len(self.pairs), k + sum(_key(c) == own for c, _ in self.pairs))
