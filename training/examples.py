@@ -209,7 +209,7 @@ class Prepared:
 
     def earlier(self, comment: str) -> list[tuple[str, str]]:
         """The creator's pairs a training prompt shows before ``comment``: the most similar others."""
-        return self.turns.similar(comment, self.config.examples_in_prompt) if self.turns is not None else []
+        return self.turns.similar(comment) if self.turns is not None else []
 
     def shared_prefix(self) -> int:
         """The tokens a training batch computes once for all its rows (training.collate.shared_prefix_length)."""
@@ -252,7 +252,8 @@ def prepare_examples(config: TrainConfig) -> Prepared:
     renderer = renderer_for(tokenizer, persona, seq2seq)
     # Earlier turns come from the training pairs only, for the held-out comments too: what the
     # adapter folder's examples.jsonl holds and the app retrieves from.
-    turns = ExampleBank([(p.comment, p.response) for p in train_pairs]) if config.examples_in_prompt else None
+    pairs = [(p.comment, p.response) for p in train_pairs]
+    turns = ExampleBank(pairs, config.examples_in_prompt) if config.examples_in_prompt else None
     prepared = Prepared(config, persona, tokenizer, renderer, train_pairs, eval_pairs, [], [], summary, seq2seq, turns)
     prepared.train_examples, cut = tokenize_pairs(train_pairs, renderer, config.max_length, prepared.earlier)
     summarize_tokens(summary, prepared.train_examples, cut)
