@@ -3,7 +3,12 @@
 The persona is a text file with a single ``{comment}`` slot. It is folded into the first user turn
 (Mistral's ``[INST]`` format has no system role, and the original article did the same), and the
 conversation goes through the tokenizer's own chat template, so ChatML, Mistral and any other
-template work unchanged.
+template work unchanged. A template that writes a system prompt of its own when the conversation
+has none (SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face", Qwen's
+"You are a helpful assistant") gets an empty system turn instead: it would tell the model it is an
+assistant while the persona tells it it is the creator. Measured on the held-out set with the
+embedded model, the persona prompt alone talked about being an AI in 28% of its replies under
+SmolLM2's own system prompt and 6% under an empty one (bench/RESULTS.md, "The system turn").
 
 The template is rendered once, with sentinels where the comment and the reply go, and split into
 fixed token segments. Each example is then ``head + comment + middle + reply + end``:
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from errors import ReplytuneError
@@ -125,8 +131,9 @@ class PromptRenderer:
             )
         user = {"role": "user", "content": persona.fill(_COMMENT_SENTINEL)}
         assistant = {"role": "assistant", "content": _REPLY_SENTINEL}
-        prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([user, assistant], tokenize=False)
+        self._system = self._empty_system_turn(user)
+        prompt = tokenizer.apply_chat_template([*self._system, user], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([*self._system, user, assistant], tokenize=False)
         if prompt.count(_COMMENT_SENTINEL) != 1 or not full.startswith(prompt):
             raise PromptError(
                 f"the chat template of {tokenizer.name_or_path!r} does not render a training conversation "
@@ -163,6 +170,19 @@ class PromptRenderer:
         # Anything after the end-of-turn token (ChatML's trailing newline) is never generated.
         self._end = end[: eot_at + 1]
         self.end_of_turn_id: int = end[eot_at]
+
+    def _empty_system_turn(self, user: dict[str, str]) -> list[dict[str, str]]:
+        """``[an empty system message]`` where the template writes a system prompt of its own into a
+        conversation without one (an empty one renders shorter), else ``[]``: templates with no
+        system prompt of their own keep their rendering, and Mistral's, which has no system role
+        and raises on one, keeps the persona in its first ``[INST]``."""
+        plain = self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        empty = [{"role": "system", "content": ""}]
+        try:
+            emptied = self.tokenizer.apply_chat_template([*empty, user], tokenize=False, add_generation_prompt=True)
+        except TemplateError:  # the template's own "roles must alternate user/assistant": no system role
+            return []
+        return empty if len(emptied) < len(plain) else []
 
     @property
     def stop_ids(self) -> list[int]:
@@ -205,7 +225,7 @@ class PromptRenderer:
     def _turn_parts(self, n: int) -> tuple[str, ...]:
         """The template's text around the slots of a conversation with ``n`` earlier turns:
         ``head, comment_0, parts[1], reply_0, parts[2], comment_1, ...`` (parts[0] is the head)."""
-        messages = [{"role": "user", "content": self.persona.fill(_slot("C", 0))}]
+        messages = [*self._system, {"role": "user", "content": self.persona.fill(_slot("C", 0))}]
         for i in range(n):
             messages += [
                 {"role": "assistant", "content": _slot("R", i)},

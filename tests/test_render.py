@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from prompts.render import IGNORE_INDEX, Persona, PromptError, PromptRenderer
@@ -15,13 +17,45 @@ def tokenizer(request):
     return request.getfixturevalue(request.param)
 
 
+def system_turn(tokenizer) -> list[dict[str, str]]:
+    """What the renderer puts before the persona: an empty system turn where the template would
+    write its own system prompt (SmolLM2's ChatML), nothing where it has no system role (Mistral)."""
+    return [{"role": "system", "content": ""}] if "im_start" in tokenizer.chat_template else []
+
+
 def test_prompt_text_is_the_chat_template_output(tokenizer):
     renderer = PromptRenderer(tokenizer, PERSONA)
     comment = "How do I choose k in k-means?"
     expected = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PERSONA.fill(comment)}], tokenize=False, add_generation_prompt=True
+        [*system_turn(tokenizer), {"role": "user", "content": PERSONA.fill(comment)}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert renderer.prompt(comment).text == expected
+
+
+def test_the_template_s_own_system_prompt_is_replaced_by_an_empty_one(chatml_tokenizer):
+    # SmolLM2's template tells a conversation without a system turn that it is "a helpful AI
+    # assistant named SmolLM"; the persona says who is speaking instead.
+    assert "helpful AI assistant" in chatml_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False
+    )
+    renderer = PromptRenderer(chatml_tokenizer, PERSONA)
+    for prompt in (renderer.prompt("Nice video"), renderer.prompt("Nice video", [("Thanks!", "Welcome! –Maya")])):
+        assert prompt.text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are Maya")
+        assert "assistant named" not in prompt.text
+    example = renderer.example("Nice video", "Thanks! –Maya", 512)
+    assert chatml_tokenizer.decode(example.input_ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user")
+
+
+def test_a_template_with_no_system_prompt_of_its_own_gets_no_system_turn(chatml_tokenizer):
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    text = PromptRenderer(tokenizer, PERSONA).prompt("Nice video").text
+    assert text.startswith("<|im_start|>user\nYou are Maya")
 
 
 def test_mistral_prompt_folds_persona_into_the_inst_turn(mistral_tokenizer):
@@ -132,6 +166,7 @@ def test_examples_are_earlier_turns_of_the_chat_template(tokenizer):
     renderer = PromptRenderer(tokenizer, PERSONA)
     comment = "How do I choose k in k-means?"
     messages = [
+        *system_turn(tokenizer),
         {"role": "user", "content": PERSONA.fill(EXAMPLES[0][0])},
         {"role": "assistant", "content": EXAMPLES[0][1]},
     ]
