@@ -22,7 +22,8 @@ LOOP_REPEATS = 3
 # longest, 770 characters, compress best); the rambling loops of the shipped voice table, 2.0-2.3x.
 LOOP_COMPRESSION = 2.0
 # Talk about being an AI, an assistant or a language model: the base model's own identity leaking
-# into the creator's voice (SmolLM2's chat template tells it it is "a helpful AI assistant"), and
+# into the creator's voice (its instruction tuning made it "a helpful AI assistant"; its chat
+# template says so in any prompt without a system turn, which prompts.render no longer sends), and
 # an assistant's stock refusal ("I can't help with that"), read blind as AI talk. Not "sorry for
 # the confusion": a creator says it too, to a viewer stuck on an install.
 AI_TALK = re.compile(
