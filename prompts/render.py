@@ -4,7 +4,7 @@ The persona is a text file with a single ``{comment}`` slot. It is folded into t
 (Mistral's ``[INST]`` format has no system role, and the original article did the same), and the
 conversation goes through the tokenizer's own chat template, so ChatML, Mistral and any other
 template work unchanged. A template that writes a system prompt of its own when the conversation
-has none (SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face", Qwen's
+has none (SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face", Qwen2's
 "You are a helpful assistant") gets an empty system turn instead: it would tell the model it is an
 assistant while the persona tells it it is the creator. Measured on the held-out set with the
 embedded model, the persona prompt alone talked about being an AI in 28% of its replies under
