@@ -41,15 +41,14 @@ class ExampleBank:
     def _tokens(self, texts: list[str]):
         return self._bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
-    def similar(self, comment: str, k: int | None = None) -> list[tuple[str, str]]:
-        """The ``k`` (by default the bank's) pairs whose comments are most like ``comment``, the most
-        similar last (nearest the comment in the prompt). A pair with the same comment is never its
-        own example, so a held-out or training comment is not answered by its own reply."""
-        k = self.k if k is None else k
+    def similar(self, comment: str) -> list[tuple[str, str]]:
+        """The bank's ``k`` pairs whose comments are most like ``comment``, the most similar last
+        (nearest the comment in the prompt). A pair with the same comment is never its own example,
+        so a held-out or training comment is not answered by its own reply."""
         own = _key(comment)
-        wanted = min(len(self.pairs), k + sum(_key(c) == own for c, _ in self.pairs))
+        wanted = min(len(self.pairs), self.k + sum(_key(c) == own for c, _ in self.pairs))
         # A comment with no word in common with any pair (or only stopwords) still gets k pairs:
         # they show the creator's voice, if not an answer.
         ids, _ = self._index.retrieve(self._tokens([comment]), k=wanted, show_progress=False, n_threads=1)
-        chosen = [self.pairs[i] for i in map(int, ids[0]) if _key(self.pairs[i][0]) != own][:k]
+        chosen = [self.pairs[i] for i in map(int, ids[0]) if _key(self.pairs[i][0]) != own][: self.k]
         return chosen[::-1]

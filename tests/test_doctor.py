@@ -181,10 +181,10 @@ def test_earlier_turns_in_training_prompts_pass_only_when_the_doctor_knows_them(
         Pair(f"How do I pick k, take {i}?", f"Try the elbow method, take {i}. –Maya", f"d.jsonl:{i + 1}")
         for i in range(8)
     ]
-    bank = ExampleBank([(p.comment, p.response) for p in train])
+    bank = ExampleBank([(p.comment, p.response) for p in train], k=2)
 
     def earlier(comment):
-        return bank.similar(comment, 2)
+        return bank.similar(comment)
 
     examples, _ = tokenize_pairs(train, renderer, 512, earlier)
     text = renderer.tokenizer.decode(examples[0].input_ids)

@@ -16,24 +16,24 @@ PAIRS = [
 
 
 def test_the_most_similar_example_comes_last_nearest_the_comment():
-    shown = ExampleBank(PAIRS).similar("what learning rate for LoRA fine-tuning", k=2)
+    shown = ExampleBank(PAIRS, k=2).similar("what learning rate for LoRA fine-tuning")
     assert shown == [PAIRS[4], PAIRS[0]]
 
 
 def test_a_comment_never_retrieves_itself():
-    bank = ExampleBank(PAIRS)
+    bank = ExampleBank(PAIRS, k=4)
     for comment, reply in PAIRS:
-        shown = bank.similar(comment.upper() + "  ", k=4)  # case and spacing do not hide it
+        shown = bank.similar(comment.upper() + "  ")  # case and spacing do not hide it
         assert len(shown) == 4 and (comment, reply) not in shown
 
 
 def test_a_comment_with_no_known_word_still_gets_k_examples():
-    assert len(ExampleBank(PAIRS).similar("zzzz qqqq", k=3)) == 3
-    assert len(ExampleBank(PAIRS).similar("the a of", k=3)) == 3  # stopwords only
+    assert len(ExampleBank(PAIRS, k=3).similar("zzzz qqqq")) == 3
+    assert len(ExampleBank(PAIRS, k=3).similar("the a of")) == 3  # stopwords only
 
 
 def test_k_larger_than_the_pool_gives_the_whole_pool():
-    assert sorted(ExampleBank(PAIRS[:2]).similar("laptop", k=10)) == sorted(PAIRS[:2])
+    assert sorted(ExampleBank(PAIRS[:2], k=10).similar("laptop")) == sorted(PAIRS[:2])
 
 
 def test_no_pairs_is_an_error():
